@@ -1,0 +1,104 @@
+"""The contracts that cross module and process boundaries.
+
+Everything here is a plain dataclass of numpy arrays, tensors and builtins, so that it pickles across a
+process boundary (reward workers) and says in one place what shape each field has. Shape names:
+B prompts, G group size, N = B * G rollouts, L image codes per rollout, K rewards, V codes in the codebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a prompt set.
+
+    `metadata` is the only channel from a prompt set to a reward: e.g. `metadata["text"]` is the text an
+    OCR reward expects to see, `metadata["color"]` the colour the demo's colour reward asks for.
+    """
+
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardOutput:
+    """What a reward returns for n images.
+
+    `scores` are raw, unweighted, float32 [n]; NaN means "not applicable to this sample" and nothing else
+    (a failure is an exception, never a NaN). `info` holds optional per-call diagnostics (counts, not
+    tensors) that the trainer may log.
+    """
+
+    scores: np.ndarray  # float32 [n]
+    info: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.scores, dtype=np.float32)
+        if scores.ndim != 1:
+            raise ValueError(f"RewardOutput.scores must be 1-D [n], got shape {scores.shape}")
+        object.__setattr__(self, "scores", scores)
+
+
+class Reward(Protocol):
+    """A reward plugin: built from config inside a worker, heavy imports and weights in `__init__`."""
+
+    def __call__(
+        self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> RewardOutput:
+        """images: uint8 RGB [n, H, W, 3]; prompts and metadata: n entries each."""
+        ...
+
+
+class Decoder(Protocol):
+    """Turns image codes into pixels; stochastic decoders draw only from the given per-sample seeds."""
+
+    def __call__(self, codes: np.ndarray, grid: tuple[int, int], seeds: np.ndarray) -> np.ndarray:
+        """codes: int64 [n, L] with L = h * w; seeds: int64 [n]; returns uint8 RGB [n, H, W, 3]."""
+        ...
+
+
+@dataclass
+class Rollout:
+    """A batch of N = B * G sampled images, as codes, with everything needed to reproduce it.
+
+    Groups are explicit and contiguous: rows g*G .. g*G+G-1 share one prompt and `group_ids` g.
+    Any logged image and score can be rebuilt from (checkpoint, step, index): the codes come from
+    `sample_seeds` and the pixels from `decode_seeds`.
+    """
+
+    codes: torch.Tensor  # int64 [N, L]
+    old_logprobs: torch.Tensor  # float32 [N, L], behaviour policy (the distribution actually sampled)
+    group_ids: torch.Tensor  # int64 [N]
+    sample_seeds: torch.Tensor  # int64 [N]
+    decode_seeds: torch.Tensor  # int64 [N]
+    records: list[PromptRecord]  # N entries, record i belongs to row i
+    grid: tuple[int, int]  # (h, w) in codes, L = h * w
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.records]
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        return [r.metadata for r in self.records]
+
+
+@dataclass
+class ScoredBatch:
+    """What the reward pool returns for one rollout batch.
+
+    `scores` are raw [N, K] in the recipe's reward order (NaN only by the reward contract);
+    `thumbnails` are a few small uint8 images with the row index each belongs to, for logging.
+    """
+
+    scores: np.ndarray  # float32 [N, K]
+    reward_names: list[str]  # K
+    thumbnails: np.ndarray  # uint8 [T, h, w, 3]
+    thumbnail_rows: list[int]  # T, indices into the N rollouts
+    nan_counts: dict[str, int] = field(default_factory=dict)
