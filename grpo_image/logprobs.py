@@ -1,0 +1,55 @@
+"""Teacher-forced log-probs of given image codes under the policy, the training side of the sampler.
+
+The distribution is the sampler's, step for step: the same guidance mixture (or the conditional policy alone when
+the recipe says so), temperature and filters, so that on-policy ratios start at exactly 1. Memory does not grow
+with the text vocabulary: only the image head is applied, over chunks of positions, and under autograd each
+chunk is recomputed in the backward pass instead of keeping its [N, chunk, V] logits alive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.sampling import SamplingSettings, code_logprobs, left_pad, policy_rows
+
+
+def teacher_forced_logprobs(
+    policy: CausalLMPolicy,
+    prompts: list[str],
+    codes: torch.Tensor,  # [N, L]
+    settings: SamplingSettings,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Log-probs [N, L] of `codes` given `prompts`; differentiable when grad is enabled."""
+    n, length = codes.shape
+    if len(prompts) != n or length != policy.num_positions:
+        raise ValueError(
+            f"codes {tuple(codes.shape)} do not match {len(prompts)} prompts of {policy.num_positions} positions"
+        )
+    mix = settings.uses_cfg and settings.cfg_logprobs == "mixture"
+    device = policy.device
+    prefix_ids, prefix_mask = left_pad(policy_rows(policy, prompts, mix), policy.pad_token_id, device)  # [R, P]
+    code_ids = policy.codes_to_ids(codes[:, :-1].to(device))  # [N, L-1]
+    code_ids = code_ids.repeat(2, 1) if mix else code_ids  # [R, L-1]
+    ids = torch.cat([prefix_ids, code_ids], dim=1)  # [R, P+L-1]
+    mask = torch.cat([prefix_mask, torch.ones_like(code_ids)], dim=1)  # [R, P+L-1]
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [R, P+L-1]
+    hidden, _ = policy.forward_hidden(ids, mask, positions)  # [R, P+L-1, H]
+    hidden = hidden[:, prefix_ids.shape[1] - 1 :]  # [R, L, H]: position P-1+t predicts code t
+    targets = codes.to(device)
+
+    def chunk_logprobs(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        step_logprobs = code_logprobs(policy.image_logits(chunk_hidden), settings, mix)  # [N, c, V]
+        return step_logprobs.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1)  # [N, c]
+
+    pieces = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        args = (hidden[:, start:stop], targets[:, start:stop])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(*args))
+    return torch.cat(pieces, dim=1)  # [N, L]

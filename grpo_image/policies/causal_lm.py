@@ -1,0 +1,115 @@
+"""Any Hugging Face causal LM whose image codes are a contiguous id range of its vocabulary.
+
+This is the policy protocol the sampler and the trainer use: encode prompts, run the backbone (with or without
+a KV cache) to hidden states, and apply the *image head only* (the V rows of the output embedding that belong to
+image codes), so that no logit of the text vocabulary is ever computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalLMPolicy:
+    """A causal LM plus the layout of its image codes.
+
+    `image_token_offset` is the id of image code 0; codes 0..num_codes-1 are ids offset..offset+num_codes-1.
+    `prompt_template` builds a row's text from `{prompt}` and the grid `{h}`, `{w}`; the unconditional row for
+    classifier-free guidance is the same template with an empty prompt.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        image_token_offset: int,
+        num_codes: int,
+        grid: tuple[int, int],
+        prompt_template: str = "{prompt}",
+    ) -> None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if image_token_offset < 0 or image_token_offset + num_codes > vocab:
+            raise ValueError(
+                f"image codes {image_token_offset}..{image_token_offset + num_codes - 1} "
+                f"do not fit the model's vocabulary of {vocab}"
+            )
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_token_offset = int(image_token_offset)
+        self.num_codes = int(num_codes)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.prompt_template = prompt_template
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def num_positions(self) -> int:
+        """L: image codes per rollout."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    def encode(self, prompts: list[str], unconditional: bool = False) -> list[list[int]]:
+        """Token ids of each row's prefix, ending right before the first image code."""
+        h, w = self.grid
+        texts = [self.prompt_template.format(prompt="" if unconditional else p, h=h, w=w) for p in prompts]
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,  # [R, T]
+        attention_mask: torch.Tensor,  # [R, past + T]
+        position_ids: torch.Tensor,  # [R, T]
+        past_key_values=None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, object]:
+        """Final hidden states [R, T, H] (after the final norm) and the KV cache."""
+        out = self.model.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the V image codes only: [..., H] -> [..., V]."""
+        head = self.model.get_output_embeddings()
+        lo, hi = self.image_token_offset, self.image_token_offset + self.num_codes
+        bias = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden, head.weight[lo:hi], bias)  # [..., V]
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + self.image_token_offset
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model and tokenizer so that the recipe's loader reads the folder like the original."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def causal_lm_policy(
+    path: str,
+    image_token_offset: int,
+    num_codes: int,
+    grid: tuple[int, int] | list[int],
+    prompt_template: str = "{prompt}",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+) -> CausalLMPolicy:
+    """Load a local HF causal LM folder (never with remote code) as a policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return CausalLMPolicy(model, tokenizer, image_token_offset, num_codes, tuple(grid), prompt_template)

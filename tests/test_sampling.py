@@ -1,0 +1,161 @@
+"""The sampler: filters keep exactly the right codes, sampled log-probs equal teacher-forced ones, seeds reproduce."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.policies.tiny import tiny_policy
+from grpo_image.sampling import SamplingSettings, filter_logits, inverse_cdf_sample, sample_codes
+
+# probabilities 0.5, 0.25, 0.15, 0.1 (already sorted, so kept sets read left to right)
+HAND = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, min_p, expected",
+    [
+        (0, 1.0, 0.0, [0, 1, 2, 3]),  # no filter
+        (2, 1.0, 0.0, [0, 1]),  # the two most likely
+        (0, 0.7, 0.0, [0, 1]),  # mass before each code: 0, .5, .75, .9 -> keep while < .7
+        (0, 0.76, 0.0, [0, 1, 2]),  # .75 < .76 keeps code 2 as well
+        (0, 0.5, 0.0, [0]),  # code 0 alone reaches .5
+        (0, 1.0, 0.4, [0, 1]),  # threshold .4 * .5 = .2: .25 stays, .15 goes
+        (0, 1.0, 0.25, [0, 1, 2]),  # threshold .125: .15 stays, .1 goes
+        (3, 0.8, 0.0, [0, 1]),  # after top-3 renormalised: .556, .278, .167; mass before: 0, .556, .833
+        (0, 0.76, 0.6, [0]),  # top-p leaves .5/.9, .25/.9, .15/.9; min-p threshold .6 * .556 = .333
+    ],
+)
+def test_filters_keep_exactly_the_expected_codes(top_k, top_p, min_p, expected):
+    assert kept(filter_logits(HAND.clone(), top_k, top_p, min_p)) == expected
+
+
+@pytest.mark.parametrize("warper, kwargs", [
+    (TopKLogitsWarper, {"top_k": 7}),
+    (TopPLogitsWarper, {"top_p": 0.8}),
+    (MinPLogitsWarper, {"min_p": 0.1}),
+])
+def test_filters_agree_with_transformers_warpers(warper, kwargs):
+    logits = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 2  # [n, V]
+    ours = filter_logits(logits.clone(), kwargs.get("top_k", 0), kwargs.get("top_p", 1.0), kwargs.get("min_p", 0.0))
+    theirs = warper(**kwargs)(None, logits.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+
+
+def test_inverse_cdf_picks_the_code_whose_interval_holds_the_uniform():
+    logprobs = torch.tensor([[0.5, 0.25, 0.25]]).log().repeat(4, 1)  # CDF 0.5, 0.75, 1.0
+    codes = inverse_cdf_sample(logprobs, torch.tensor([0.1, 0.6, 0.8, 0.5]))
+    assert codes.tolist() == [0, 1, 2, 1]  # 0.5 sits on the boundary and belongs to the next interval
+
+
+def test_inverse_cdf_never_picks_a_removed_code():
+    logprobs = filter_logits(torch.tensor([[0.1, 0.6, 0.3]]).log(), 0, 1.0, 0.4).log_softmax(-1)  # code 0 removed
+    codes = inverse_cdf_sample(logprobs.repeat(3, 1), torch.tensor([0.0, 0.999999, 0.5]))
+    assert 0 not in codes.tolist()
+
+
+def test_inverse_cdf_frequencies_match_the_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    uniforms = torch.rand(40_000, generator=torch.Generator().manual_seed(1))
+    codes = inverse_cdf_sample(probs.log().expand(40_000, 4), uniforms)
+    freq = torch.bincount(codes, minlength=4).float() / 40_000
+    # binomial std for p=.4 and n=40k is 0.0024: 0.01 is four sigma
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    built = tiny_policy(num_codes=16, grid=(3, 4), hidden_size=32, num_layers=2, seed=3)
+    built.model.eval()
+    return built
+
+
+PROMPTS = ["a red square", "a red square", "paint it all blue, from edge to edge", "x"]
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(),
+    SamplingSettings(temperature=0.7),
+    SamplingSettings(top_k=5),
+    SamplingSettings(top_p=0.6),
+    SamplingSettings(min_p=0.2),
+    SamplingSettings(cfg_scale=3.0),
+    SamplingSettings(cfg_scale=2.0, temperature=0.8, top_p=0.9, min_p=0.05),
+], ids=["plain", "temperature", "top_k", "top_p", "min_p", "cfg", "cfg_all_filters"])
+def test_sampled_logprobs_equal_teacher_forced(policy, settings):
+    seeds = torch.tensor([11, 12, 13, 14])
+    codes, sampled = sample_codes(policy, PROMPTS, seeds, settings)  # [N, L]
+    assert codes.shape == (4, 12) and codes.min() >= 0 and codes.max() < 16
+    with torch.no_grad():
+        forced = teacher_forced_logprobs(policy, PROMPTS, codes, settings, chunk=5)  # chunks of 5, 5, 2
+    torch.testing.assert_close(forced, sampled, atol=1e-4, rtol=0)
+    assert torch.isfinite(sampled).all() and (sampled <= 0).all()
+
+
+def test_teacher_forced_gradients_match_with_and_without_chunking(policy):
+    settings = SamplingSettings(cfg_scale=2.0)
+    codes, _ = sample_codes(policy, PROMPTS, torch.arange(4), settings)
+    grads = []
+    for chunk in (12, 5):
+        policy.model.zero_grad()
+        teacher_forced_logprobs(policy, PROMPTS, codes, settings, chunk=chunk).sum().backward()
+        grads.append(policy.model.get_output_embeddings().weight.grad.clone())
+    policy.model.zero_grad(set_to_none=True)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_conditional_logprobs_option_uses_the_conditional_policy_alone(policy):
+    guided = SamplingSettings(cfg_scale=3.0, cfg_logprobs="conditional")
+    codes, sampled = sample_codes(policy, PROMPTS, torch.arange(4), guided)
+    with torch.no_grad():
+        conditional = teacher_forced_logprobs(policy, PROMPTS, codes, guided)
+        plain = teacher_forced_logprobs(policy, PROMPTS, codes, SamplingSettings())
+    torch.testing.assert_close(conditional, plain)  # the approximation: no unconditional pass
+    assert (conditional - sampled).abs().max() > 1e-3  # and it differs from the mixture actually sampled
+
+
+def test_fixed_seeds_reproduce_codes_and_other_seeds_differ(policy):
+    settings = SamplingSettings(top_p=0.95)
+    first, _ = sample_codes(policy, PROMPTS, torch.tensor([1, 2, 3, 4]), settings)
+    again, _ = sample_codes(policy, PROMPTS, torch.tensor([1, 2, 3, 4]), settings)
+    other, _ = sample_codes(policy, PROMPTS, torch.tensor([5, 6, 7, 8]), settings)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # same prompt, different seeds
+
+
+def test_a_sample_does_not_depend_on_its_batch(policy):
+    settings = SamplingSettings()
+    batch, _ = sample_codes(policy, PROMPTS, torch.tensor([1, 2, 3, 4]), settings)
+    alone, _ = sample_codes(policy, PROMPTS[2:3], torch.tensor([3]), settings)
+    assert torch.equal(batch[2:3], alone)
+
+
+def test_image_head_logits_equal_the_code_slice_of_a_full_forward(policy):
+    ids = torch.tensor([policy.encode(["a red square"])[0]])  # [1, P]
+    with torch.no_grad():
+        full = policy.model(input_ids=ids).logits  # [1, P, vocab]
+        hidden, _ = policy.forward_hidden(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        image = policy.image_logits(hidden)  # [1, P, V]
+    lo = policy.image_token_offset
+    torch.testing.assert_close(image, full[..., lo : lo + policy.num_codes], atol=1e-5, rtol=0)
+
+
+def test_teacher_forced_rejects_mismatched_codes(policy):
+    with pytest.raises(ValueError, match="do not match"):
+        teacher_forced_logprobs(policy, PROMPTS, torch.zeros(4, 7, dtype=torch.long), SamplingSettings())
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingSettings(temperature=0.0)
+    with pytest.raises(ValueError, match="cfg_logprobs"):
+        SamplingSettings(cfg_logprobs="both")
+    assert math.isclose(SamplingSettings(cfg_scale=5.0).cfg_scale, 5.0)
