@@ -1,0 +1,257 @@
+"""The GRPO loop, top to bottom. One step (N = B * G rollouts):
+
+1. prompts: the group sampler draws B prompt records for this step and repeats each G times;
+2. rollouts: the policy samples [N, L] image codes without grad, keeping behaviour log-probs and decode seeds;
+3. rewards: the pool receives codes, prompts, metadata and seeds, and decodes and scores them;
+4. reference log-probs for the KL term while the rewards are computed (skipped when beta is 0);
+5. gather the scores [N, K] and time how long the trainer waited for them;
+6. advantages [N] from the scores, the recipe's weights and the groups;
+7. loss per minibatch and inner epoch: policy log-probs with grad, clipped ratio, KL;
+8. update: backward, clip the gradient norm, optimizer step; then the scheduler, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_image.advantages import group_advantages
+from grpo_image.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from grpo_image.config import instantiate, reward_specs
+from grpo_image.data import GroupSampler, load_prompts
+from grpo_image.logging import RunLogger
+from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.loss import grpo_loss
+from grpo_image.policies.lora import make_weights
+from grpo_image.sampling import SamplingSettings, sample_codes
+from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
+from grpo_image.types import Rollout, ScoredBatch
+from grpo_image.workers import InProcessRewardPool
+
+
+@dataclass
+class Trainer:
+    """What every step uses: built once from the recipe by `build_trainer`."""
+
+    cfg: DictConfig
+    policy: object
+    weights: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: GroupSampler
+    settings: SamplingSettings
+    pool: InProcessRewardPool
+    reward_names: list[str]
+    reward_weights: list[float]
+    start_step: int
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    from transformers import get_scheduler
+
+    records = load_prompts(cfg.data.prompts)
+    sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed)
+    if (cfg.data.batch_size * cfg.data.group_size) % cfg.train.minibatches:
+        raise ValueError(
+            f"train.minibatches ({cfg.train.minibatches}) must divide N = data.batch_size * data.group_size "
+            f"({cfg.data.batch_size * cfg.data.group_size})"
+        )
+    policy = instantiate(cfg.policy)
+    weights = make_weights(policy, cfg.train)
+    optimizer = torch.optim.AdamW(
+        weights.trainable_parameters(),
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.adam_betas),
+        weight_decay=cfg.train.weight_decay,
+    )
+    scheduler = get_scheduler(
+        cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
+    )
+    start_step = 0
+    if cfg.resume:
+        start_step = load_checkpoint(find_checkpoint(cfg.resume), weights, optimizer, scheduler)
+    specs = reward_specs(cfg)
+    pool = InProcessRewardPool(OmegaConf.to_container(cfg.decoder, resolve=True), specs)
+    return Trainer(
+        cfg=cfg,
+        policy=policy,
+        weights=weights,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        settings=SamplingSettings.from_config(cfg.sampling),
+        pool=pool,
+        reward_names=[spec["name"] for spec in specs],
+        reward_weights=[spec["weight"] for spec in specs],
+        start_step=start_step,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the recipe from its first step (or from `resume`) to `steps`; return the run summary."""
+    started = time.perf_counter()
+    trainer = build_trainer(cfg)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) as log:
+        for step in range(trainer.start_step + 1, cfg.steps + 1):
+            metrics, samples = grpo_step(trainer, step)
+            log.log_metrics(step, metrics)
+            if samples is not None:
+                log.log_images(step, *samples)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(
+                    run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, cfg, cfg.keep_checkpoints
+                )
+        trainer.pool.close()
+        return log.finish(time.perf_counter() - started)
+
+
+def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
+    """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
+    cfg, timer = trainer.cfg, _Timer()
+    # 1. prompts: B records, each repeated G times, contiguous groups
+    records, group_ids = trainer.sampler.sample(step)
+    n = len(records)
+    # 2. rollouts without grad: codes, behaviour log-probs, seeds
+    with timer("rollout"):
+        trainer.policy.model.eval()
+        sample_seeds = derive_seeds(cfg.seed, step, STREAM_SAMPLE, n)  # [N]
+        prompts = [record.prompt for record in records]
+        codes, old_logprobs = sample_codes(trainer.policy, prompts, sample_seeds, trainer.settings)  # [N, L]
+        rollout = Rollout(
+            codes, old_logprobs, group_ids, sample_seeds, derive_seeds(cfg.seed, step, STREAM_DECODE, n),
+            records, trainer.policy.grid,
+        )
+    # 3. decode + rewards: the pool gets codes, prompts, metadata and seeds only
+    thumbnail_rows = _thumbnail_rows(cfg, step, n)
+    job = trainer.pool.submit(rollout, thumbnail_rows)
+    # 4. reference log-probs while the rewards are computed
+    with timer("ref"):
+        ref_logprobs = _reference_logprobs(trainer, prompts, codes) if cfg.train.beta > 0 else None
+    # 5. gather scores [N, K]; the wait is what the overlap did not hide
+    with timer("reward_wait"):
+        scored = trainer.pool.gather(job)
+    # 6. advantages [N] from scores, weights and groups
+    advantages, adv_stats = group_advantages(
+        scored.scores, trainer.reward_weights, cfg.data.group_size,
+        cfg.advantages.scale, cfg.advantages.aggregation, cfg.advantages.eps,
+    )
+    # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
+    with timer("update"):
+        train_stats = _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages)
+    metrics = {
+        **_reward_metrics(scored, trainer.reward_weights),
+        **train_stats,
+        "adv/zero_std_frac": adv_stats["zero_std_frac"],
+        "adv/abs_mean": float(advantages.abs().mean()),
+        **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
+    }
+    return metrics, _captioned_samples(scored, prompts) if thumbnail_rows else None
+
+
+@torch.no_grad()
+def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
+    """Reference log-probs [N, L], computed a minibatch at a time to bound memory."""
+    size = len(prompts) // trainer.cfg.train.minibatches
+    pieces = []
+    with trainer.weights.reference() as reference:
+        reference.model.eval()
+        for start in range(0, len(prompts), size):
+            pieces.append(teacher_forced_logprobs(
+                reference, prompts[start : start + size], codes[start : start + size], trainer.settings,
+                trainer.cfg.train.logprob_chunk,
+            ))
+    return torch.cat(pieces)  # [N, L]
+
+
+def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages) -> dict[str, float]:
+    cfg, policy = trainer.cfg.train, trainer.policy
+    n = len(prompts)
+    size = n // cfg.minibatches
+    params = trainer.weights.trainable_parameters()
+    totals: dict[str, list[float]] = {}
+    policy.model.train()
+    for epoch in range(cfg.inner_epochs):
+        order = minibatch_order(trainer.cfg.seed, step, epoch, n)  # [N]
+        for rows in order.split(size):
+            logprobs = teacher_forced_logprobs(
+                policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
+            )  # [n_mb, L]
+            loss, stats = grpo_loss(
+                logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
+                advantages[rows], cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
+            )
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            trainer.optimizer.step()
+            for key, value in stats.items():
+                totals.setdefault(key, []).append(value)
+    trainer.scheduler.step()
+    metrics = {f"train/{key}": float(np.mean(values)) for key, values in totals.items()}
+    metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
+    return metrics
+
+
+def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
+    """Per reward mean, spread and NaN count, and the weighted total (NaN scores left out of the sum)."""
+    scores = scored.scores  # [N, K]
+    metrics: dict[str, float] = {}
+    for k, name in enumerate(scored.reward_names):
+        column = scores[:, k]  # [N]
+        valid = column[~np.isnan(column)]
+        metrics[f"reward/{name}/mean"] = float(valid.mean()) if valid.size else float("nan")
+        metrics[f"reward/{name}/std"] = float(valid.std()) if valid.size else float("nan")
+        metrics[f"reward/{name}/nan"] = int(np.isnan(column).sum())
+    total = _weighted_total(scores, weights)  # [N]
+    metrics["reward/total/mean"] = float(np.nanmean(total)) if not np.isnan(total).all() else float("nan")
+    return metrics
+
+
+def _weighted_total(scores: np.ndarray, weights: list[float]) -> np.ndarray:
+    weighted = scores * np.asarray(weights, dtype=np.float32)  # [N, K]
+    total = np.nansum(weighted, axis=1)  # [N]
+    total[np.isnan(scores).all(axis=1)] = np.nan
+    return total
+
+
+def _thumbnail_rows(cfg: DictConfig, step: int, n: int) -> list[int]:
+    """First rollout of up to `logging.num_samples` groups, on the first, every sample_every-th and last step."""
+    every = cfg.sample_every
+    if every <= 0 or not (step == 1 or step % every == 0 or step == cfg.steps):
+        return []
+    group = cfg.data.group_size
+    return list(range(0, n, group))[: cfg.logging.num_samples]
+
+
+def _captioned_samples(scored: ScoredBatch, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
+    captions = []
+    for row in scored.thumbnail_rows:
+        scores = "  ".join(f"{name} {scored.scores[row, k]:.2f}" for k, name in enumerate(scored.reward_names))
+        captions.append(f"{prompts[row]}\n{scores}")
+    return scored.thumbnails, captions
+
+
+def _wandb(cfg: DictConfig) -> dict | None:
+    return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
+
+
+class _Timer:
+    """Wall seconds per named phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
