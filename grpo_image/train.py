@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
             f"train.minibatches ({cfg.train.minibatches}) must divide N = data.batch_size * data.group_size "
             f"({cfg.data.batch_size * cfg.data.group_size})"
         )
+    torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
     weights = make_weights(policy, cfg.train)
     optimizer = torch.optim.AdamW(
@@ -111,7 +113,9 @@ def train(cfg: DictConfig) -> dict:
                     run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, cfg, cfg.keep_checkpoints
                 )
         trainer.pool.close()
-        return log.finish(time.perf_counter() - started)
+        summary = log.finish(time.perf_counter() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:

@@ -1,0 +1,104 @@
+"""Short real runs of the CLI on the tiny recipe: outputs, parameter updates, exact resume, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo_image.cli import main
+from grpo_image.logging import read_metrics
+from grpo_image.policies.tiny import tiny_policy
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
+SMALL = [  # the demo recipe at test size: N = 2 * 4 rollouts of 2 x 2 codes, a 1-layer model
+    f"data.prompts={REPO / 'prompts' / 'tiny_colors.jsonl'}",
+    "data.batch_size=2", "data.group_size=4", "train.minibatches=2",
+    "policy.hidden_size=32", "policy.num_layers=1", "policy.grid=[2,2]",
+    "save_every=2", "sample_every=2", "logging.num_samples=2",
+]
+REQUIRED_METRICS = [
+    "reward/color/mean", "reward/jpeg/mean", "reward/total/mean", "train/loss", "train/kl", "train/clip_frac",
+    "adv/zero_std_frac", "time/rollout", "time/reward_wait", "time/update",
+]
+
+
+def run(out: Path, *overrides: str) -> int:
+    return main(["train", RECIPE, *SMALL, f"output_dir={out}", *overrides])
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_three_step_run_writes_everything_and_changes_the_trainable_weights(tmp_path, mode):
+    assert run(tmp_path, "steps=3", f"train.mode={mode}", "train.lr=1e-2") == 0
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        for key in REQUIRED_METRICS:
+            assert row[key] is not None and math.isfinite(row[key]), (key, row)
+    for path in ["config.yaml", "reward_curve.png", "samples/step_000001.png", "samples/step_000002.png",
+                 "samples/step_000003.png", "checkpoints/step_000002", "checkpoints/step_000003"]:
+        assert (tmp_path / path).exists(), path
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    policy_dir = tmp_path / "checkpoints" / "step_000003" / "policy"
+    if mode == "full":
+        start = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0).model.state_dict()
+        saved = load_file(policy_dir / "model.safetensors")
+        changed = [name for name, value in saved.items() if not torch.equal(value, start[name])]
+        assert len(changed) == len(saved), "every weight is trained in full mode"
+    else:
+        adapter = load_file(policy_dir / "adapter_model.safetensors")
+        lora_b = [value for name, value in adapter.items() if "lora_B" in name]
+        assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # lora_B starts at exactly 0
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Everything but wall-clock timings."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_continues_exactly(tmp_path, mode):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "steps=4", f"train.mode={mode}") == 0
+    assert run(split, "steps=2", f"train.mode={mode}") == 0
+    assert run(split, "steps=4", f"train.mode={mode}", f"resume={split}") == 0
+    expected, got = comparable(read_metrics(straight / "metrics.jsonl")), comparable(read_metrics(split / "metrics.jsonl"))
+    assert [row["step"] for row in got] == [1, 2, 3, 4]
+    assert got == expected
+    a = load_file(next((straight / "checkpoints" / "step_000004" / "policy").glob("*.safetensors")))
+    b = load_file(next((split / "checkpoints" / "step_000004" / "policy").glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
+    assert run(tmp_path / "run", "steps=1", f"resume={tmp_path}") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_bad_recipe_input_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["train", RECIPE, "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown key 'train.lrr'" in err
+    assert run(tmp_path, "data.batch_size=3", "train.minibatches=5") == 2
+    assert "train.minibatches (5) must divide N = B * G = 12" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_console_script_validates_the_recipe():
+    script = Path(sys.executable).with_name("grpo-image")
+    result = subprocess.run([str(script), "validate", RECIPE, *SMALL], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "ok (4 components checked)" in result.stdout
+
+
+def test_summary_reports_start_and_end_reward(tmp_path):
+    assert run(tmp_path, "steps=2") == 0
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert summary["reward_start"] == pytest.approx(sum(r["reward/total/mean"] for r in rows) / 2)

@@ -1,0 +1,126 @@
+"""Recipes: overrides, struct mode with the valid keys named, type checks, components and validation."""
+
+from pathlib import Path
+
+import pytest
+
+from grpo_image.config import RecipeError, instantiate, load_recipe, reward_specs, validate_components
+from grpo_image.cli import validate
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_recipe_values_and_overrides_land_over_the_defaults(tmp_path):
+    recipe = write(tmp_path, "steps: 7\ntrain:\n  lr: 0.5\n")
+    cfg = load_recipe(recipe, ["train.beta=0", "sampling.min_p=0.03", "data.prompts=p.txt", "seed=4"])
+    assert (cfg.steps, cfg.train.lr, cfg.train.beta, cfg.sampling.min_p, cfg.seed) == (7, 0.5, 0, 0.03, 4)
+    assert cfg.data.prompts == "p.txt"
+    assert cfg.train.clip_eps_low == 0.2  # untouched default
+    assert cfg.data.group_size == 8
+
+
+def test_unknown_key_names_the_valid_keys(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, "train:\n  lrr: 0.1\n"))
+    message = str(err.value)
+    assert "recipe.yaml" in message and "'train.lrr'" in message
+    assert "lr, max_grad_norm" in message  # the sorted list of valid keys under train
+
+
+def test_unknown_override_names_the_valid_keys(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown key 'sampling.topk'.*top_k, top_p"):
+        load_recipe(write(tmp_path, "steps: 1\n"), ["sampling.topk=3"])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("steps: ten\n", "'steps' must be an integer"),
+    ("steps: 1.5\n", "'steps' must be an integer"),
+    ("train:\n  lr: fast\n", "'train.lr' must be a number"),
+    ("logging:\n  tensorboard: 1\n", "'logging.tensorboard' must be a boolean"),
+    ("train:\n  lora:\n    target_modules: q_proj\n", "'train.lora.target_modules' must be a list"),
+    ("data: 3\n", "'data' must be a mapping"),
+])
+def test_wrong_types_name_the_key(tmp_path, text, key):
+    with pytest.raises(RecipeError, match=key):
+        load_recipe(write(tmp_path, text))
+
+
+def test_an_integer_is_accepted_where_a_number_is_expected(tmp_path):
+    assert load_recipe(write(tmp_path, "train:\n  lr: 1\n")).train.lr == 1
+
+
+def test_malformed_yaml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "steps: [1, 2\n"))
+    with pytest.raises(RecipeError, match="nope.yaml: recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_component_nodes_are_replaced_whole_and_accept_their_own_arguments(tmp_path):
+    recipe = write(tmp_path, "decoder:\n  _component_: grpo_image.decoders.palette.PaletteDecoder\n  patch_size: 2\n")
+    cfg = load_recipe(recipe, ["decoder.colors=['#FF0000','#00FF00']"])
+    decoder = instantiate(cfg.decoder)
+    assert decoder.num_codes == 2 and decoder.palette.tolist() == [[255, 0, 0], [0, 255, 0]]
+
+
+def test_instantiate_builds_nested_components_and_lists():
+    node = {
+        "_component_": "builtins.dict",
+        "inner": {"_component_": "fractions.Fraction", "numerator": 3, "denominator": 4},
+        "many": [{"_component_": "fractions.Fraction", "numerator": 1, "denominator": 2}, 5],
+        "plain": {"a": 1},
+    }
+    built = instantiate(node)
+    assert float(built["inner"]) == 0.75 and float(built["many"][0]) == 0.5 and built["many"][1] == 5
+    assert built["plain"] == {"a": 1}
+
+
+def test_validate_components_binds_arguments_without_calling():
+    ok = {"_component_": "grpo_image.policies.tiny.tiny_policy", "path": "/does/not/exist", "num_codes": 4}
+    assert validate_components(ok) == 1  # would fail if it were called: the folder does not exist
+    with pytest.raises(RecipeError, match="'policy': arguments do not fit.*num_code"):
+        validate_components({"_component_": "grpo_image.policies.tiny.tiny_policy", "num_code": 4}, "policy")
+    with pytest.raises(RecipeError, match="cannot import module 'grpo_image.nothing'"):
+        validate_components({"_component_": "grpo_image.nothing.Here"})
+    with pytest.raises(RecipeError, match="has no attribute 'Nothing'"):
+        validate_components({"_component_": "rewards.color.Nothing"})
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("- name: a\n    weight: 1\n    scorer: {_component_: rewards.jpeg.JPEGCompressibility}\n    wieght: 2",
+     r"unknown key\(s\) \['wieght'\]"),
+    ("- weight: 1", r"missing key\(s\) \['name', 'scorer'\]"),
+    ("- name: a\n    scorer: {quality: 3}", "must be a node with a _component_ key"),
+    ("- name: a\n    weight: heavy\n    scorer: {_component_: rewards.jpeg.JPEGCompressibility}", "weight' must be a number"),
+])
+def test_reward_entries_are_checked(tmp_path, entry, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, "rewards:\n  " + entry + "\n"))
+
+
+def test_reward_names_must_be_unique(tmp_path):
+    scorer = "scorer: {_component_: rewards.jpeg.JPEGCompressibility}"
+    text = f"rewards:\n  - name: a\n    {scorer}\n  - name: a\n    {scorer}\n"
+    with pytest.raises(RecipeError, match="unique"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_reward_specs_fill_in_weight_and_required(tmp_path):
+    text = "rewards:\n  - name: j\n    scorer: {_component_: rewards.jpeg.JPEGCompressibility, quality: 50}\n"
+    (spec,) = reward_specs(load_recipe(write(tmp_path, text)))
+    assert spec == {"name": "j", "weight": 1.0, "required": True,
+                    "scorer": {"_component_": "rewards.jpeg.JPEGCompressibility", "quality": 50}}
+
+
+def test_every_recipe_validates(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name prompt sets relative to the repository
+    assert len(RECIPES) == 1, [path.name for path in RECIPES]  # update when a recipe is added
+    for path in RECIPES:
+        assert validate(load_recipe(path)) >= 4, path.name  # policy, decoder and at least two rewards
