@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
+from grpo_image.advantages import AGGREGATIONS, SCALES
 from grpo_image.checkpoint import CheckpointError
 from grpo_image.config import RecipeError, load_recipe, validate_components
 from grpo_image.data import PromptSetError, load_prompts
+from grpo_image.sampling import SamplingSettings
 
 USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError)
 
@@ -39,7 +41,22 @@ def validate(cfg) -> int:
         raise RecipeError(f"train.minibatches ({cfg.train.minibatches}) must divide N = B * G = {n}")
     if cfg.save_every < 1:
         raise RecipeError(f"save_every must be >= 1, got {cfg.save_every}")
+    _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
+    _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
+    _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
+    _check_choice("workers.backend", cfg.workers.backend, ("inprocess",))
+    if cfg.advantages.eps <= 0:
+        raise RecipeError(f"advantages.eps must be > 0 (a group whose rewards do not vary divides by it), got {cfg.advantages.eps}")
+    try:
+        SamplingSettings.from_config(cfg.sampling)
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
     return checked
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise RecipeError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _select(cfg, dotted: str):

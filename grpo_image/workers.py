@@ -108,4 +108,4 @@ class InProcessRewardPool:
         return ScoredBatch(scores, self.names, thumbs, list(job.thumbnail_rows), nan_counts)
 
     def close(self) -> None:
-        """Nothing to release in-process; the Ray pool shuts its actors down here."""
+        """Nothing to release in-process."""

@@ -124,3 +124,19 @@ def test_every_recipe_validates(monkeypatch):
     assert len(RECIPES) == 1, [path.name for path in RECIPES]  # update when a recipe is added
     for path in RECIPES:
         assert validate(load_recipe(path)) >= 4, path.name  # policy, decoder and at least two rewards
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.mode=half", "'train.mode' must be one of lora, full; got 'half'"),
+    ("advantages.scale=prompt", "'advantages.scale' must be one of group, batch, none"),
+    ("advantages.aggregation=mean", "'advantages.aggregation' must be one of sum_then_normalize, normalize_then_sum"),
+    ("advantages.eps=0", "advantages.eps must be > 0"),
+    ("sampling.temperature=0", "sampling.temperature must be > 0"),
+    ("sampling.top_p=1.5", "0 < top_p <= 1"),
+    ("workers.backend=threads", "'workers.backend' must be one of inprocess"),
+    ("save_every=0", "save_every must be >= 1"),
+])
+def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override]))
