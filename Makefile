@@ -6,20 +6,32 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.install-stamp
+TEST_STAMP := $(VENV)/.install-test-stamp
+# Fonts the OCR tests render text with (Latin and Chinese); installed once, as root, through apt.
+FONTS := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: install demo test clean
+.PHONY: install install-test fonts demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[dev]"
+	$(PIP) -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e ".[dev,vision,ocr]"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP) fonts
+
+fonts:
+	@for f in $(FONTS); do test -f $$f || { apt-get update -qq && apt-get install -y -qq fonts-dejavu-core fonts-wqy-microhei >/dev/null; break; }; done
 
 demo: install
 	$(VENV)/bin/grpo-image train recipes/tiny_cpu.yaml
 
-test: install
+test: install-test
 	$(PY) -m pytest -q
 
 clean:
