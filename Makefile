@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) -e ".[dev,vision,ocr]"
+	$(PIP) -e ".[dev,vision,ocr,ray]"
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

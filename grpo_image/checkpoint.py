@@ -18,18 +18,27 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
+PREFETCH = "prefetched_rollout.safetensors"
 
 
 class CheckpointError(ValueError):
     """A resume path that holds no usable checkpoint."""
 
 
-def save_checkpoint(run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int) -> Path:
-    """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all)."""
+def save_checkpoint(
+    run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int,
+    prefetched: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all).
+
+    `prefetched` holds rollouts already sampled for the next step (workers.prefetch): they were drawn from the
+    weights before this step's update, which the checkpoint no longer has, so they are saved to resume exactly.
+    """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
@@ -39,6 +48,8 @@ def save_checkpoint(run_dir: Path, step: int, weights, optimizer, scheduler, con
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    if prefetched is not None:
+        save_file({key: value.contiguous() for key, value in prefetched.items()}, str(tmp / PREFETCH))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -90,13 +101,18 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def load_checkpoint(folder: Path, weights, optimizer, scheduler) -> int:
-    """Restore weights, optimizer, scheduler and RNG in place; return the step the checkpoint was taken after."""
+def load_checkpoint(folder: Path, weights, optimizer, scheduler) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """Restore weights, optimizer, scheduler and RNG in place.
+
+    Returns the step the checkpoint was taken after and the prefetched rollout tensors, if it holds any.
+    """
     weights.load(folder / "policy")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
-    return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    step = int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    prefetched = load_file(folder / PREFETCH) if (folder / PREFETCH).is_file() else None
+    return step, prefetched
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -44,7 +44,7 @@ def validate(cfg) -> int:
     _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
     _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
     _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
-    _check_choice("workers.backend", cfg.workers.backend, ("inprocess",))
+    _check_choice("workers.backend", cfg.workers.backend, ("inprocess", "ray"))
     if cfg.advantages.eps <= 0:
         raise RecipeError(f"advantages.eps must be > 0 (a group whose rewards do not vary divides by it), got {cfg.advantages.eps}")
     try:

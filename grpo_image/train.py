@@ -33,6 +33,7 @@ from grpo_image.policies.lora import make_weights
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
+from grpo_image.ray_pool import RayRewardPool
 from grpo_image.workers import InProcessRewardPool
 
 
@@ -47,10 +48,11 @@ class Trainer:
     scheduler: object
     sampler: GroupSampler
     settings: SamplingSettings
-    pool: InProcessRewardPool
+    pool: InProcessRewardPool | RayRewardPool
     reward_names: list[str]
     reward_weights: list[float]
     start_step: int
+    prefetched: tuple[int, Rollout, object] | None = None  # (step, rollout, pending rewards) sampled a step early
 
 
 def build_trainer(cfg: DictConfig) -> Trainer:
@@ -75,12 +77,11 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     scheduler = get_scheduler(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
     )
-    start_step = 0
+    start_step, prefetched_codes = 0, None
     if cfg.resume:
-        start_step = load_checkpoint(find_checkpoint(cfg.resume), weights, optimizer, scheduler)
+        start_step, prefetched_codes = load_checkpoint(find_checkpoint(cfg.resume), weights, optimizer, scheduler)
     specs = reward_specs(cfg)
-    pool = InProcessRewardPool(OmegaConf.to_container(cfg.decoder, resolve=True), specs)
-    return Trainer(
+    trainer = Trainer(
         cfg=cfg,
         policy=policy,
         weights=weights,
@@ -88,10 +89,27 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         scheduler=scheduler,
         sampler=sampler,
         settings=SamplingSettings.from_config(cfg.sampling),
-        pool=pool,
+        pool=make_pool(cfg, specs),
         reward_names=[spec["name"] for spec in specs],
         reward_weights=[spec["weight"] for spec in specs],
         start_step=start_step,
+    )
+    if prefetched_codes is not None:  # the checkpoint holds rollouts sampled for the next step: score them again
+        step = start_step + 1
+        rollout = rebuild_rollout(trainer, step, prefetched_codes["codes"], prefetched_codes["old_logprobs"])
+        trainer.prefetched = (step, rollout, _submit(trainer, step, rollout))
+    return trainer
+
+
+def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRewardPool:
+    """The reward pool the recipe asks for; both build their workers from configuration only."""
+    decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
+    if cfg.workers.backend == "inprocess":
+        return InProcessRewardPool(decoder, specs)
+    w = cfg.workers
+    return RayRewardPool(
+        decoder, specs, num_workers=w.num_workers, num_cpus=w.num_cpus, num_gpus=w.num_gpus, chunks=w.chunks,
+        timeout_s=w.timeout_s, max_retries=w.max_retries, address=w.ray_address, py_modules=list(w.py_modules),
     )
 
 
@@ -110,7 +128,8 @@ def train(cfg: DictConfig) -> dict:
                 log.log_images(step, *samples)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(
-                    run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, cfg, cfg.keep_checkpoints
+                    run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, cfg, cfg.keep_checkpoints,
+                    prefetched=_prefetched_tensors(trainer, step + 1),
                 )
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
@@ -121,28 +140,27 @@ def train(cfg: DictConfig) -> dict:
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
     """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
     cfg, timer = trainer.cfg, _Timer()
-    # 1. prompts: B records, each repeated G times, contiguous groups
-    records, group_ids = trainer.sampler.sample(step)
-    n = len(records)
-    # 2. rollouts without grad: codes, behaviour log-probs, seeds
-    with timer("rollout"):
-        trainer.policy.model.eval()
-        sample_seeds = derive_seeds(cfg.seed, step, STREAM_SAMPLE, n)  # [N]
-        prompts = [record.prompt for record in records]
-        codes, old_logprobs = sample_codes(trainer.policy, prompts, sample_seeds, trainer.settings)  # [N, L]
-        rollout = Rollout(
-            codes, old_logprobs, group_ids, sample_seeds, derive_seeds(cfg.seed, step, STREAM_DECODE, n),
-            records, trainer.policy.grid,
-        )
-    # 3. decode + rewards: the pool gets codes, prompts, metadata and seeds only
-    thumbnail_rows = _thumbnail_rows(cfg, step, n)
-    job = trainer.pool.submit(rollout, thumbnail_rows)
-    # 4. reference log-probs while the rewards are computed
+    # 1-2. prompts and rollouts (sampled during the previous step when workers.prefetch is on)
+    # 3. decode + rewards: the pool gets codes, prompts, metadata and seeds only, and works while we go on
+    if trainer.prefetched is not None and trainer.prefetched[0] == step:
+        _, rollout, pending = trainer.prefetched
+    else:
+        with timer("rollout"):
+            rollout = sample_rollout(trainer, step)
+        pending = _submit(trainer, step, rollout)
+    trainer.prefetched = None
+    prompts, codes = rollout.prompts, rollout.codes
+    # 4. reference log-probs while the rewards are computed; with prefetch, also the next step's rollouts,
+    #    sampled from the weights before this step's update (one step stale; their ratios correct for it)
     with timer("ref"):
         ref_logprobs = _reference_logprobs(trainer, prompts, codes) if cfg.train.beta > 0 else None
+    if cfg.workers.prefetch and step < cfg.steps:
+        with timer("rollout"):
+            upcoming = sample_rollout(trainer, step + 1)
+        trainer.prefetched = (step + 1, upcoming, _submit(trainer, step + 1, upcoming))
     # 5. gather scores [N, K]; the wait is what the overlap did not hide
     with timer("reward_wait"):
-        scored = trainer.pool.gather(job)
+        scored = trainer.pool.gather(pending)
     # 6. advantages [N] from scores, weights and groups
     advantages, adv_stats = group_advantages(
         scored.scores, trainer.reward_weights, cfg.data.group_size,
@@ -150,15 +168,55 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     )
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
-        train_stats = _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages)
+        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, advantages)
+    busy = sum(timer.seconds.values())
     metrics = {
         **_reward_metrics(scored, trainer.reward_weights),
+        **scored.info,
         **train_stats,
         "adv/zero_std_frac": adv_stats["zero_std_frac"],
         "adv/abs_mean": float(advantages.abs().mean()),
         **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
+        "time/reward_worker": scored.worker_seconds,
+        "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
     }
-    return metrics, _captioned_samples(scored, prompts) if thumbnail_rows else None
+    return metrics, _captioned_samples(scored, prompts) if scored.thumbnail_rows else None
+
+
+@torch.no_grad()
+def sample_rollout(trainer: Trainer, step: int) -> Rollout:
+    """Steps 1-2: draw this step's prompts and sample their code grids with recorded seeds."""
+    records, group_ids = trainer.sampler.sample(step)
+    n = len(records)
+    trainer.policy.model.eval()
+    sample_seeds = derive_seeds(trainer.cfg.seed, step, STREAM_SAMPLE, n)  # [N]
+    codes, old_logprobs = sample_codes(trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings)
+    return Rollout(
+        codes, old_logprobs, group_ids, sample_seeds, derive_seeds(trainer.cfg.seed, step, STREAM_DECODE, n),
+        records, trainer.policy.grid,
+    )
+
+
+def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logprobs: torch.Tensor) -> Rollout:
+    """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), codes come from the file."""
+    records, group_ids = trainer.sampler.sample(step)
+    n = len(records)
+    return Rollout(
+        codes, old_logprobs, group_ids, derive_seeds(trainer.cfg.seed, step, STREAM_SAMPLE, n),
+        derive_seeds(trainer.cfg.seed, step, STREAM_DECODE, n), records, trainer.policy.grid,
+    )
+
+
+def _submit(trainer: Trainer, step: int, rollout: Rollout):
+    """Hand a rollout to the reward pool, asking for thumbnails on sample steps."""
+    return trainer.pool.submit(rollout, _thumbnail_rows(trainer.cfg, step, len(rollout.records)))
+
+
+def _prefetched_tensors(trainer: Trainer, step: int) -> dict[str, torch.Tensor] | None:
+    if trainer.prefetched is None or trainer.prefetched[0] != step:
+        return None
+    rollout = trainer.prefetched[1]
+    return {"codes": rollout.codes, "old_logprobs": rollout.old_logprobs}
 
 
 @torch.no_grad()

@@ -94,7 +94,9 @@ class ScoredBatch:
     """What the reward pool returns for one rollout batch.
 
     `scores` are raw [N, K] in the recipe's reward order (NaN only by the reward contract);
-    `thumbnails` are a few small uint8 images with the row index each belongs to, for logging.
+    `thumbnails` are a few small uint8 images with the row index each belongs to, for logging;
+    `info` sums the rewards' diagnostic counts ("reward/<name>/<key>"); `worker_seconds` is the wall time of the
+    slowest chunk inside its worker (decode + score), to compare with how long the trainer waited.
     """
 
     scores: np.ndarray  # float32 [N, K]
@@ -102,3 +104,5 @@ class ScoredBatch:
     thumbnails: np.ndarray  # uint8 [T, h, w, 3]
     thumbnail_rows: list[int]  # T, indices into the N rollouts
     nan_counts: dict[str, int] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+    worker_seconds: float = 0.0

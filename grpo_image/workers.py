@@ -9,6 +9,7 @@ it has the `submit` / `gather` shape of an asynchronous pool so that the trainer
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,17 @@ class RewardJob:
     thumbnail_rows: list[int]  # indices local to this job
 
 
+@dataclass
+class ChunkResult:
+    """What a worker sends back for one job: small arrays and counts, never full-size images."""
+
+    scores: np.ndarray  # float32 [n, K]
+    thumbnails: np.ndarray  # uint8 [T, h, w, 3]
+    nan_counts: dict[str, int]  # reward name -> samples scored NaN
+    info: dict[str, float]  # "reward/<name>/<key>" -> summed count from RewardOutput.info
+    seconds: float  # decode + score wall time inside the worker
+
+
 class RewardWorker:
     """Builds the decoder and the rewards from config, decodes codes to images and scores them."""
 
@@ -45,31 +57,50 @@ class RewardWorker:
         self.specs = reward_specs
         self.rewards = [instantiate(spec["scorer"]) for spec in reward_specs]
 
-    def score(self, job: RewardJob) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-        """Returns scores float32 [n, K], thumbnails uint8 [T, h, w, 3] and NaN counts per reward."""
+    def score(self, job: RewardJob) -> ChunkResult:
+        started = time.perf_counter()
         images = self.decoder(job.codes, job.grid, job.decode_seeds)  # uint8 [n, H, W, 3]
         n = len(job.prompts)
         scores = np.full((n, len(self.rewards)), np.nan, dtype=np.float32)  # [n, K]
+        info: dict[str, float] = {}
         for k, (spec, reward) in enumerate(zip(self.specs, self.rewards)):
-            scores[:, k] = self._run_one(spec, reward, images, job)
+            output = self._run_one(spec, reward, images, job)
+            if output is not None:
+                scores[:, k] = output.scores
+                for key, value in output.info.items():
+                    info[f"reward/{spec['name']}/{key}"] = info.get(f"reward/{spec['name']}/{key}", 0.0) + value
         nan_counts = {spec["name"]: int(np.isnan(scores[:, k]).sum()) for k, spec in enumerate(self.specs)}
-        return scores, thumbnails(images, job.thumbnail_rows), nan_counts
+        thumbs = thumbnails(images, job.thumbnail_rows)
+        return ChunkResult(scores, thumbs, nan_counts, info, time.perf_counter() - started)
 
     @staticmethod
-    def _run_one(spec: dict, reward, images: np.ndarray, job: RewardJob) -> np.ndarray:
-        rows = f"samples {job.first_row}..{job.first_row + len(job.prompts) - 1}"
+    def _run_one(spec: dict, reward, images: np.ndarray, job: RewardJob) -> RewardOutput | None:
+        """The reward's output, or None when an optional reward failed (its scores stay NaN)."""
+        n = len(job.prompts)
         try:
             output = reward(images, job.prompts, job.metadata)
         except Exception as err:
             if spec["required"]:
-                raise RewardFailure(f"required reward '{spec['name']}' failed on {rows}: {err}") from err
-            return np.full(len(job.prompts), np.nan, dtype=np.float32)
-        if not isinstance(output, RewardOutput) or output.scores.shape != (len(job.prompts),):
+                raise RewardFailure(
+                    f"required reward '{spec['name']}' failed on {_culprit(reward, images, job)}: {err}"
+                ) from err
+            return None
+        if not isinstance(output, RewardOutput) or output.scores.shape != (n,):
             raise RewardFailure(
-                f"reward '{spec['name']}' returned {type(output).__name__} with a wrong shape on {rows}; "
-                f"expected RewardOutput with scores of shape ({len(job.prompts)},)"
+                f"reward '{spec['name']}' returned {type(output).__name__} with a wrong shape on samples "
+                f"{job.first_row}..{job.first_row + n - 1}; expected RewardOutput with scores of shape ({n},)"
             )
-        return output.scores
+        return output
+
+
+def _culprit(reward, images: np.ndarray, job: RewardJob) -> str:
+    """Name the first sample the reward fails on alone, so that the message points at the bad input."""
+    for i in range(len(job.prompts)):
+        try:
+            reward(images[i : i + 1], job.prompts[i : i + 1], job.metadata[i : i + 1])
+        except Exception:
+            return f"sample {job.first_row + i} (prompt {job.prompts[i]!r})"
+    return f"samples {job.first_row}..{job.first_row + len(job.prompts) - 1} (together; each alone succeeds)"
 
 
 def thumbnails(images: np.ndarray, rows: list[int]) -> np.ndarray:
@@ -93,6 +124,28 @@ def make_job(rollout: Rollout, thumbnail_rows: list[int], start: int = 0, stop: 
     )
 
 
+def merge_results(jobs: list[RewardJob], results: list[ChunkResult], names: list[str]) -> ScoredBatch:
+    """Put chunk results back in sample order: each chunk's rows start at its job's first_row."""
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].first_row)
+    scores = np.concatenate([results[i].scores for i in order])  # [N, K]
+    thumbs = [results[i].thumbnails for i in order if len(results[i].thumbnails)]
+    rows = [jobs[i].first_row + row for i in order for row in jobs[i].thumbnail_rows]
+    nan_counts = {name: sum(r.nan_counts[name] for r in results) for name in names}
+    info: dict[str, float] = {}
+    for result in results:
+        for key, value in result.info.items():
+            info[key] = info.get(key, 0.0) + value
+    return ScoredBatch(
+        scores=scores,
+        reward_names=names,
+        thumbnails=np.concatenate(thumbs) if thumbs else np.zeros((0, 1, 1, 3), np.uint8),
+        thumbnail_rows=rows,
+        nan_counts=nan_counts,
+        info=info,
+        worker_seconds=max(r.seconds for r in results),
+    )
+
+
 class InProcessRewardPool:
     """Scores in the trainer's process; `submit` only records the job, so its work happens inside `gather`."""
 
@@ -104,8 +157,7 @@ class InProcessRewardPool:
         return make_job(rollout, thumbnail_rows)
 
     def gather(self, job: RewardJob) -> ScoredBatch:
-        scores, thumbs, nan_counts = self.worker.score(job)
-        return ScoredBatch(scores, self.names, thumbs, list(job.thumbnail_rows), nan_counts)
+        return merge_results([job], [self.worker.score(job)], self.names)
 
     def close(self) -> None:
         """Nothing to release in-process."""

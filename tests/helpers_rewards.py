@@ -23,3 +23,51 @@ class Broken:
 class WrongShape:
     def __call__(self, images, prompts, metadata):
         return RewardOutput(np.zeros(len(prompts) + 1))
+
+
+class FailsOnPrompt:
+    """Fails whenever the batch contains one given prompt, as a reward choking on one bad input would."""
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, images, prompts, metadata):
+        if self.prompt in prompts:
+            raise ValueError(f"cannot score {self.prompt!r}")
+        return RewardOutput(np.ones(len(prompts)))
+
+
+class CountsUnparsed:
+    """Reports a diagnostic count through RewardOutput.info, like a judge whose replies did not parse."""
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(np.full(len(prompts), np.nan), info={"unparsed": float(len(prompts))})
+
+
+class Sleepy:
+    """Takes a fixed time, like a slow reward model, then scores the mean red channel."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, images, prompts, metadata):
+        import time
+
+        time.sleep(self.seconds)
+        return MeanRed()(images, prompts, metadata)
+
+
+class HangsOnce:
+    """Hangs on its first call ever (a marker file records it across worker restarts), then scores normally."""
+
+    def __init__(self, marker: str, hang_seconds: float = 20.0):
+        self.marker, self.hang_seconds = marker, hang_seconds
+
+    def __call__(self, images, prompts, metadata):
+        import os
+        import time
+
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(self.hang_seconds)
+        return MeanRed()(images, prompts, metadata)

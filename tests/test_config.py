@@ -133,7 +133,7 @@ def test_every_recipe_validates(monkeypatch):
     ("advantages.eps=0", "advantages.eps must be > 0"),
     ("sampling.temperature=0", "sampling.temperature must be > 0"),
     ("sampling.top_p=1.5", "0 < top_p <= 1"),
-    ("workers.backend=threads", "'workers.backend' must be one of inprocess"),
+    ("workers.backend=threads", "'workers.backend' must be one of inprocess, ray"),
     ("save_every=0", "save_every must be >= 1"),
 ])
 def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message):

@@ -37,10 +37,20 @@ def test_pool_returns_scores_in_reward_order_and_thumbnails():
     assert scored.nan_counts == {"red": 0, "color": 0}
 
 
-def test_required_reward_failure_names_the_reward_and_the_samples():
+def test_required_reward_failure_names_the_reward_and_the_sample():
     pool = InProcessRewardPool(PALETTE, [spec("judge", "tests.helpers_rewards.Broken")])
-    with pytest.raises(RewardFailure, match=r"required reward 'judge' failed on samples 0..2: model server unreachable"):
+    with pytest.raises(RewardFailure, match=r"required reward 'judge' failed on sample 0 \(prompt 'p0'\): model server"):
         pool.gather(pool.submit(rollout([[5, 5], [5, 0], [12, 0]]), []))
+    picky = InProcessRewardPool(PALETTE, [spec("ocr", "tests.helpers_rewards.FailsOnPrompt", prompt="p2")])
+    with pytest.raises(RewardFailure, match=r"'ocr' failed on sample 2 \(prompt 'p2'\): cannot score 'p2'"):
+        picky.gather(picky.submit(rollout([[5, 5], [5, 0], [12, 0]]), []))
+
+
+def test_reward_info_counts_are_summed_under_the_reward_name():
+    pool = InProcessRewardPool(PALETTE, [spec("judge", "tests.helpers_rewards.CountsUnparsed", required=False)])
+    scored = pool.gather(pool.submit(rollout([[5, 5], [5, 0], [12, 0]]), []))
+    assert scored.info == {"reward/judge/unparsed": 3.0} and scored.nan_counts == {"judge": 3}
+    assert scored.worker_seconds > 0
 
 
 def test_optional_reward_failure_scores_nan_and_is_counted():

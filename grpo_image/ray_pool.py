@@ -1,0 +1,178 @@
+"""Reward workers as Ray actors: decoding and scoring run beside the trainer, on this machine or a Ray cluster.
+
+`submit` splits a rollout batch into contiguous chunks and hands them to the actors without blocking; the trainer
+computes reference log-probs (and, with `workers.prefetch`, samples the next batch) before `gather` waits. Each
+actor builds its own decoder and rewards from configuration (`RewardWorker`), so only codes, prompts, metadata and
+seeds travel in and only scores and thumbnails travel back.
+
+Faults: a chunk whose actor dies is resubmitted once the actor has restarted; a chunk that runs past
+`timeout_s` gets its actor killed (and restarted) and is resubmitted; after `max_retries` resubmissions of one chunk
+the step fails with a message naming the samples. Results are placed by each chunk's first row, never by arrival
+order, so scores cannot come back misaligned with their samples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo_image.types import Rollout, ScoredBatch
+from grpo_image.workers import ChunkResult, RewardFailure, RewardJob, RewardWorker, make_job, merge_results
+
+
+RESTART_TIMEOUT_S = 300.0  # a restarted actor re-imports its libraries and reloads its models before it answers
+
+
+@dataclass
+class _Chunk:
+    job: RewardJob
+    actor: int
+    ref: object = None
+    launched: float = 0.0
+    attempts: int = 0
+
+
+@dataclass
+class PendingBatch:
+    """The chunks of one submitted batch; `gather` fills in their results."""
+
+    chunks: list[_Chunk]
+    results: dict[int, ChunkResult] = field(default_factory=dict)
+
+
+def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    """Split rows 0..n-1 into at most `chunks` contiguous, nearly equal ranges."""
+    chunks = max(1, min(chunks, n))
+    edges = [round(i * n / chunks) for i in range(chunks + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(chunks)]
+
+
+class RayRewardPool:
+    """A pool of `num_workers` Ray actors, each a RewardWorker with its own CPU / GPU budget."""
+
+    def __init__(
+        self,
+        decoder_cfg: dict,
+        reward_specs: list[dict],
+        num_workers: int = 2,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        chunks: int = 0,
+        timeout_s: float = 600.0,
+        max_retries: int = 2,
+        address: str | None = None,
+        py_modules: list[str] = (),
+    ) -> None:
+        import ray
+
+        self.ray = ray
+        self.names = [spec["name"] for spec in reward_specs]
+        self.chunks = chunks or num_workers
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            ray.init(
+                address=address or os.environ.get("RAY_ADDRESS"),
+                runtime_env=_runtime_env(py_modules),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        actor = ray.remote(RewardWorker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0
+        )
+        self.actors = [actor.remote(decoder_cfg, reward_specs) for _ in range(num_workers)]
+
+    def submit(self, rollout: Rollout, thumbnail_rows: list[int]) -> PendingBatch:
+        """Hand every chunk to an actor (round-robin) and return at once."""
+        bounds = chunk_bounds(len(rollout.records), self.chunks)
+        chunks = [
+            _Chunk(make_job(rollout, thumbnail_rows, start, stop), actor=i % len(self.actors))
+            for i, (start, stop) in enumerate(bounds)
+        ]
+        for chunk in chunks:
+            self._launch(chunk)
+        return PendingBatch(chunks)
+
+    def gather(self, pending: PendingBatch) -> ScoredBatch:
+        """Wait for every chunk, resubmitting those whose actor died or that ran past the timeout."""
+        ray = self.ray
+        while len(pending.results) < len(pending.chunks):
+            waiting = {id(c.ref): i for i, c in enumerate(pending.chunks) if i not in pending.results}
+            refs = [pending.chunks[i].ref for i in waiting.values()]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self._seconds_to_next_deadline(pending, waiting))
+            for ref in ready:
+                index = waiting[id(ref)]
+                self._collect(pending, index)
+            for index in waiting.values():
+                chunk = pending.chunks[index]
+                if index not in pending.results and time.monotonic() - chunk.launched > self.timeout_s:
+                    ray.kill(self.actors[chunk.actor], no_restart=False)
+                    self._retry(chunk, f"no result after {self.timeout_s:g} s (workers.timeout_s)")
+        jobs = [chunk.job for chunk in pending.chunks]
+        return merge_results(jobs, [pending.results[i] for i in range(len(jobs))], self.names)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.owns_ray:
+            self.ray.shutdown()
+
+    def _launch(self, chunk: _Chunk) -> None:
+        chunk.ref = self.actors[chunk.actor].score.remote(chunk.job)
+        chunk.launched = time.monotonic()
+
+    def _collect(self, pending: PendingBatch, index: int) -> None:
+        ray, chunk = self.ray, pending.chunks[index]
+        try:
+            pending.results[index] = ray.get(chunk.ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            self._retry(chunk, f"its worker died ({type(err).__name__})")
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, RewardFailure):
+                raise RewardFailure(str(err.cause)) from None
+            raise
+
+    def _retry(self, chunk: _Chunk, why: str) -> None:
+        job = chunk.job
+        rows = f"samples {job.first_row}..{job.first_row + len(job.prompts) - 1}"
+        if chunk.attempts >= self.max_retries:
+            raise RuntimeError(f"reward chunk of {rows} failed {chunk.attempts + 1} times; last: {why}")
+        chunk.attempts += 1
+        self._wait_until_alive(chunk.actor)
+        self._launch(chunk)
+
+    def _wait_until_alive(self, index: int) -> None:
+        """A restarting actor refuses calls at once; wait until the new one has rebuilt its decoder and rewards."""
+        ray, deadline = self.ray, time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(self.actors[index].__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"reward worker {index} did not come back within {RESTART_TIMEOUT_S:g} s") from None
+                time.sleep(0.2)
+
+    def _seconds_to_next_deadline(self, pending: PendingBatch, waiting: dict[int, int]) -> float:
+        now = time.monotonic()
+        deadlines = [pending.chunks[i].launched + self.timeout_s - now for i in waiting.values()]
+        return max(0.01, min(deadlines))
+
+
+def _runtime_env(py_modules: list[str]) -> dict:
+    """Ship `rewards/` and the user's reward packages (folders) to every worker, wherever the cluster runs them.
+
+    The folder of `rewards` is found without importing it: the library never imports reward code itself.
+    """
+    spec = importlib.util.find_spec("rewards")
+    shipped = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    for module in py_modules:
+        path = Path(module).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"workers.py_modules: {module} is not a folder (ship reward files inside a package folder)")
+        shipped.append(str(path))
+    return {"py_modules": shipped}

@@ -1,0 +1,128 @@
+"""The Ray reward pool: same scores as in-process, in order; dead and stuck workers; overlap; a CLI run."""
+
+import numpy as np
+import pytest
+import torch
+
+from grpo_image.cli import main
+from grpo_image.logging import read_metrics
+from grpo_image.ray_pool import RayRewardPool, chunk_bounds
+from grpo_image.types import PromptRecord, Rollout
+from grpo_image.workers import InProcessRewardPool, RewardFailure
+from tests.test_cli_train import RECIPE, SMALL, comparable
+
+PALETTE = {"_component_": "grpo_image.decoders.palette.PaletteDecoder", "patch_size": 2}
+COLOR = {"name": "color", "weight": 1.0, "required": True,
+         "scorer": {"_component_": "rewards.color.ColorAdherence", "tolerance": 10.0}}
+
+
+def reward(name, component, required=True, **kwargs):
+    return {"name": name, "weight": 1.0, "required": required, "scorer": {"_component_": component, **kwargs}}
+
+
+def batch(n=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, 4), generator=generator)  # [N, L], 2 x 2 grids of the 16 web colours
+    colors = ["#FF0000", "#0000FF", "#FFFFFF"]
+    records = [PromptRecord(f"p{i}", {"color": colors[i % 3]}) for i in range(n)]
+    return Rollout(codes, torch.zeros(n, 4), torch.arange(n) // 2, torch.arange(n), torch.arange(n), records, (2, 2))
+
+
+def test_chunk_bounds_are_contiguous_and_cover_every_row():
+    assert chunk_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert chunk_bounds(2, 5) == [(0, 1), (1, 2)]  # never an empty chunk
+    assert chunk_bounds(7, 1) == [(0, 7)]
+
+
+def test_pool_scores_equal_in_process_scores_in_order_for_several_chunkings(ray_session):
+    specs = [COLOR, reward("red", "tests.helpers_rewards.MeanRed")]
+    rollout = batch()
+    expected = InProcessRewardPool(PALETTE, specs)
+    want = expected.gather(expected.submit(rollout, [0, 4, 9]))
+    assert len(np.unique(want.scores[:, 0])) > 1  # the batch is not uniform, so misordering would show
+    pool = RayRewardPool(PALETTE, specs, num_workers=2, num_cpus=0)
+    try:
+        for chunks in (1, 2, 3, 7):
+            pool.chunks = chunks
+            got = pool.gather(pool.submit(rollout, [0, 4, 9]))
+            np.testing.assert_array_equal(got.scores, want.scores, err_msg=f"{chunks} chunks")
+            assert got.thumbnail_rows == [0, 4, 9]
+            np.testing.assert_array_equal(got.thumbnails, want.thumbnails)
+    finally:
+        pool.close()
+
+
+def test_killing_a_worker_mid_batch_gives_the_same_scores(ray_session):
+    specs = [reward("slow_red", "tests.helpers_rewards.Sleepy", seconds=1.0), COLOR]
+    rollout = batch()
+    expected = InProcessRewardPool(PALETTE, specs)
+    want = expected.gather(expected.submit(rollout, []))
+    pool = RayRewardPool(PALETTE, specs, num_workers=2, num_cpus=0, chunks=2)
+    try:
+        ray_session.get([actor.__ray_ready__.remote() for actor in pool.actors])  # both built
+        pending = pool.submit(rollout, [])
+        ray_session.kill(pool.actors[1], no_restart=False)  # its chunk is sleeping inside the reward
+        got = pool.gather(pending)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert pending.chunks[1].attempts == 1 and pending.chunks[0].attempts == 0
+
+
+def test_a_stuck_chunk_times_out_and_is_resubmitted(ray_session, tmp_path):
+    specs = [reward("red", "tests.helpers_rewards.HangsOnce", marker=str(tmp_path / "hung"))]
+    pool = RayRewardPool(PALETTE, specs, num_workers=1, num_cpus=0, timeout_s=3.0, max_retries=1)
+    try:
+        pending = pool.submit(batch(4), [])
+        got = pool.gather(pending)  # the first attempt hangs for 20 s; the retry answers at once
+    finally:
+        pool.close()
+    assert pending.chunks[0].attempts == 1
+    direct = InProcessRewardPool(PALETTE, [reward("red", "tests.helpers_rewards.MeanRed")])
+    np.testing.assert_array_equal(got.scores, direct.gather(direct.submit(batch(4), [])).scores)
+
+
+def test_retries_are_bounded(ray_session, tmp_path):
+    specs = [reward("red", "tests.helpers_rewards.HangsOnce", marker=str(tmp_path / "hung"))]
+    pool = RayRewardPool(PALETTE, specs, num_workers=1, num_cpus=0, timeout_s=2.0, max_retries=0)
+    try:
+        with pytest.raises(RuntimeError, match=r"reward chunk of samples 0..3 failed 1 times; last: no result after 2 s"):
+            pool.gather(pool.submit(batch(4), []))
+    finally:
+        pool.close()
+
+
+def test_a_required_reward_failure_in_a_worker_names_reward_and_sample(ray_session):
+    specs = [reward("ocr", "tests.helpers_rewards.FailsOnPrompt", prompt="p6")]
+    pool = RayRewardPool(PALETTE, specs, num_workers=2, num_cpus=0, chunks=2)
+    try:
+        with pytest.raises(RewardFailure, match=r"required reward 'ocr' failed on sample 6 \(prompt 'p6'\)"):
+            pool.gather(pool.submit(batch(), []))
+    finally:
+        pool.close()
+
+
+RAY = ["workers.backend=ray", "workers.num_workers=2", "workers.num_cpus=0"]
+
+
+def test_the_tiny_recipe_trains_through_the_ray_pool_with_the_same_metrics(ray_session, tmp_path):
+    assert main(["train", RECIPE, *SMALL, "steps=3", f"output_dir={tmp_path / 'inprocess'}"]) == 0
+    assert main(["train", RECIPE, *SMALL, "steps=3", f"output_dir={tmp_path / 'ray'}", *RAY]) == 0
+    want = comparable(read_metrics(tmp_path / "inprocess" / "metrics.jsonl"))
+    got = comparable(read_metrics(tmp_path / "ray" / "metrics.jsonl"))
+    assert got == want  # same seeds, same rollouts, same scores, same updates
+    assert (tmp_path / "ray" / "samples" / "step_000003.png").is_file()
+
+
+def test_overlap_hides_reward_time_behind_the_trainer_work(ray_session, tmp_path):
+    slow = ["rewards=[{name: slow, scorer: {_component_: tests.helpers_rewards.Sleepy, seconds: 1.5}}]",
+            "workers.prefetch=true", "steps=3", "sample_every=0"]
+    assert main(["train", RECIPE, *SMALL, *slow, f"output_dir={tmp_path / 'ray'}", *RAY, "workers.chunks=1"]) == 0
+    assert main(["train", RECIPE, *SMALL, *slow, f"output_dir={tmp_path / 'inprocess'}"]) == 0
+    for row in read_metrics(tmp_path / "inprocess" / "metrics.jsonl"):
+        assert row["time/reward_wait"] >= row["time/reward_worker"]  # in-process: the trainer does the reward work
+    for row in read_metrics(tmp_path / "ray" / "metrics.jsonl")[1:]:  # from step 2 on, rewards were submitted a step early
+        meanwhile = row["time/ref"] + row.get("time/rollout", 0.0) + row["time/update"]
+        # the wait is the reward time less the work done meanwhile (plus Ray's hand-off, well under 0.5 s)
+        assert row["time/reward_wait"] <= max(0.0, row["time/reward_worker"] - meanwhile) + 0.5, row
+        assert row["time/reward_wait"] < row["time/reward_worker"]
