@@ -31,12 +31,7 @@ class CausalLMPolicy:
         grid: tuple[int, int],
         prompt_template: str = "{prompt}",
     ) -> None:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        if image_token_offset < 0 or image_token_offset + num_codes > vocab:
-            raise ValueError(
-                f"image codes {image_token_offset}..{image_token_offset + num_codes - 1} "
-                f"do not fit the model's vocabulary of {vocab}"
-            )
+        self.check_code_range(model, tokenizer, image_token_offset, num_codes)
         if len(grid) != 2 or min(grid) < 1:
             raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
         self.model = model
@@ -46,6 +41,15 @@ class CausalLMPolicy:
         self.grid = (int(grid[0]), int(grid[1]))
         self.prompt_template = prompt_template
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def check_code_range(self, model: nn.Module, tokenizer, image_token_offset: int, num_codes: int) -> None:
+        """Fail unless the code ids are rows of the head that `image_logits` uses (overridden by other layouts)."""
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if image_token_offset < 0 or image_token_offset + num_codes > vocab:
+            raise ValueError(
+                f"image codes {image_token_offset}..{image_token_offset + num_codes - 1} "
+                f"do not fit the model's vocabulary of {vocab}"
+            )
 
     @property
     def num_positions(self) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
-from grpo_image.policies.tiny import EOM, EOS, IMAGE, PAD, SOM, XOMNI_TEMPLATE
+from grpo_image.policies.tiny import BYTE_TOKENS, EOM, EOS, IMAGE, PAD, SOM, XOMNI_TEMPLATE, byte_level_tokenizer
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 
 DOWNSAMPLE = 16  # pixels per code side (SigLIP-VQ encoder, and the decoder's output per code)
@@ -79,19 +79,12 @@ class XOmniPolicy(CausalLMPolicy):
     def __init__(
         self, model: XOmniForCausalLM, tokenizer, grid: tuple[int, int], prompt_template: str = XOMNI_TEMPLATE
     ):
-        # CausalLMPolicy.__init__ checks the code range against the output embedding (lm_head, text only), which
-        # X-Omni's codes are beyond by design: validate against the config and tokenizer instead.
         config = model.config
-        self.special_token_ids = check_tokenizer_layout(tokenizer, config)
-        if len(grid) != 2 or min(grid) < 1:
-            raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_token_offset = int(config.vocab_size)
-        self.num_codes = int(config.image_vocab_size)
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.prompt_template = prompt_template
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        super().__init__(model, tokenizer, config.vocab_size, config.image_vocab_size, grid, prompt_template)
+
+    def check_code_range(self, model, tokenizer, image_token_offset: int, num_codes: int) -> None:
+        """X-Omni's codes lie beyond the text head by design: check them against the config and tokenizer."""
+        self.special_token_ids = check_tokenizer_layout(tokenizer, model.config)
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the V image codes only, never the text or full multimodal width: [..., H] -> [..., V]."""
@@ -120,28 +113,20 @@ def xomni_policy(
 
 
 def build_tiny_xomni_tokenizer(vocab_size: int, image_vocab_size: int, mm_vocab_size: int | None = None):
-    """A byte-level tokenizer with X-Omni's id layout, built offline (the approach of tiny.build_tiny_tokenizer).
+    """A byte-level tokenizer with X-Omni's id layout, built offline.
 
     Text ids 0..vocab_size-1: 256 byte tokens, <pad>, <eos>, then unused fillers (as Qwen's vocabulary is padded);
     multimodal ids from vocab_size: `<MM-Token-0>`.. for the image codes, then <SOM>, <EOM>, <IMAGE>, then fillers
     up to mm_vocab_size (default: codes + the three special tokens).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = [SOM, EOM, IMAGE]
     mm_vocab_size = image_vocab_size + len(specials) if mm_vocab_size is None else mm_vocab_size
-    text = sorted(pre_tokenizers.ByteLevel.alphabet()) + [PAD, EOS]
-    if vocab_size < len(text) or mm_vocab_size < image_vocab_size + len(specials):
-        raise ValueError(f"tiny X-Omni tokenizer: need vocab_size >= {len(text)} and room for codes and specials")
+    if vocab_size < BYTE_TOKENS + 2 or mm_vocab_size < image_vocab_size + len(specials):
+        raise ValueError(f"tiny X-Omni tokenizer: need vocab_size >= {BYTE_TOKENS + 2} and room for codes and specials")
     codes = [mm_code_token(code) for code in range(image_vocab_size)]
-    text += [f"<|text_filler_{i}|>" for i in range(vocab_size - len(text))]
+    text = [PAD, EOS] + [f"<|text_filler_{i}|>" for i in range(vocab_size - BYTE_TOKENS - 2)]
     mm = codes + specials + [f"<|mm_filler_{i}|>" for i in range(mm_vocab_size - image_vocab_size - len(specials))]
-    core = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(text + mm)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens([PAD, EOS, *codes, *specials])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
+    return byte_level_tokenizer(text + mm, special_tokens=[PAD, EOS, *codes, *specials])
 
 
 def tiny_xomni_policy(
