@@ -3,7 +3,9 @@
     grpo-image train RECIPE [key=value ...]      run (or, with resume=DIR, continue) a recipe
     grpo-image validate RECIPE [key=value ...]   check a recipe without loading any weight
 
-A recipe that cannot run fails with one line naming the file, key or sample and exit code 2.
+A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
+code 2. A run that stops cleanly (a required reward that keeps failing, repeated non-finite updates) checkpoints
+its last good step and exits with code 1.
 """
 
 from __future__ import annotations
@@ -12,58 +14,12 @@ import argparse
 import os
 import sys
 
-from grpo_image.advantages import AGGREGATIONS, SCALES
 from grpo_image.checkpoint import CheckpointError
-from grpo_image.config import RecipeError, load_recipe, validate_components
-from grpo_image.data import PromptSetError, load_prompts
-from grpo_image.sampling import SamplingSettings
+from grpo_image.config import RecipeError, load_recipe
+from grpo_image.data import PromptSetError
+from grpo_image.preflight import preflight
 
 USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError)
-
-
-def validate(cfg) -> int:
-    """Import every component and bind its arguments, read the prompt set, check the batch arithmetic.
-
-    Returns the number of components checked.
-    """
-    for key in ("policy", "decoder", "data.prompts"):
-        if _select(cfg, key) is None:
-            raise RecipeError(f"'{key}' is not set")
-    if not cfg.rewards:
-        raise RecipeError("'rewards' is empty: name at least one reward")
-    checked = validate_components(cfg.policy, "policy") + validate_components(cfg.decoder, "decoder")
-    checked += validate_components(cfg.rewards, "rewards")
-    load_prompts(cfg.data.prompts)
-    n = cfg.data.batch_size * cfg.data.group_size
-    if cfg.data.batch_size < 1 or cfg.data.group_size < 1 or cfg.train.minibatches < 1:
-        raise RecipeError("data.batch_size, data.group_size and train.minibatches must be >= 1")
-    if n % cfg.train.minibatches:
-        raise RecipeError(f"train.minibatches ({cfg.train.minibatches}) must divide N = B * G = {n}")
-    if cfg.save_every < 1:
-        raise RecipeError(f"save_every must be >= 1, got {cfg.save_every}")
-    _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
-    _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
-    _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
-    _check_choice("workers.backend", cfg.workers.backend, ("inprocess", "ray"))
-    if cfg.advantages.eps <= 0:
-        raise RecipeError(f"advantages.eps must be > 0 (a group whose rewards do not vary divides by it), got {cfg.advantages.eps}")
-    try:
-        SamplingSettings.from_config(cfg.sampling)
-    except ValueError as err:
-        raise RecipeError(str(err)) from err
-    return checked
-
-
-def _check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise RecipeError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _select(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,17 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-        checked = validate(cfg)
-        if args.command == "validate":
-            print(f"{args.recipe}: ok ({checked} components checked)")
-            return 0
-        from grpo_image.train import train
-
-        train(cfg)
-        return 0
+        checked = preflight(cfg)
     except USAGE_ERRORS as err:
-        print(f"grpo-image: error: {err}", file=sys.stderr)
+        print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
         return 2
+    if args.command == "validate":
+        print(f"{args.recipe}: ok ({checked} components checked)")
+        return 0
+    from grpo_image.train import TrainingStopped, train
+
+    try:
+        train(cfg)
+    except TrainingStopped as err:
+        print(f"grpo-image: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _quiet_libraries() -> None:

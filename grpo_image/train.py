@@ -34,7 +34,7 @@ from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
 from grpo_image.ray_pool import RayRewardPool
-from grpo_image.workers import InProcessRewardPool
+from grpo_image.workers import InProcessRewardPool, RewardFailure
 
 
 @dataclass
@@ -120,21 +120,49 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    bad_steps = 0  # steps in a row with a skipped (non-finite) update
     with RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) as log:
         for step in range(trainer.start_step + 1, cfg.steps + 1):
-            metrics, samples = grpo_step(trainer, step)
+            try:
+                metrics, samples = grpo_step(trainer, step)
+            except (RewardFailure, RuntimeError) as err:  # a required reward or the reward pool gave up
+                _stop(trainer, run_dir, step - 1, f"step {step} failed: {err}")
             log.log_metrics(step, metrics)
             if samples is not None:
                 log.log_images(step, *samples)
+            bad_steps = bad_steps + 1 if metrics["train/skipped_updates"] else 0
+            if bad_steps >= cfg.train.max_bad_steps:
+                _stop(trainer, run_dir, step, f"{bad_steps} steps in a row had a non-finite loss or gradient "
+                      f"(train.max_bad_steps); their updates were skipped")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(
-                    run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, cfg, cfg.keep_checkpoints,
-                    prefetched=_prefetched_tensors(trainer, step + 1),
-                )
+                _save(trainer, run_dir, step)
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped cleanly: the message says why and where the last checkpoint is."""
+
+
+def _save(trainer: Trainer, run_dir: Path, step: int) -> Path:
+    return save_checkpoint(
+        run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
+        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, step + 1),
+    )
+
+
+def _stop(trainer: Trainer, run_dir: Path, last_good_step: int, why: str):
+    """Checkpoint the weights after `last_good_step` (nothing of a failed step was applied) and stop."""
+    trainer.pool.close()
+    if last_good_step > trainer.start_step:
+        where = f"checkpoint {_save(trainer, run_dir, last_good_step)}; continue with resume={run_dir}"
+    elif trainer.cfg.resume:
+        where = f"nothing new to save; the run can continue again from resume={trainer.cfg.resume}"
+    else:
+        where = "no step had completed, so there is nothing to resume"
+    raise TrainingStopped(f"{why}. Stopped: {where}")
 
 
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
@@ -253,12 +281,19 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
             )
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            trainer.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            stats["grad_norm"] = float(grad_norm)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                trainer.optimizer.step()
+            else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update
+                trainer.optimizer.zero_grad(set_to_none=True)
+            stats["skipped_updates"] = 0.0 if finite else 1.0
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
     trainer.scheduler.step()
     metrics = {f"train/{key}": float(np.mean(values)) for key, values in totals.items()}
+    metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
     return metrics
 

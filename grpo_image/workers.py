@@ -90,6 +90,13 @@ class RewardWorker:
                 f"reward '{spec['name']}' returned {type(output).__name__} with a wrong shape on samples "
                 f"{job.first_row}..{job.first_row + n - 1}; expected RewardOutput with scores of shape ({n},)"
             )
+        infinite = np.flatnonzero(np.isinf(output.scores))
+        if infinite.size:  # only NaN has a meaning ("not applicable"); an infinite score is a fault
+            first = job.first_row + int(infinite[0])
+            if spec["required"]:
+                raise RewardFailure(f"required reward '{spec['name']}' returned an infinite score for sample {first}")
+            scores = np.where(np.isinf(output.scores), np.nan, output.scores).astype(np.float32)
+            return RewardOutput(scores, {**output.info, "nonfinite": float(infinite.size)})
         return output
 
 

@@ -48,6 +48,17 @@ class ColorAdherence:
         scores[rows] = (dist2 <= self.tolerance**2).mean(axis=(1, 2))  # [n'], fraction of pixels in range
         return RewardOutput(scores=scores)
 
+    @staticmethod
+    def missing_inputs(prompt: str, metadata: dict[str, Any], tolerance: float = 60.0, metadata_key: str = "color") -> str | None:
+        """Why a prompt cannot be scored (checked before training when the reward is required), or None."""
+        if metadata_key not in metadata:
+            return f"its metadata has no {metadata_key!r}"
+        try:
+            parse_rgb(metadata[metadata_key])
+        except ValueError as err:
+            return f"metadata[{metadata_key!r}]: {err}"
+        return None
+
     def _target(self, index: int, meta: dict[str, Any]) -> tuple[int, int, int]:
         try:
             return parse_rgb(meta[self.metadata_key])

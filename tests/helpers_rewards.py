@@ -71,3 +71,21 @@ class HangsOnce:
             open(self.marker, "w").close()
             time.sleep(self.hang_seconds)
         return MeanRed()(images, prompts, metadata)
+
+
+class FaultOnCall:
+    """Scores the mean red channel, but on calls number `calls` (1-based) returns +inf or raises, as a flaky
+    reward model or a lost server would. The in-process pool keeps one instance, so calls count steps."""
+
+    def __init__(self, calls: list[int], fault: str = "inf"):
+        self.calls, self.fault, self.count = set(calls), fault, 0
+
+    def __call__(self, images, prompts, metadata):
+        self.count += 1
+        scores = MeanRed()(images, prompts, metadata).scores
+        if self.count in self.calls:
+            if self.fault == "raise":
+                raise ConnectionError("reward server unreachable after 3 retries")
+            scores = scores.copy()
+            scores[1] = np.inf
+        return RewardOutput(scores)

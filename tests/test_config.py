@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from grpo_image.config import RecipeError, instantiate, load_recipe, reward_specs, validate_components
-from grpo_image.cli import validate
+from grpo_image.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -31,7 +31,7 @@ def test_unknown_key_names_the_valid_keys(tmp_path):
         load_recipe(write(tmp_path, "train:\n  lrr: 0.1\n"))
     message = str(err.value)
     assert "recipe.yaml" in message and "'train.lrr'" in message
-    assert "lr, max_grad_norm" in message  # the sorted list of valid keys under train
+    assert "lr, max_bad_steps, max_grad_norm" in message  # the sorted list of valid keys under train
 
 
 def test_unknown_override_names_the_valid_keys(tmp_path):
@@ -123,7 +123,7 @@ def test_every_recipe_validates(monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name prompt sets relative to the repository
     assert len(RECIPES) == 1, [path.name for path in RECIPES]  # update when a recipe is added
     for path in RECIPES:
-        assert validate(load_recipe(path)) >= 4, path.name  # policy, decoder and at least two rewards
+        assert preflight(load_recipe(path)) >= 4, path.name  # policy, decoder and at least two rewards
 
 
 @pytest.mark.parametrize("override, message", [
@@ -139,4 +139,4 @@ def test_every_recipe_validates(monkeypatch):
 def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message):
     monkeypatch.chdir(REPO)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override]))
+        preflight(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override]))
