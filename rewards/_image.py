@@ -6,6 +6,8 @@ message, instead of each plugin guessing at float ranges or channel orders.
 
 from __future__ import annotations
 
+import base64
+import io
 import numbers
 import re
 from typing import Any
@@ -47,3 +49,31 @@ def parse_rgb(value: Any) -> tuple[int, int, int]:
     ):
         return tuple(int(c) for c in value)  # type: ignore[return-value]
     raise ValueError(f"colour must be '#RRGGBB' or 3 ints in 0..255, got {value!r}")
+
+
+def to_data_url(image: np.ndarray, image_format: str = "png", quality: int = 95) -> str:
+    """One uint8 RGB image [H, W, 3] -> a `data:image/...;base64,...` URL, the form chat-completions servers take.
+
+    PNG is lossless (a judge sees exactly the pixels that were scored); JPEG at `quality` is several times smaller
+    for large images when bandwidth to the server matters more than the last bit of fidelity.
+    """
+    fmt = image_format.lower()
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    pil = to_pil(np.asarray(image)[None])[0]
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        pil.save(buffer, format="JPEG", quality=int(quality))
+    else:
+        pil.save(buffer, format="PNG")
+    return f"data:image/{fmt};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def validate_batch(name: str, images: Any, prompts: list[str], metadata: list[dict[str, Any]]) -> np.ndarray:
+    """Check a reward's inputs once: uint8 RGB images [n, H, W, 3] and n prompts and n metadata dicts."""
+    array = as_uint8_images(images)  # uint8 [n, H, W, 3]
+    if len(prompts) != len(array) or len(metadata) != len(array):
+        raise ValueError(
+            f"{name}: {len(array)} images but {len(prompts)} prompts and {len(metadata)} metadata entries"
+        )
+    return array

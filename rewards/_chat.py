@@ -1,0 +1,155 @@
+"""The one client for OpenAI-compatible chat-completions servers (vLLM, sglang), shared by server-backed rewards.
+
+A judge model is served by a process the user starts; a reward only sends it one image and one question per
+sample. What a training run needs from that client: a bounded number of requests in flight (a reward worker must
+not flood a server that other workers share), a timeout per attempt, retries with exponential backoff on the
+failures that go away on their own (408, 429, 5xx, refused or dropped connections, read timeouts), and an API key
+that never reaches a log, a repr or a pickle. The retries are urllib3's `Retry` (which also honours a server's
+`Retry-After`), the concurrency a `ThreadPoolExecutor`; nothing here re-implements either.
+
+A request that still fails after its retries is an error naming the sample, never a NaN: NaN is reserved for
+"not applicable", and the caller decides what a reply that does not parse means.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from rewards._image import to_data_url
+
+RETRY_STATUSES = (408, 429, *range(500, 600))
+
+
+class ChatError(RuntimeError):
+    """A request failed after all its retries, or the server answered something that is not a chat completion."""
+
+
+class ChatClient:
+    """POST one (image, text) user message per sample to `{base_url}/chat/completions`; returns the reply JSONs.
+
+    base_url: the server's OpenAI base URL, e.g. "http://localhost:8000/v1". api_key_env: the name of the
+    environment variable holding the API key (read at request time, sent as a bearer token); None sends no key.
+    timeout: seconds per attempt (connect and read). max_retries: extra attempts after the first. backoff: the
+    exponential backoff factor in seconds (urllib3: backoff * 2 ** (retry - 1), at most backoff_max).
+    max_concurrency: requests in flight at once from this client.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        max_concurrency: int = 8,
+        image_format: str = "png",
+    ) -> None:
+        if not str(base_url).startswith(("http://", "https://")):
+            raise ValueError(f"ChatClient: base_url must start with http:// or https://, got {base_url!r}")
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ValueError("ChatClient: need max_concurrency >= 1, max_retries >= 0 and timeout > 0")
+        if image_format not in ("png", "jpeg"):
+            raise ValueError(f"ChatClient: image_format must be 'png' or 'jpeg', got {image_format!r}")
+        self.base_url = str(base_url).rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env  # the variable's name only: the key itself is never stored
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.backoff_max = float(backoff_max)
+        self.max_concurrency = int(max_concurrency)
+        self.image_format = image_format
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+            f"timeout={self.timeout}, max_retries={self.max_retries}, max_concurrency={self.max_concurrency})"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def complete(self, images: np.ndarray, texts: list[str], **params: Any) -> list[dict[str, Any]]:
+        """images uint8 [n, H, W, 3], n texts -> n reply JSONs, in order; `params` go into every request body."""
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        headers = {"Content-Type": "application/json"}
+        key = self._api_key()
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        retry = Retry(
+            total=self.max_retries,
+            connect=self.max_retries,
+            read=self.max_retries,
+            status=self.max_retries,
+            other=0,
+            allowed_methods=None,  # POST too: a chat completion has no side effect worth protecting
+            status_forcelist=RETRY_STATUSES,
+            backoff_factor=self.backoff,
+            backoff_max=self.backoff_max,
+            raise_on_status=False,  # the last response comes back and is reported below with its body
+            respect_retry_after_header=True,
+        )
+        workers = max(1, min(self.max_concurrency, len(texts)))
+        with requests.Session() as session:
+            adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=workers)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+
+            def one(index: int) -> dict[str, Any]:
+                image = {"type": "image_url", "image_url": {"url": to_data_url(images[index], self.image_format)}}
+                content = [image, {"type": "text", "text": texts[index]}]
+                body = {"model": self.model, "messages": [{"role": "user", "content": content}], **params}
+                return self._post(session, headers, body, index)
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return list(pool.map(one, range(len(texts))))
+
+    def _post(self, session: Any, headers: dict, body: dict, index: int) -> dict[str, Any]:
+        import requests
+
+        try:
+            response = session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise ChatError(
+                f"sample {index}: {self.url} failed after {self.max_retries} retries "
+                f"(timeout {self.timeout}s per attempt): {type(err).__name__}: {err}"
+            ) from None  # the chained urllib3 errors carry nothing more, and no header is ever part of them
+        if response.status_code != 200:
+            retried = f" after {self.max_retries} retries" if response.status_code in RETRY_STATUSES else ""
+            raise ChatError(
+                f"sample {index}: {self.url} answered HTTP {response.status_code}{retried}: {response.text[:300]!r}"
+            )
+        try:
+            reply = response.json()
+            reply["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise ChatError(
+                f"sample {index}: {self.url} did not answer a chat completion ({err!r}): {response.text[:300]!r}"
+            ) from None
+        return reply
+
+    def _api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ChatError(f"the environment variable {self.api_key_env!r} (api_key_env) is not set or empty")
+        return key
+
+
+def message_text(reply: dict[str, Any]) -> str:
+    """The assistant's text in a chat-completion reply ('' when the server sent none)."""
+    content = reply["choices"][0]["message"].get("content")
+    if isinstance(content, list):  # some servers answer with content parts
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""

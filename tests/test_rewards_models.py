@@ -1,0 +1,224 @@
+"""HPSv2, CLIPScore, PickScore and Aesthetic with tiny random models of the real classes.
+
+Each test writes weights in the real on-disk format (an HPS checkpoint {"state_dict": ...}, a save_pretrained
+CLIP folder, a LAION head file), lets the reward load them, and checks its scores against the same formula
+computed directly in the test, through a different code path where one exists (CLIPModel's forward for the CLIP
+rewards, hand-written resize-and-pad preprocessing for HPS).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import grpo_image  # noqa: F401, I001  (first: makes torchvision importable before open_clip / transformers CLIP)
+import open_clip
+
+from rewards.aesthetic import Aesthetic
+from rewards.clip_score import CLIPScore
+from rewards.hpsv2 import HPSv2
+from rewards.pickscore import PickScore
+
+PROMPTS = ["a red cat", "two dogs on a hill", "a tiny house"]
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)  # uint8 [n, h, w, 3]
+
+
+# ---------------------------------------------------------------- HPSv2
+
+
+@pytest.fixture(scope="module")
+def hps_files(tmp_path_factory):
+    """A tiny open_clip config folder and an HPS-format checkpoint of a seeded model built from it."""
+    root = tmp_path_factory.mktemp("hps")
+    (root / "config").mkdir()
+    (root / "config" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    model_name = f"local-dir:{root / 'config'}"
+    torch.manual_seed(1)
+    model = open_clip.create_model(model_name).eval()
+    checkpoint = root / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return model_name, checkpoint, model
+
+
+def hps_direct(model, tokenizer, image: np.ndarray, prompt: str) -> float:
+    """HPS by hand: longest side to 224 (bicubic), centred on a black square, OpenAI mean/std, cosine."""
+    pil = Image.fromarray(image)
+    scale = 224 / max(pil.size)
+    w, h = round(pil.size[0] * scale), round(pil.size[1] * scale)
+    canvas = Image.new("RGB", (224, 224), (0, 0, 0))
+    canvas.paste(pil.resize((w, h), Image.BICUBIC), ((224 - w) // 2, (224 - h) // 2))
+    x = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255  # [3, 224, 224]
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    with torch.no_grad():
+        image_features = model.encode_image(((x - mean) / std)[None])  # [1, D]
+        text_features = model.encode_text(tokenizer([prompt]))  # [1, D]
+    return float(torch.cosine_similarity(image_features, text_features).item())
+
+
+def test_hpsv2_matches_direct_computation(hps_files):
+    model_name, checkpoint, model = hps_files
+    reward = HPSv2(checkpoint=str(checkpoint), model_name=model_name, device="cpu", batch_size=2)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    for shape in [(49, 80), (80, 30)]:  # wide with odd padding (43 + 44 rows), and tall
+        images = _images(3, *shape)
+        scores = reward(images, PROMPTS, [{}] * 3).scores
+        assert scores.dtype == np.float32 and scores.shape == (3,) and np.isfinite(scores).all()
+        expected = [hps_direct(model, tokenizer, image, prompt) for image, prompt in zip(images, PROMPTS)]
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+    # The checkpoint really was loaded: a model with other weights scores differently.
+    torch.manual_seed(2)
+    other = open_clip.create_model(model_name).eval()
+    assert abs(hps_direct(other, tokenizer, images[0], PROMPTS[0]) - expected[0]) > 1e-3
+
+
+def test_hpsv2_finds_the_hpsv2_cache_folder(hps_files, tmp_path, monkeypatch):
+    model_name, checkpoint, _ = hps_files
+    monkeypatch.setenv("HPS_ROOT", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt"):
+        HPSv2(version="v2.0", model_name=model_name, device="cpu")
+    (tmp_path / "HPS_v2_compressed.pt").write_bytes(checkpoint.read_bytes())
+    images = _images(1, 64, 64)
+    cached = HPSv2(version="v2.0", model_name=model_name, device="cpu")
+    assert cached.checkpoint_path == tmp_path / "HPS_v2_compressed.pt"
+    direct = HPSv2(checkpoint=str(checkpoint), model_name=model_name, device="cpu")
+    np.testing.assert_array_equal(cached(images, ["x"], [{}]).scores, direct(images, ["x"], [{}]).scores)
+
+
+def test_hpsv2_rejects_bad_inputs(hps_files, tmp_path):
+    model_name, checkpoint, _ = hps_files
+    with pytest.raises(ValueError, match="version"):
+        HPSv2(version="v3", checkpoint=str(checkpoint))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HPSv2(checkpoint=str(tmp_path / "missing.pt"), model_name=model_name)
+    torch.save({"model": {}}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="state_dict"):
+        HPSv2(checkpoint=str(tmp_path / "wrong.pt"), model_name=model_name, device="cpu")
+
+
+# ---------------------------------------------------------------- transformers CLIP: CLIPScore, PickScore, Aesthetic
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny CLIPModel with its processor, saved with save_pretrained like a hub snapshot."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
+    vocab = {token: i for i, token in enumerate(letters + [t + "</w>" for t in letters])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])  # no merges: one token per character
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=40, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **tiny,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tiny),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    path = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def clip_direct(path, images: np.ndarray, prompts: list[str]):
+    """CLIPModel's own forward: (logits_per_image diagonal, logit scale, normalised image embeddings)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(path).eval()
+    processor = CLIPProcessor.from_pretrained(path)
+    inputs = processor(text=prompts, images=[Image.fromarray(im) for im in images], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits_per_image.diagonal().numpy(), float(model.logit_scale.exp().detach()), out.image_embeds
+
+
+def test_clip_score_and_pickscore_match_clip_forward(clip_dir):
+    images = _images(3, 40, 60)
+    logits, scale, _ = clip_direct(clip_dir, images, PROMPTS)  # logits = scale * cosine
+    pick = PickScore(str(clip_dir), device="cpu", batch_size=2)(images, PROMPTS, [{}] * 3).scores
+    clip = CLIPScore(str(clip_dir), device="cpu", batch_size=2)(images, PROMPTS, [{}] * 3).scores
+    assert pick.dtype == clip.dtype == np.float32 and pick.shape == clip.shape == (3,)
+    np.testing.assert_allclose(pick, logits, atol=1e-4)
+    np.testing.assert_allclose(clip, 2.5 * np.maximum(logits / scale, 0), atol=1e-5)
+    # The separate processor path (PickScore ships its processor apart from its weights) gives the same.
+    separate = PickScore(str(clip_dir), processor_path=str(clip_dir), device="cpu")
+    np.testing.assert_allclose(separate(images, PROMPTS, [{}] * 3).scores, pick, atol=1e-6)
+
+
+def _laion_mlp(dim: int) -> torch.nn.Module:
+    """The improved aesthetic predictor's layout: its state dict keys are layers.{0,2,4,6,7}.*."""
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.Sequential(
+        torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+    )
+    return holder
+
+
+@pytest.mark.parametrize("kind", ["linear.pth", "mlp.pth", "linear.safetensors"])
+def test_aesthetic_matches_head_on_normalised_embeddings(clip_dir, tmp_path, kind):
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 1) if kind.startswith("linear") else _laion_mlp(16)
+    path = tmp_path / f"head_{kind}"
+    if kind.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(head.state_dict(), str(path))
+    else:
+        torch.save(head.state_dict(), path)
+    images = _images(3, 40, 60)
+    scores = Aesthetic(str(clip_dir), str(path), device="cpu")(images, PROMPTS, [{}] * 3).scores
+    _, _, embeds = clip_direct(clip_dir, images, PROMPTS)  # [3, 16], already unit norm
+    with torch.no_grad():
+        expected = (head(embeds) if isinstance(head, torch.nn.Linear) else head.layers.eval()(embeds))[:, 0]
+    assert scores.dtype == np.float32 and scores.shape == (3,) and np.isfinite(scores).all()
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+
+
+def test_aesthetic_rejects_unknown_head(clip_dir, tmp_path):
+    torch.save({"fc.weight": torch.zeros(1, 16)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="neither a linear head"):
+        Aesthetic(str(clip_dir), str(tmp_path / "odd.pth"), device="cpu")
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def test_model_rewards_pickle_round_trip(hps_files, clip_dir, tmp_path):
+    model_name, checkpoint, _ = hps_files
+    torch.save(torch.nn.Linear(16, 1).state_dict(), tmp_path / "head.pth")
+    rewards = [
+        HPSv2(checkpoint=str(checkpoint), model_name=model_name, device="cpu"),
+        CLIPScore(str(clip_dir), device="cpu"),
+        PickScore(str(clip_dir), device="cpu"),
+        Aesthetic(str(clip_dir), str(tmp_path / "head.pth"), device="cpu"),
+    ]
+    images = _images(2, 48, 48)
+    for reward in rewards:
+        blob = pickle.dumps(reward)
+        assert len(blob) < 10_000  # pickled as its configuration, not its weights
+        clone = pickle.loads(blob)
+        expected = reward(images, PROMPTS[:2], [{}] * 2).scores
+        np.testing.assert_array_equal(clone(images, PROMPTS[:2], [{}] * 2).scores, expected)

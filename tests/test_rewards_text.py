@@ -1,0 +1,114 @@
+"""The two text metrics and target extraction (rewards/_text.py) on hand-made English and Chinese cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rewards._text import edit_reward, quoted_spans, target_text, text_accuracy, text_accuracy_counts
+
+# ---------------------------------------------------------------- edit reward (flow_grpo)
+
+
+@pytest.mark.parametrize(
+    "recognized, target, expected",
+    [
+        ("Hello World", "hello world", 1.0),  # both squash to "helloworld"
+        ("A big sign: HELLO WORLD!!", "Hello World", 1.0),  # "helloworld" is a substring of "abigsign:helloworld!!"
+        ("Helo World", "Hello World", 0.9),  # levenshtein("heloworld", "helloworld") = 1, over 10 letters
+        ("hello world", "Hello, World", 1 - 1 / 11),  # punctuation is kept: "hello,world" has 11 chars, 1 edit
+        ("", "abc", 0.0),  # 3 insertions, capped at len 3
+        ("completely unrelated text", "abc", 0.0),  # distance far above 3, capped at 3: 1 - 3/3
+        ("Hello", "Hello World", 0.5),  # 5 missing letters of 10
+        ("Hello World", ["Hello", "World"], 1.0),  # a list target is read in order: "helloworld"
+        ("你好世界", "你好世界", 1.0),
+        ("你好世介", "你好世界", 0.75),  # one character substituted of 4
+        ("你好", "你好世界", 0.5),  # two characters missing of 4
+        ("ＨＥＬＬＯ\u3000ＷＯＲＬＤ", "hello world", 1.0),  # NFKC folds full-width letters and the ideographic space
+        ("你好，世界", "你好,世界", 1.0),  # NFKC folds the full-width comma to ","
+    ],
+)
+def test_edit_reward(recognized, target, expected):
+    assert edit_reward(recognized, target) == pytest.approx(expected, abs=1e-12)
+
+
+def test_full_width_case_needs_nfkc():
+    # The full-width comma case above is 1.0 only because of NFKC: raw, the strings are 1 edit apart (0.8).
+    from rapidfuzz.distance import Levenshtein
+
+    assert Levenshtein.distance("你好，世界", "你好,世界") == 1
+    assert edit_reward("你好，世界", "你好,世界") == 1.0
+
+
+@pytest.mark.parametrize("target", ["", "   ", []])
+def test_edit_reward_empty_target_is_nan(target):
+    assert math.isnan(edit_reward("anything", target))
+
+
+# ---------------------------------------------------------------- LongText-style accuracy
+
+
+@pytest.mark.parametrize(
+    "recognized, target, expected",
+    [
+        ("the cat sat on the mat", "The cat sat on the mat", 1.0),  # 6 of 6 words
+        ("the cat sat", "The cat sat on the mat", 0.5),  # the x1 (of 2), cat, sat: 3 of 6
+        ("the the the the", "the cat", 0.5),  # "the" counts at most once: 1 of 2
+        ("mat on sat cat the the", "the cat sat on the mat", 1.0),  # a multiset: order does not matter
+        ("Hello, World!", "hello world", 1.0),  # punctuation dropped, case folded
+        ("call 555 1234", "Call 555-1234", 1.0),  # "-" separates words: call, 555, 1234
+        ("ＡＢＣ\u3000１２３", "abc 123", 1.0),  # full-width letters and digits fold to ASCII
+        ("hello", "hello world", 0.5),
+        ("", "hello world", 0.0),
+        ("你好世界", "你好世界", 1.0),  # Chinese compares characters: 4 of 4
+        ("世界你好", "你好世界", 1.0),  # as a multiset
+        ("你好你好", "你好世界", 0.5),  # 你 and 好 once each (of 2 read): 2 of 4
+        ("你好，世界！", "你好世界", 1.0),  # punctuation dropped
+        ("欢迎来到AI时代", "欢迎来到 AI 时代", 1.0),  # a CJK target compares characters; spaces ignored: 8 of 8
+        ("欢迎来到时代", "欢迎来到 AI 时代", 0.75),  # a and i missing: 6 of 8
+    ],
+)
+def test_text_accuracy(recognized, target, expected):
+    assert text_accuracy(recognized, target) == pytest.approx(expected, abs=1e-12)
+
+
+def test_text_accuracy_counts_for_micro_averaging():
+    assert text_accuracy_counts("the cat", "the cat sat") == (2, 3)
+    assert text_accuracy_counts("你好", ["你好", "世界"]) == (2, 4)  # list items are read together
+    # Micro-average over two samples: (2 + 2) / (3 + 4) = 4/7, not the mean of 2/3 and 1/2.
+    pairs = [("the cat", "the cat sat"), ("你好", "你好世界")]
+    matched, expected = map(sum, zip(*(text_accuracy_counts(r, t) for r, t in pairs)))
+    assert matched / expected == pytest.approx(4 / 7)
+
+
+def test_text_accuracy_without_units_is_nan():
+    assert math.isnan(text_accuracy("anything", "!!! ..."))
+
+
+# ---------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize(
+    "prompt, spans",
+    [
+        ('a neon sign that says "OPEN 24 HOURS" above a door', ["OPEN 24 HOURS"]),
+        ('two signs: "A" and "B"', ["A", "B"]),
+        ("a poster with “欢迎光临” and 「特价」", ["欢迎光临", "特价"]),
+        ("a plain landscape", []),
+        ('an unmatched "quote', []),
+    ],
+)
+def test_quoted_spans(prompt, spans):
+    assert quoted_spans(prompt) == spans
+
+
+def test_target_text_prefers_metadata_then_quotes():
+    assert target_text('a sign "IGNORED"', {"text": "Sale"}) == "Sale"
+    assert target_text("x", {"text": ["Sale", "50%"]}) == ["Sale", "50%"]
+    assert target_text('a sign "OPEN"', {}) == ["OPEN"]
+    assert target_text('a sign "OPEN"', {"text": None}) == ["OPEN"]
+    assert target_text("no text here", {}) is None
+    assert target_text("x", {"caption": "Hi"}, key="caption") == "Hi"
+    with pytest.raises(ValueError, match="string or a list of strings"):
+        target_text("x", {"text": 5})
