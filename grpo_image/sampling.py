@@ -76,8 +76,9 @@ def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 def code_logprobs(raw_logits: torch.Tensor, settings: SamplingSettings, mix_cfg: bool) -> torch.Tensor:
     """Log-probs of the sampling distribution: guidance, temperature, filters ([R, ..., V] -> [N, ..., V])."""
-    logits = guided_logits(raw_logits, settings.cfg_scale) if mix_cfg else raw_logits
-    logits = filter_logits(logits.float() / settings.temperature, settings.top_k, settings.top_p, settings.min_p)
+    logits = raw_logits.float()  # mix, scale and normalise in fp32 whatever the policy's dtype
+    logits = guided_logits(logits, settings.cfg_scale) if mix_cfg else logits
+    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p, settings.min_p)
     return logits.log_softmax(-1)
 
 

@@ -25,10 +25,12 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 class LoraWeights:
     """Train peft LoRA adapters on the policy's model; the reference is the base model (adapters off)."""
 
-    def __init__(self, policy: CausalLMPolicy, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    def __init__(self, policy: CausalLMPolicy, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
+        """`target_modules`: module-name suffixes (a list), or one regex over full module names (a string)."""
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
         policy.model = get_peft_model(policy.model, config)
         self.policy = policy
 
@@ -95,7 +97,8 @@ def make_weights(policy: CausalLMPolicy, train_cfg) -> LoraWeights | FullWeights
     """Build the recipe's training mode (`train.mode`: lora or full) around the policy."""
     if train_cfg.mode == "lora":
         lora = train_cfg.lora
-        return LoraWeights(policy, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))
+        targets = lora.target_regex if lora.target_regex else list(lora.target_modules)
+        return LoraWeights(policy, lora.r, lora.alpha, lora.dropout, targets)
     if train_cfg.mode == "full":
         return FullWeights(policy, keep_reference=train_cfg.beta > 0)
     raise ValueError(f"train.mode must be lora or full, got {train_cfg.mode!r}")
