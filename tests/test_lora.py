@@ -11,7 +11,8 @@ DEFAULTS = OmegaConf.load("grpo_image/defaults.yaml").train
 def lora_modules(**lora) -> set[str]:
     cfg = OmegaConf.merge(DEFAULTS, {"mode": "lora", "lora": lora})
     weights = make_weights(tiny_policy(num_codes=4, grid=(1, 2), hidden_size=16, num_layers=2), cfg)
-    return {name.split(".lora_A")[0].split("model.model.")[-1]
+    # peft names them base_model.model.model.layers.<i>...: keep the part from "layers." on
+    return {"layers." + name.split(".lora_A")[0].split(".layers.")[-1]
             for name, _ in weights.policy.model.named_parameters() if "lora_A" in name}
 
 
