@@ -51,6 +51,13 @@ class OCR:
     def __repr__(self) -> str:
         return f"OCR(engine={self.engine_name!r}, metric={self.metric!r}, metadata_key={self.metadata_key!r})"
 
+    @staticmethod
+    def missing_inputs(prompt: str, metadata: dict[str, Any], metadata_key: str = "text", **_: Any) -> str | None:
+        """Why a prompt cannot be scored (checked before training when the reward is required), or None."""
+        if target_text(prompt, metadata, metadata_key) is None:
+            return f"it has no target text: neither metadata[{metadata_key!r}] nor a quoted span in the prompt"
+        return None
+
     def read(self, images: np.ndarray) -> list[str]:
         """The engine's read-out of each image, uint8 RGB [n, H, W, 3] -> n strings (for logging and tests)."""
         return self.engine.read(images)

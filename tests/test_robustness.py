@@ -184,3 +184,15 @@ def test_soak_memory_stays_flat_and_metrics_finite(tmp_path):
     assert warm and late, samples
     growth = max(late) - min(warm)
     assert growth < 40, f"resident memory grew {growth:.0f} MiB between steps 50-100 and 250-300: {samples}"
+
+
+def test_a_required_ocr_reward_refuses_prompts_without_target_text(tmp_path, capsys):
+    prompts = tmp_path / "signs.jsonl"
+    prompts.write_text('{"prompt": "a sign that says \\"OPEN\\""}\n{"prompt": "a shop", "metadata": {"text": "SALE"}}\n'
+                       '{"prompt": "a quiet street"}\n')
+    ocr = "rewards=[{name: ocr, scorer: {_component_: rewards.ocr.OCR}}]"
+    code = main(["train", RECIPE, *SMALL, f"data.prompts={prompts}", ocr, f"output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "prompt 3 ('a quiet street'): required reward 'ocr' cannot score it: it has no target text" in capsys.readouterr().err
+    optional = "rewards=[{name: ocr, required: false, scorer: {_component_: rewards.ocr.OCR}}]"
+    assert main(["validate", RECIPE, *SMALL, f"data.prompts={prompts}", optional]) == 0  # optional: scored NaN
