@@ -65,17 +65,16 @@ class RewardWorker:
         info: dict[str, float] = {}
         for k, (spec, reward) in enumerate(zip(self.specs, self.rewards)):
             output = self._run_one(spec, reward, images, job)
-            if output is not None:
-                scores[:, k] = output.scores
-                for key, value in output.info.items():
-                    info[f"reward/{spec['name']}/{key}"] = info.get(f"reward/{spec['name']}/{key}", 0.0) + value
+            scores[:, k] = output.scores
+            for key, value in output.info.items():
+                info[f"reward/{spec['name']}/{key}"] = info.get(f"reward/{spec['name']}/{key}", 0.0) + value
         nan_counts = {spec["name"]: int(np.isnan(scores[:, k]).sum()) for k, spec in enumerate(self.specs)}
         thumbs = thumbnails(images, job.thumbnail_rows)
         return ChunkResult(scores, thumbs, nan_counts, info, time.perf_counter() - started)
 
     @staticmethod
-    def _run_one(spec: dict, reward, images: np.ndarray, job: RewardJob) -> RewardOutput | None:
-        """The reward's output, or None when an optional reward failed (its scores stay NaN)."""
+    def _run_one(spec: dict, reward, images: np.ndarray, job: RewardJob) -> RewardOutput:
+        """The reward's output; an optional reward that failed scores NaN and counts its samples as failed."""
         n = len(job.prompts)
         try:
             output = reward(images, job.prompts, job.metadata)
@@ -84,7 +83,7 @@ class RewardWorker:
                 raise RewardFailure(
                     f"required reward '{spec['name']}' failed on {_culprit(reward, images, job)}: {err}"
                 ) from err
-            return None
+            return RewardOutput(np.full(n, np.nan, dtype=np.float32), {"failed": float(n)})
         if not isinstance(output, RewardOutput) or output.scores.shape != (n,):
             raise RewardFailure(
                 f"reward '{spec['name']}' returned {type(output).__name__} with a wrong shape on samples "

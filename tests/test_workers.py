@@ -61,6 +61,7 @@ def test_optional_reward_failure_scores_nan_and_is_counted():
     scored = pool.gather(pool.submit(rollout([[5, 5], [0, 0]]), []))
     assert np.isnan(scored.scores[:, 0]).all() and scored.scores[:, 1].tolist() == [1.0, 0.0]
     assert scored.nan_counts == {"judge": 2, "red": 0}
+    assert scored.info == {"reward/judge/failed": 2.0}  # logged as reward/judge/failed
 
 
 def test_a_reward_returning_the_wrong_shape_is_an_error():
