@@ -39,6 +39,8 @@ def preflight(cfg: DictConfig) -> int:
     _check_rewards_can_score(cfg, records)
     if cfg.resume:
         find_checkpoint(cfg.resume)
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise RecipeError(f"'train.init_from': no such checkpoint folder: {cfg.train.init_from}")
     return checked
 
 

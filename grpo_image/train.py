@@ -29,7 +29,7 @@ from grpo_image.data import GroupSampler, load_prompts
 from grpo_image.logging import RunLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
-from grpo_image.policies.lora import make_weights
+from grpo_image.policies.lora import load_initial_weights, make_weights
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
@@ -67,6 +67,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         )
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
+    if cfg.train.init_from:
+        load_initial_weights(policy, cfg.train.init_from)
     weights = make_weights(policy, cfg.train)
     optimizer = torch.optim.AdamW(
         weights.trainable_parameters(),

@@ -8,6 +8,7 @@ it has the `submit` / `gather` shape of an asynchronous pool so that the trainer
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -54,12 +55,15 @@ class RewardWorker:
 
     def __init__(self, decoder_cfg: dict, reward_specs: list[dict]) -> None:
         self.decoder = instantiate(decoder_cfg)
+        # decoders conditioned on text (X-Omni's English decoder) take the rollouts' prompts as well
+        self.decoder_takes_prompts = "prompts" in inspect.signature(self.decoder.__call__).parameters
         self.specs = reward_specs
         self.rewards = [instantiate(spec["scorer"]) for spec in reward_specs]
 
     def score(self, job: RewardJob) -> ChunkResult:
         started = time.perf_counter()
-        images = self.decoder(job.codes, job.grid, job.decode_seeds)  # uint8 [n, H, W, 3]
+        extra = {"prompts": job.prompts} if self.decoder_takes_prompts else {}
+        images = self.decoder(job.codes, job.grid, job.decode_seeds, **extra)  # uint8 [n, H, W, 3]
         n = len(job.prompts)
         scores = np.full((n, len(self.rewards)), np.nan, dtype=np.float32)  # [n, K]
         info: dict[str, float] = {}

@@ -113,3 +113,28 @@ def test_the_demo_recipe_learns(tmp_path):
     totals = [row["reward/total/mean"] for row in read_metrics(tmp_path / "metrics.jsonl")]
     first, last = sum(totals[:10]) / 10, sum(totals[-10:]) / 10
     assert last - first >= 0.25, (first, last)
+
+
+def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path):
+    from grpo_image.config import load_recipe
+    from grpo_image.policies.lora import LoraWeights, load_initial_weights
+
+    assert run(tmp_path / "en", "steps=1", "train.mode=lora", "train.lr=5e-2") == 0
+    checkpoint = tmp_path / "en" / "checkpoints" / "step_000001"
+    # the adapter-enabled model of the first run ...
+    cfg = load_recipe(RECIPE, [*SMALL, "train.mode=lora"])
+    trained = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0)
+    weights = LoraWeights(trained, 16, 32, 0.0, list(cfg.train.lora.target_modules))
+    weights.load(checkpoint / "policy")
+    # ... equals the merged starting point of the next one
+    merged = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0)
+    load_initial_weights(merged, checkpoint)
+    ids = torch.tensor([trained.encode(["a red square"])[0]])
+    with torch.no_grad():
+        want, base = trained.model(input_ids=ids).logits, None
+        with weights.reference():
+            base = trained.model(input_ids=ids).logits
+        got = merged.model(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3  # the adapter did change the model
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert run(tmp_path / "zh", "steps=1", f"train.init_from={checkpoint}") == 0

@@ -93,6 +93,26 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return set(tied) if model.config.tie_word_embeddings else set()
 
 
+def load_initial_weights(policy: CausalLMPolicy, folder: str | Path) -> None:
+    """Start from a previous run's weights (`train.init_from`): a checkpoint folder, or its `policy/` folder.
+
+    An adapter is merged into the base weights, so that this run's reference (adapters disabled, or the frozen
+    copy) is the model it starts from, as when a Chinese RL stage continues from an English RL checkpoint. Full
+    weights are loaded in place (a sharded full checkpoint: point `policy.path` at it instead).
+    """
+    folder = Path(folder)
+    folder = folder / "policy" if (folder / "policy").is_dir() else folder
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        policy.model = PeftModel.from_pretrained(policy.model, folder).merge_and_unload()
+        policy.model.requires_grad_(True)  # peft froze the base while the adapter was attached
+    elif (folder / FULL_WEIGHTS_FILE).is_file():
+        FullWeights(policy, keep_reference=False).load(folder)
+    else:
+        raise FileNotFoundError(f"train.init_from: {folder} holds neither a LoRA adapter nor {FULL_WEIGHTS_FILE}")
+
+
 def make_weights(policy: CausalLMPolicy, train_cfg) -> LoraWeights | FullWeights:
     """Build the recipe's training mode (`train.mode`: lora or full) around the policy."""
     if train_cfg.mode == "lora":
