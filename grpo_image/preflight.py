@@ -53,6 +53,8 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("steps", "save_every", "train.inner_epochs", "train.max_bad_steps", "train.logprob_chunk"):
         if OmegaConf.select(cfg, key) < 1:
             raise RecipeError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.micro_batch_size < 0:
+        raise RecipeError(f"train.micro_batch_size must be >= 0 (0: the whole minibatch), got {cfg.train.micro_batch_size}")
     _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
     _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
     _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)

@@ -70,6 +70,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     if cfg.train.init_from:
         load_initial_weights(policy, cfg.train.init_from)
     weights = make_weights(policy, cfg.train)
+    if cfg.train.gradient_checkpointing:  # recompute each layer in the backward pass: far less activation memory
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(
         weights.trainable_parameters(),
         lr=cfg.train.lr,
@@ -265,27 +267,36 @@ def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tenso
 
 
 def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages) -> dict[str, float]:
+    """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update."""
     cfg, policy = trainer.cfg.train, trainer.policy
     n = len(prompts)
     size = n // cfg.minibatches
+    micro = cfg.micro_batch_size or size
     params = trainer.weights.trainable_parameters()
     totals: dict[str, list[float]] = {}
     policy.model.train()
     for epoch in range(cfg.inner_epochs):
         order = minibatch_order(trainer.cfg.seed, step, epoch, n)  # [N]
-        for rows in order.split(size):
-            logprobs = teacher_forced_logprobs(
-                policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
-            )  # [n_mb, L]
-            loss, stats = grpo_loss(
-                logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
-                advantages[rows], cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
-            )
+        for minibatch in order.split(size):
             trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            stats: dict[str, float] = {}
+            finite = True
+            for rows in minibatch.split(micro):
+                share = len(rows) / len(minibatch)  # token mean over the minibatch: equal L, so weight by rows
+                logprobs = teacher_forced_logprobs(
+                    policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
+                )  # [n_micro, L]
+                loss, micro_stats = grpo_loss(
+                    logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
+                    advantages[rows], cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
+                )
+                finite = finite and bool(torch.isfinite(loss))
+                (loss * share).backward()
+                for key, value in micro_stats.items():
+                    stats[key] = stats.get(key, 0.0) + share * value
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             stats["grad_norm"] = float(grad_norm)
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            finite = finite and bool(torch.isfinite(grad_norm))
             if finite:
                 trainer.optimizer.step()
             else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update

@@ -138,3 +138,15 @@ def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path)
     assert (want - base).abs().max() > 1e-3  # the adapter did change the model
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert run(tmp_path / "zh", "steps=1", f"train.init_from={checkpoint}") == 0
+
+
+def test_micro_batches_and_gradient_checkpointing_give_the_same_update(tmp_path):
+    # one minibatch of 8 rollouts as one forward/backward, as 4 micro-batches of 2, and with checkpointing
+    runs = {"whole": [], "micro": ["train.micro_batch_size=2"], "ckpt": ["train.micro_batch_size=4", "train.gradient_checkpointing=true"]}
+    weights = {}
+    for name, extra in runs.items():
+        assert run(tmp_path / name, "steps=1", "train.minibatches=1", *extra) == 0
+        weights[name] = load_file(tmp_path / name / "checkpoints" / "step_000001" / "policy" / "model.safetensors")
+    for name in ("micro", "ckpt"):
+        for key, value in weights["whole"].items():
+            torch.testing.assert_close(weights[name][key], value, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
