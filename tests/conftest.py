@@ -2,6 +2,8 @@
 
 import pytest
 
+import grpo_image  # noqa: F401  first, so that torchvision (vision extra) imports on a CPU torch; see its compat module
+
 
 @pytest.fixture(scope="session")
 def ray_session():

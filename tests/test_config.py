@@ -8,7 +8,6 @@ from grpo_image.config import RecipeError, instantiate, load_recipe, reward_spec
 from grpo_image.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -117,13 +116,6 @@ def test_reward_specs_fill_in_weight_and_required(tmp_path):
     (spec,) = reward_specs(load_recipe(write(tmp_path, text)))
     assert spec == {"name": "j", "weight": 1.0, "required": True,
                     "scorer": {"_component_": "rewards.jpeg.JPEGCompressibility", "quality": 50}}
-
-
-def test_every_recipe_validates(monkeypatch):
-    monkeypatch.chdir(REPO)  # recipes name prompt sets relative to the repository
-    assert len(RECIPES) == 1, [path.name for path in RECIPES]  # update when a recipe is added
-    for path in RECIPES:
-        assert preflight(load_recipe(path)) >= 4, path.name  # policy, decoder and at least two rewards
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,132 @@
+"""Each real recipe runs one GRPO step through the CLI, its model paths overridden to tiny models of its family.
+
+Same code path as a real run, tiny weights: a saved tiny X-Omni (with the X-Omni tokenizer layout) and the tiny
+X-Omni decoder parts saved by X-Omni's own code, a saved tiny Janus-Pro, a tiny HPS checkpoint in the real format,
+rapidocr for real, and one chat-completions server on 127.0.0.1 standing in for the UnifiedReward and VLM judges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from grpo_image.cli import main
+from grpo_image.logging import read_metrics
+from tests.rewards_servers import ChatServer, Reply, completion
+
+REPO = Path(__file__).resolve().parents[1]
+DECODER_PARTS = REPO.parent / "shared" / "data" / "xomni_tiny_decoder_reference"
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+PROMPTS = [("a shop sign that says OPEN", "OPEN"), ("一块写着开业的招牌", "开业")]
+ONE_STEP = ["steps=1", "data.batch_size=2", "data.group_size=2", "train.minibatches=1", "sample_every=1",
+            "workers.backend=inprocess", "workers.prefetch=false", "train.logprob_chunk=4", "logging.num_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Every tiny model and file the recipes point at, built once."""
+    root = tmp_path_factory.mktemp("family")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "metadata": {"text": t}}, ensure_ascii=False) + "\n"
+                               for p, t in PROMPTS))
+    from grpo_image.policies.janus import tiny_janus_policy
+    from grpo_image.policies.lora import LoraWeights
+    from grpo_image.policies.xomni import tiny_xomni_policy
+
+    xomni = tiny_xomni_policy(grid=(2, 3), image_vocab_size=64)  # the decoder parts' codebook has 64 codes
+    xomni.save_pretrained(root / "xomni")
+    adapter = LoraWeights(tiny_xomni_policy(grid=(2, 3), image_vocab_size=64), 4, 8, 0.0, ["q_proj", "v_proj"])
+    for name, param in adapter.policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # a non-trivial English-stage adapter to continue from
+    adapter.save(root / "en_adapter")
+    tiny_janus_policy().save_pretrained(root / "janus")
+    (root / "clip").mkdir()
+    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    hps_model = f"local-dir:{root / 'clip'}"
+    torch.save({"state_dict": open_clip.create_model(hps_model).state_dict()}, root / "HPS_v2.1_compressed.pt")
+    from grpo_image.decoders.xomni_flux import PrecomputedPromptEmbeds, save_prompt_embeds
+
+    texts = [p for p, _ in PROMPTS] + [""]
+    generator = torch.Generator().manual_seed(0)
+    table = PrecomputedPromptEmbeds(texts, torch.randn(3, 7, 32, generator=generator), torch.randn(3, 32, generator=generator))
+    save_prompt_embeds(root / "embeds.safetensors", texts[:2], table, batch_size=2)
+    return root, hps_model
+
+
+def reply(seen, hit) -> Reply:
+    """A judge that gives every image 4 out of 5 and says "Yes" with probability 0.9."""
+    return Reply(completion("Final Score: 4", logprobs=[("Yes", math.log(0.9)), ("No", math.log(0.1))]))
+
+
+def xomni_decoder(root: Path, variant: str) -> list[str]:
+    return [
+        "decoder.xomni_path=null", "decoder.flux_path=null",
+        f"decoder.projector={DECODER_PARTS / 'projector.safetensors'}",
+        f"decoder.transformer={DECODER_PARTS / f'transformer_{variant}'}",
+        f"decoder.vae={DECODER_PARTS / 'vae'}", f"decoder.scheduler={DECODER_PARTS / 'scheduler'}",
+        "decoder.num_inference_steps=2", "decoder.cfg_scale=3.0", "decoder.dtype=float32", "decoder.device=cpu",
+        *([f"decoder.text_encoder={root / 'embeds.safetensors'}"] if variant == "en" else []),
+    ]
+
+
+def overrides(recipe: str, root: Path, hps_model: str, url: str) -> list[str]:
+    hps = [f"rewards.{{hps}}.scorer.checkpoint={root / 'HPS_v2.1_compressed.pt'}", f"rewards.{{hps}}.scorer.model_name={hps_model}"]
+    xomni_policy = [f"policy.path={root / 'xomni'}", "policy.height=32", "policy.width=48", "policy.dtype=float32"]
+    if recipe.startswith("xomni_en"):
+        order = {"hps": 0, "unified": 1, "alignment": 2}
+        return [*xomni_policy, *xomni_decoder(root, "en"), *[h.format(**order) for h in hps],
+                f"rewards.1.scorer.base_url={url}", f"rewards.2.scorer.base_url={url}"]
+    if recipe == "xomni_zh_stage":
+        return [*xomni_policy, *xomni_decoder(root, "zh"), f"train.init_from={root / 'en_adapter'}",
+                *[h.format(hps=1) for h in hps], f"rewards.2.scorer.base_url={url}"]
+    return [f"policy.path={root / 'janus'}", "policy.dtype=float32", f"decoder.path_or_model={root / 'janus'}",
+            *[h.format(hps=0) for h in hps], f"rewards.1.scorer.base_url={url}"]
+
+
+FAMILY_RECIPES = ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "janus_pro_7b"]
+
+
+@pytest.mark.skipif(not DECODER_PARTS.is_dir(), reason=f"the tiny X-Omni decoder parts are not at {DECODER_PARTS}")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("recipe", FAMILY_RECIPES)
+def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mode):
+    root, hps_model = assets
+    with ChatServer(reply) as server:
+        code = main(["train", str(REPO / "recipes" / f"{recipe}.yaml"), *ONE_STEP, f"train.mode={mode}",
+                     f"data.prompts={root / 'prompts.jsonl'}", f"output_dir={tmp_path}",
+                     *overrides(recipe, root, hps_model, server.base_url)])
+    assert code == 0
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    for key, value in row.items():
+        if key.startswith(("reward/", "train/", "adv/")) and not key.endswith(("/nan", "/std")):
+            assert value is not None and math.isfinite(value), (key, row)
+    if "reward/unified/mean" in row:
+        assert row["reward/unified/mean"] == pytest.approx(0.8)  # "Final Score: 4" / 5
+    if "reward/alignment/mean" in row:
+        assert row["reward/alignment/mean"] == pytest.approx(0.9, abs=1e-6)  # P("Yes")
+    assert (tmp_path / "samples" / "step_000001.png").is_file()
+    saved = tmp_path / "checkpoints" / "step_000001" / "policy"
+    assert (saved / ("adapter_model.safetensors" if mode == "lora" else "config.json")).is_file()
+
+
+@pytest.mark.skipif(not DECODER_PARTS.is_dir(), reason=f"the tiny X-Omni decoder parts are not at {DECODER_PARTS}")
+def test_every_recipe_validates_with_its_own_prompt_set(assets, monkeypatch, capsys):
+    """`grpo-image validate` on every recipe in recipes/, model paths pointed at the tiny models."""
+    root, hps_model = assets
+    monkeypatch.chdir(REPO)  # recipes name their prompt sets relative to the repository
+    recipes = sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
+    assert recipes == sorted(["tiny_cpu", *FAMILY_RECIPES])  # update when a recipe is added
+    for recipe in recipes:
+        extra = [] if recipe == "tiny_cpu" else overrides(recipe, root, hps_model, "http://127.0.0.1:9/v1")
+        assert main(["validate", f"recipes/{recipe}.yaml", *extra]) == 0, capsys.readouterr().err
+        assert "components checked" in capsys.readouterr().out
