@@ -149,7 +149,8 @@ def _apply_override(cfg: DictConfig, item: str) -> None:
         raise RecipeError(f"override '{item}' is not of the form key=value")
     value = OmegaConf.from_dotlist([f"_={raw}"])["_"]
     try:
-        OmegaConf.update(cfg, key, value, merge=True)
+        # a new component replaces the old one whole: its arguments are not the old component's
+        OmegaConf.update(cfg, key, value, merge=not is_component(value))
     except OmegaConfBaseException as err:
         parent_key, _, _ = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg

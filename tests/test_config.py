@@ -132,3 +132,9 @@ def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message)
     monkeypatch.chdir(REPO)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         preflight(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override]))
+
+
+def test_a_component_given_as_an_override_replaces_the_old_one_whole(tmp_path):
+    recipe = write(tmp_path, "decoder:\n  _component_: grpo_image.decoders.palette.PaletteDecoder\n  patch_size: 2\n")
+    cfg = load_recipe(recipe, ["decoder={_component_: fractions.Fraction, numerator: 3}"])
+    assert dict(cfg.decoder) == {"_component_": "fractions.Fraction", "numerator": 3}  # no patch_size left over

@@ -196,3 +196,17 @@ def test_a_required_ocr_reward_refuses_prompts_without_target_text(tmp_path, cap
     assert "prompt 3 ('a quiet street'): required reward 'ocr' cannot score it: it has no target text" in capsys.readouterr().err
     optional = "rewards=[{name: ocr, required: false, scorer: {_component_: rewards.ocr.OCR}}]"
     assert main(["validate", RECIPE, *SMALL, f"data.prompts={prompts}", optional]) == 0  # optional: scored NaN
+
+
+def test_a_judge_server_that_is_down_is_retried_then_stops_the_run_cleanly(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port on this machine that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    judge = ("rewards=[{name: judge, scorer: {_component_: rewards.unified_reward.UnifiedReward, "
+             f"base_url: 'http://127.0.0.1:{port}/v1', max_retries: 2, backoff: 0.01, timeout: 2}}}}]")
+    assert main(["train", RECIPE, *SMALL, "steps=2", judge, f"output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "step 1 failed: required reward 'judge' failed on sample 0" in err
+    assert "no step had completed, so there is nothing to resume" in err
