@@ -2,6 +2,10 @@
 
     grpo-image train RECIPE [key=value ...]      run (or, with resume=DIR, continue) a recipe
     grpo-image validate RECIPE [key=value ...]   check a recipe without loading any weight
+    grpo-image sample RECIPE [key=value ...] --prompts FILE --out DIR [--checkpoint CKPT] [--n 4]
+    grpo-image eval [RECIPE [key=value ...]] --prompts FILE | --longtext FILE ... [--checkpoint CKPT]
+                    [--compare CKPT|base] [--seeds S ...] [--images DIR ...]
+    grpo-image ablate RECIPE [key=value ...] --grid FILE [--out DIR]
 
 A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
 code 2. A run that stops cleanly (a required reward that keeps failing, repeated non-finite updates) checkpoints
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from grpo_image.checkpoint import CheckpointError
 from grpo_image.config import RecipeError, load_recipe
@@ -23,23 +28,82 @@ USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grpo-image", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run a recipe"), ("validate", "check a recipe without loading weights")):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("recipe", help="a recipe YAML file, e.g. recipes/tiny_cpu.yaml")
-        command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 train.lr=1e-4")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     _quiet_libraries()
+    from grpo_image.ablate import AblationError
+    from grpo_image.longtext import TextBenchError
+    from grpo_image.workers import RewardFailure
+
     try:
+        if args.command not in ("train", "validate"):
+            return {"sample": _sample, "eval": _eval, "ablate": _ablate}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
         checked = preflight(cfg)
-    except USAGE_ERRORS as err:
+    except (*USAGE_ERRORS, TextBenchError, AblationError) as err:
         print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
         return 2
+    except RewardFailure as err:  # a required reward failed while eval scored images
+        print(f"grpo-image: {err}", file=sys.stderr)
+        return 1
     if args.command == "validate":
         print(f"{args.recipe}: ok ({checked} components checked)")
         return 0
+    return _train(cfg)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo-image", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "run a recipe"), ("validate", "check a recipe without loading weights")):
+        _recipe_arguments(commands.add_parser(name, help=help_text))
+
+    sample = commands.add_parser("sample", help="generate images from the recipe's policy or a checkpoint")
+    _recipe_arguments(sample)
+    sample.add_argument("--prompts", required=True, help="a prompt set (.txt / .jsonl) or a LongText-Bench file")
+    sample.add_argument("--out", required=True, help="folder for {id:04d}_{k}.png and samples.jsonl")
+    _model_arguments(sample)
+    sample.add_argument("--seed", type=int, default=None, help="default: the recipe's seed")
+
+    ev = commands.add_parser("eval", help="score a prompt set; compare two checkpoints; LongText-Bench")
+    _recipe_arguments(ev, optional=True)
+    ev.add_argument("--prompts", help="a prompt set scored with the recipe's rewards")
+    ev.add_argument("--longtext", nargs="+", default=[], metavar="FILE",
+                    help="LongText-Bench files (or prompt sets with metadata text) scored for text accuracy")
+    _model_arguments(ev)
+    ev.add_argument("--compare", metavar="CKPT|base", help="a second model (the 'before'; base: no checkpoint)")
+    ev.add_argument("--seeds", nargs="+", type=int, help="seeds to repeat the evaluation with (default: the recipe's)")
+    ev.add_argument("--rewards", nargs="+", metavar="NAME|FILE.yaml",
+                    help="score with these of the recipe's rewards, or the rewards: list of a YAML file")
+    ev.add_argument("--images", nargs="+", metavar="DIR",
+                    help="score existing images ({id:04d}_{k}.png) instead of sampling: one folder per prompt file")
+    ev.add_argument("--allow-missing", action="store_true", help="score prompts that have images, skip the rest")
+    ev.add_argument("--ocr", default="rapidocr", choices=("rapidocr", "easyocr", "vlm"), help="text reader")
+    ev.add_argument("--ocr-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine option, repeated for each, e.g. --ocr-option base_url=http://localhost:8000/v1")
+    ev.add_argument("--ocr-config", metavar="FILE.yaml", help="a component node building the reader instead")
+    ev.add_argument("--report-prompts", type=int, default=12, help="prompts shown with their images in the reports")
+    ev.add_argument("--out", help="output folder (default: OUTPUT_DIR/eval of the recipe, or ./eval)")
+
+    ablate = commands.add_parser("ablate", help="train a grid of reward weights and compare the runs")
+    _recipe_arguments(ablate)
+    ablate.add_argument("--grid", required=True, help="YAML grid of reward weights (see docs/evaluation.md)")
+    ablate.add_argument("--out", help="output folder (default: OUTPUT_DIR_ablation of the recipe)")
+    return parser
+
+
+def _recipe_arguments(command: argparse.ArgumentParser, optional: bool = False) -> None:
+    command.add_argument("recipe", nargs="?" if optional else None,
+                         help="a recipe YAML file, e.g. recipes/tiny_cpu.yaml")
+    command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 train.lr=1e-4")
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--checkpoint", help="a run folder, checkpoint folder or adapter folder (default: base)")
+    command.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    command.add_argument("--batch-size", type=int, default=16, help="images sampled and scored per batch")
+
+
+def _train(cfg) -> int:
     from grpo_image.train import TrainingStopped, train
 
     try:
@@ -48,6 +112,77 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpo-image: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sample(args) -> int:
+    from grpo_image.config import validate_components
+    from grpo_image.generate import sample
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    validate_components(cfg.policy, "policy")
+    validate_components(cfg.decoder, "decoder")
+    rows = sample(cfg, args.prompts, args.out, args.checkpoint, args.n, args.seed, args.batch_size)
+    print(f"{len(rows)} images in {args.out} (seeds in {Path(args.out) / 'samples.jsonl'})")
+    return 0
+
+
+def _eval(args) -> int:
+    from grpo_image.evaluate import evaluate, prompt_sets
+    from grpo_image.longtext import build_reader
+
+    if args.recipe is None and args.overrides:
+        raise RecipeError(f"overrides {args.overrides} given without a recipe")
+    cfg = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    out = Path(args.out or (Path(cfg.output_dir) / "eval" if cfg is not None else "eval"))
+    sets = prompt_sets(args.prompts, args.longtext)
+    reader = None
+    if args.longtext:
+        node = _yaml_node(args.ocr_config) if args.ocr_config else None
+        reader = build_reader(args.ocr, _options(args.ocr_option), node)
+    result = evaluate(
+        cfg, sets, out, args.checkpoint, args.compare, args.n, args.seeds, args.batch_size, args.rewards,
+        args.images, reader, args.allow_missing, args.report_prompts, args.recipe,
+    )
+    for label, summary in result["summary"].items():
+        shown = "  ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items()
+                          if v["mean"] is not None and not k.endswith("/nan") and k.count("/") < 2)
+        print(f"{label}: {shown}")
+    for key, entry in (result["comparison"] or {}).items():
+        if key.count("/") < 2 and entry["delta"] is not None:
+            spread = "" if entry["delta_std"] is None else f" ± {entry['delta_std']:.4f} across seeds"
+            print(f"delta {key}: {entry['delta']:+.4f}{spread}")
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'report.html'}")
+    return 0
+
+
+def _ablate(args) -> int:
+    from grpo_image.ablate import ablate
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out or f"{cfg.output_dir}_ablation")
+    result = ablate(args.recipe, args.overrides, args.grid, out)
+    print(f"{len(result['runs'])} runs; table {result['table']}; plots in {out / 'plots'}")
+    return 0
+
+
+def _options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--ocr-option {item!r} is not of the form key=value")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _yaml_node(path: str) -> dict:
+    from omegaconf import OmegaConf
+
+    if not Path(path).is_file():
+        raise RecipeError(f"{path}: --ocr-config file not found")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,110 @@
+"""Folders of generated images: how they are named, found, read and written, and a progress bar for the work.
+
+One naming scheme for every folder this project writes or reads: image k (1-based) of prompt `id` is
+`{id:04d}_{k}.png`, LongText-Bench's layout (`0000_1.png` ... `0199_4.png`). A prompt's id is its `prompt_id` in
+a LongText-format file and its 0-based line index among the prompts of any other prompt set. Folders written by
+other tools are read leniently, as the benchmark's own scorer reads them: `<int>_<anything>.<ext>` and
+`<int>.<ext>` both belong to prompt `<int>`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_NAME = re.compile(r"^(\d+)(?:_(.*))?$")
+
+
+def image_name(prompt_id: int, k: int) -> str:
+    """The file name of image k (1-based) of a prompt: image_name(7, 2) == '0007_2.png'."""
+    if k < 1:
+        raise ValueError(f"image numbers start at 1, got k={k}")
+    return f"{prompt_id:04d}_{k}.png"
+
+
+def find_images(folder: str | Path, ids: list[int]) -> tuple[dict[int, list[Path]], list[Path]]:
+    """The images of each prompt id in a folder, and the image files that belong to no id in `ids`.
+
+    Files of one prompt are ordered by their number when the part after `_` is one (`0003_2` before `0003_10`),
+    then by name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder not found")
+    wanted = set(ids)
+    found: dict[int, list[Path]] = {i: [] for i in ids}
+    unmatched: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        match = _NAME.match(path.stem)
+        if match is None or int(match.group(1)) not in wanted:
+            unmatched.append(path)
+            continue
+        found[int(match.group(1))].append(path)
+    for paths in found.values():
+        paths.sort(key=lambda p: (_number(p), p.name))
+    return found, unmatched
+
+
+def _number(path: Path) -> int:
+    rest = _NAME.match(path.stem).group(2)
+    return int(rest) if rest is not None and rest.isdigit() else -1
+
+
+def image_batches(paths: list[Path], batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first, uint8 RGB [b, H, W, 3]) over consecutive files, at most `batch_size` a batch.
+
+    A batch is one array, so a file of another size than the previous one (folders made by other tools may mix
+    sizes) starts a new batch.
+    """
+    start, batch = 0, []
+    for index, path in enumerate(paths):
+        image = np.asarray(Image.open(path).convert("RGB"))  # uint8 [H, W, 3]
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield start, np.stack(batch)
+            start, batch = index, []
+        batch.append(image)
+    if batch:
+        yield start, np.stack(batch)
+
+
+def save_images(images: np.ndarray, paths: list[Path]) -> None:
+    """Write uint8 RGB [n, H, W, 3] as PNG files (lossless: a saved image scores as the one in memory)."""
+    for image, path in zip(images, paths):
+        Image.fromarray(image).save(path)
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar for `total` items: a live bar on a terminal, a plain line every 10% otherwise.
+
+    Yields `advance(k)`, to call as items complete.
+    """
+    if sys.stdout.isatty():
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        with Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn()) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda k: bar.advance(task, k)
+        return
+    started, done, every = time.perf_counter(), 0, max(1, total // 10)
+
+    def advance(k: int) -> None:
+        nonlocal done
+        before, done = done, done + k
+        if done // every != before // every or done == total:
+            print(f"{label}: {done}/{total} ({time.perf_counter() - started:.1f} s)", flush=True)
+
+    yield advance
