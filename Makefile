@@ -8,9 +8,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.install-stamp
 TEST_STAMP := $(VENV)/.install-test-stamp
 # Fonts the OCR tests render text with (Latin and Chinese); installed once, as root, through apt.
+# (When both the fonts and Chromium are missing, apt-get update runs twice; each install is skipped once present.)
 FONTS := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: install install-test fonts demo test clean
+.PHONY: install install-test fonts chromium demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +24,14 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(STAMP)
 
-install-test: $(TEST_STAMP) fonts
+install-test: $(TEST_STAMP) fonts chromium
 
 fonts:
 	@for f in $(FONTS); do test -f $$f || { apt-get update -qq && apt-get install -y -qq fonts-dejavu-core fonts-wqy-microhei >/dev/null; break; }; done
+
+# Debian's Chromium renders the HTML evaluation report in a test (headless, offline).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 demo: install
 	$(VENV)/bin/grpo-image train recipes/tiny_cpu.yaml

@@ -30,7 +30,7 @@ from grpo_image.generate import generate_images, load_policy, load_prompt_set
 from grpo_image.image_files import find_images, image_batches, progress
 from grpo_image.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
 from grpo_image.types import PromptRecord
-from grpo_image.workers import RewardJob, RewardWorker  # the trainer's reward rules
+from grpo_image.workers import score_images  # the trainer's reward rules
 
 
 @dataclass
@@ -84,14 +84,8 @@ def score_rewards(specs: list[dict], rewards: list, items, folder: Path, batch_s
         for start, images in image_batches([path for _, _, path in jobs], batch_size):  # uint8 [b, H, W, 3]
             b = len(images)
             batch = jobs[start : start + b]
-            job = RewardJob(codes=np.zeros((b, 0), np.int64), grid=(0, 0), prompts=[r.prompt for _, r, _ in batch],
-                            metadata=[r.metadata for _, r, _ in batch], decode_seeds=np.zeros(b, np.int64),
-                            first_row=start, thumbnail_rows=[])  # images, not codes: only prompts/metadata are read
-            scores = np.full((b, len(specs)), np.nan, dtype=np.float32)  # [b, K]
-            for k, (spec, reward) in enumerate(zip(specs, rewards)):
-                output = RewardWorker._run_one(spec, reward, images, job)  # the trainer's rules, not a copy
-                if output is not None:
-                    scores[:, k] = output.scores
+            scores, _ = score_images(specs, rewards, images, [r.prompt for _, r, _ in batch],
+                                     [r.metadata for _, r, _ in batch], first_row=start)  # [b, K], training's rules
             for (prompt_id, _, path), row in zip(batch, scores):
                 total = None if np.isnan(row).all() else float(np.nansum(row * weights))
                 rows.append({"prompt_id": prompt_id, "file": path.name, "total": total,

@@ -24,11 +24,9 @@ from grpo_image.image_files import image_name, progress, save_images
 from grpo_image.longtext import is_longtext_file, read_longtext
 from grpo_image.policies.lora import ADAPTER_FILE, FULL_WEIGHTS_FILE, FullWeights, load_initial_weights
 from grpo_image.sampling import SamplingSettings, sample_codes
-from grpo_image.seeding import derive_seeds
+from grpo_image.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
 from grpo_image.types import PromptRecord
 
-STREAM_EVAL_SAMPLE = 16  # seed streams of images sampled outside training (training uses 0..2 per step)
-STREAM_EVAL_DECODE = 17
 MANIFEST = "samples.jsonl"
 
 

@@ -12,6 +12,8 @@ import torch
 STREAM_SAMPLE = 0  # per-rollout sampling seeds
 STREAM_DECODE = 1  # per-rollout decoder seeds
 STREAM_MINIBATCH = 2  # minibatch order of the update
+STREAM_EVAL_SAMPLE = 16  # images sampled outside training (`sample`, `eval`): (seed, prompt id) instead of (seed, step)
+STREAM_EVAL_DECODE = 17
 
 
 def derive_seeds(seed: int, step: int, stream: int, count: int) -> torch.Tensor:

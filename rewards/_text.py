@@ -23,7 +23,9 @@ from typing import Any, Sequence
 # CJK unified ideographs (with extension A) and compatibility ideographs.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _HAS_CJK = re.compile(f"[{_CJK}]")
-_DROP = re.compile(f"[^{_CJK}a-z0-9\\s]")  # applied after lower-casing
+# Applied after lower-casing: deleted (not replaced by a space), as LongText-Bench's scorer does, so "Single-Use" is
+# one word; accented Latin letters (U+00C0..U+024F) are letters and stay.
+_DROP = re.compile(f"[^{_CJK}a-z0-9\u00c0-\u024f\\s]")
 # Straight double quotes, curly double quotes and CJK corner brackets: how prompts mark the text to render.
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
 
@@ -77,7 +79,7 @@ def edit_reward(recognized: str, target: str | Sequence[str]) -> float:
 
 
 def _units(text: str, chinese: bool) -> Counter[str]:
-    kept = _DROP.sub(" ", normalize(text).lower())
+    kept = _DROP.sub("", normalize(text).lower())
     if chinese:
         return Counter(ch for ch in kept if not ch.isspace())
     return Counter(kept.split())

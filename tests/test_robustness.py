@@ -135,26 +135,28 @@ def cli(out: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "grpo_image.cli", "train", RECIPE, *SMALL, f"output_dir={out}", *overrides]
 
 
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return sum(1 for line in open(path) if line.endswith("\n")) if path.exists() else 0
+
+
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
-    steps = ["steps=8", "save_every=1", "sample_every=0", "logging.tensorboard=false"]
+    steps = ["steps=12", "save_every=1", "sample_every=0", "logging.tensorboard=false"]
     subprocess.run(cli(tmp_path / "straight", *steps), check=True, cwd=REPO, capture_output=True)
     run = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
-    while True:
+    for target in sorted(rng.sample(range(2, 12), 3)):  # kill three times, after these many steps were logged
         resume = [f"resume={run}"] if list((run / "checkpoints").glob("step_*")) else []
         proc = subprocess.Popen(cli(run, *steps, *resume), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 3:
-            time.sleep(rng.uniform(7.0, 12.0))  # start-up takes several seconds; then a step about every 0.2 s
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        break
-    assert kills == 3
+        deadline = time.monotonic() + 300
+        while logged_steps(run) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.15))  # somewhere inside the next step: sampling, update or checkpoint writing
+        assert proc.poll() is None, f"the run ended before it could be killed at step {target}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finish = subprocess.run(cli(run, *steps, f"resume={run}"), cwd=REPO, capture_output=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr.decode()[-2000:]
     assert comparable(read_metrics(run / "metrics.jsonl")) == comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
 
 
