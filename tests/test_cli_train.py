@@ -104,6 +104,7 @@ def test_summary_reports_start_and_end_reward(tmp_path):
     assert summary["reward_start"] == pytest.approx(sum(r["reward/total/mean"] for r in rows) / 2)
 
 
+@pytest.mark.timeout(1200)  # 100 training steps: about a minute alone, several on a busy machine
 def test_the_demo_recipe_learns(tmp_path):
     # The demo recipe at 100 of its 120 steps, otherwise unchanged: the schedule is constant and every draw is
     # seeded by (seed, step), so these are exactly the demo's first 100 steps. Rewards are in [0, 1]

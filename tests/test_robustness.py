@@ -140,6 +140,7 @@ def logged_steps(run: Path) -> int:
     return sum(1 for line in open(path) if line.endswith("\n")) if path.exists() else 0
 
 
+@pytest.mark.timeout(1200)  # five processes start and run; minutes on a busy machine
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     steps = ["steps=12", "save_every=1", "sample_every=0", "logging.tensorboard=false"]
     subprocess.run(cli(tmp_path / "straight", *steps), check=True, cwd=REPO, capture_output=True)
@@ -160,6 +161,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_metrics(tm
     assert comparable(read_metrics(run / "metrics.jsonl")) == comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
 
 
+@pytest.mark.timeout(1200)  # 200 steps in a subprocess
 def test_soak_memory_stays_flat_and_metrics_finite(tmp_path):
     steps = 200
     proc = subprocess.Popen(cli(tmp_path, f"steps={steps}", "save_every=100", "sample_every=50", "keep_checkpoints=1"),
