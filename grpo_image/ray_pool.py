@@ -6,7 +6,9 @@ actor builds its own decoder and rewards from configuration (`RewardWorker`), so
 seeds travel in and only scores and thumbnails travel back.
 
 Faults: a chunk whose actor dies is resubmitted once the actor has restarted; a chunk that runs past
-`timeout_s` gets its actor killed (and restarted) and is resubmitted; after `max_retries` resubmissions of one chunk
+`timeout_s` gets its actor killed (and restarted) and is resubmitted. The clock starts when the actor is ready, not
+when the chunk was queued: a worker that is still importing its libraries or loading its reward models has not
+begun the work, and a timeout spent on that would kill every fresh worker; after `max_retries` resubmissions of one chunk
 the step fails with a message naming the samples. Results are placed by each chunk's first row, never by arrival
 order, so scores cannot come back misaligned with their samples.
 """
@@ -85,6 +87,10 @@ class RayRewardPool:
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0
         )
         self.actors = [actor.remote(decoder_cfg, reward_specs) for _ in range(num_workers)]
+        # Asked before any work is queued, so each answers as soon as its actor is built, never behind a chunk.
+        self._ready_refs = {i: a.__ray_ready__.remote() for i, a in enumerate(self.actors)}
+        self._ready_at: dict[int, float] = {}
+        self._created = time.monotonic()
 
     def submit(self, rollout: Rollout, thumbnail_rows: list[int]) -> PendingBatch:
         """Hand every chunk to an actor (round-robin) and return at once."""
@@ -102,14 +108,17 @@ class RayRewardPool:
         ray = self.ray
         while len(pending.results) < len(pending.chunks):
             waiting = {id(c.ref): i for i, c in enumerate(pending.chunks) if i not in pending.results}
-            refs = [pending.chunks[i].ref for i in waiting.values()]
+            building = {id(ref): actor for actor, ref in self._ready_refs.items()}
+            refs = [pending.chunks[i].ref for i in waiting.values()] + list(self._ready_refs.values())
             ready, _ = ray.wait(refs, num_returns=1, timeout=self._seconds_to_next_deadline(pending, waiting))
             for ref in ready:
-                index = waiting[id(ref)]
-                self._collect(pending, index)
+                if id(ref) in building:
+                    self._mark_ready(building[id(ref)])
+                else:
+                    self._collect(pending, waiting[id(ref)])
             for index in waiting.values():
                 chunk = pending.chunks[index]
-                if index not in pending.results and time.monotonic() - chunk.launched > self.timeout_s:
+                if index not in pending.results and self._overdue(chunk):
                     ray.kill(self.actors[chunk.actor], no_restart=False)
                     self._retry(chunk, f"no result after {self.timeout_s:g} s (workers.timeout_s)")
         jobs = [chunk.job for chunk in pending.chunks]
@@ -124,6 +133,29 @@ class RayRewardPool:
     def _launch(self, chunk: _Chunk) -> None:
         chunk.ref = self.actors[chunk.actor].score.remote(chunk.job)
         chunk.launched = time.monotonic()
+
+    def _mark_ready(self, index: int) -> None:
+        """The actor's first build finished (or failed: a worker that cannot build says why here)."""
+        ref = self._ready_refs.pop(index)
+        try:
+            self.ray.get(ref)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
+            pass  # it died while building and is restarting: its chunk fails and is resubmitted like any other
+        self._ready_at[index] = time.monotonic()
+
+    def _started(self, chunk: _Chunk) -> float | None:
+        """When the chunk's clock started: its launch, or its actor's readiness if that came later."""
+        if chunk.actor not in self._ready_at:
+            return None
+        return max(chunk.launched, self._ready_at[chunk.actor])
+
+    def _overdue(self, chunk: _Chunk) -> bool:
+        now, started = time.monotonic(), self._started(chunk)
+        if started is None:  # still building: bounded by the restart allowance, not by timeout_s
+            if now - self._created > RESTART_TIMEOUT_S:
+                raise RuntimeError(f"reward worker {chunk.actor} was not built within {RESTART_TIMEOUT_S:g} s")
+            return False
+        return now - started > self.timeout_s
 
     def _collect(self, pending: PendingBatch, index: int) -> None:
         ray, chunk = self.ray, pending.chunks[index]
@@ -151,6 +183,8 @@ class RayRewardPool:
         while True:
             try:
                 ray.get(self.actors[index].__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                self._ready_refs.pop(index, None)
+                self._ready_at[index] = time.monotonic()
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
@@ -159,7 +193,10 @@ class RayRewardPool:
 
     def _seconds_to_next_deadline(self, pending: PendingBatch, waiting: dict[int, int]) -> float:
         now = time.monotonic()
-        deadlines = [pending.chunks[i].launched + self.timeout_s - now for i in waiting.values()]
+        starts = [self._started(pending.chunks[i]) for i in waiting.values()]
+        deadlines = [start + self.timeout_s - now for start in starts if start is not None]
+        if len(deadlines) < len(starts):  # a worker is still building: look again soon
+            deadlines.append(1.0)
         return max(0.01, min(deadlines))
 
 
