@@ -32,20 +32,25 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(
     run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int,
-    prefetched: dict[str, torch.Tensor] | None = None,
+    prefetched: dict[str, torch.Tensor] | None = None, writer: bool = True,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all).
 
     `prefetched` holds rollouts already sampled for the next step (workers.prefetch): they were drawn from the
     weights before this step's update, which the checkpoint no longer has, so they are saved to resume exactly.
+    With several processes every rank calls this (sharded weights are gathered) and only the `writer` writes.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
+    optimizer_state = weights.optimizer_state(optimizer)  # gathered from every rank when sharded
+    if not writer:
+        weights.save(None)
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights.save(tmp / "policy")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     if prefetched is not None:
@@ -107,7 +112,7 @@ def load_checkpoint(folder: Path, weights, optimizer, scheduler) -> tuple[int, d
     Returns the step the checkpoint was taken after and the prefetched rollout tensors, if it holds any.
     """
     weights.load(folder / "policy")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    weights.load_optimizer_state(optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     step = int(json.loads((folder / "trainer_state.json").read_text())["step"])

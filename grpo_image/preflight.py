@@ -35,6 +35,7 @@ def preflight(cfg: DictConfig) -> int:
     for where in ("policy", "decoder", "rewards"):
         _check_paths(OmegaConf.to_container(cfg[where], resolve=True), where)
     _check_values(cfg)
+    _check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     records = load_prompts(cfg.data.prompts)
     _check_rewards_can_score(cfg, records)
     if cfg.resume:
@@ -67,6 +68,22 @@ def _check_values(cfg: DictConfig) -> None:
         SamplingSettings.from_config(cfg.sampling)
     except ValueError as err:
         raise RecipeError(str(err)) from err
+
+
+def _check_processes(cfg: DictConfig, world_size: int) -> None:
+    """Whole groups and whole minibatch shares on every rank (see grpo_image/distributed.py); FSDP's needs."""
+    b, n, m = cfg.data.batch_size, cfg.data.batch_size * cfg.data.group_size, cfg.train.minibatches
+    if b % world_size:
+        raise RecipeError(f"data.batch_size ({b}) must be divisible by the {world_size} processes: each holds whole groups")
+    if (n // world_size) % m:
+        raise RecipeError(
+            f"train.minibatches ({m}) must divide the {n // world_size} rollouts of each of the {world_size} processes"
+        )
+    if cfg.train.fsdp and (cfg.train.mode != "full" or world_size < 2):
+        raise RecipeError(
+            f"train.fsdp shards full fine-tuning over several processes: it needs train.mode: full (got "
+            f"{cfg.train.mode}) and a launch with 2 or more processes (got {world_size}); LoRA uses DDP without it"
+        )
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -6,6 +6,8 @@ step s are a pure function of the recipe's seed and s. Streams separate independ
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -22,7 +24,29 @@ def derive_seeds(seed: int, step: int, stream: int, count: int) -> torch.Tensor:
     return torch.from_numpy((words >> np.uint64(1)).astype(np.int64))
 
 
-def minibatch_order(seed: int, step: int, epoch: int, count: int) -> torch.Tensor:
-    """A seeded permutation of the N rollouts for one inner epoch: int64 [N]."""
-    rng = np.random.default_rng([seed, step, STREAM_MINIBATCH, epoch])
-    return torch.from_numpy(rng.permutation(count))
+def minibatch_order(
+    seed: int, step: int, epoch: int, group_size: int, minibatches: int, first_row: int, count: int
+) -> torch.Tensor:
+    """Rows first_row .. first_row+count-1 of the batch, ordered minibatch after minibatch: int64 [count] of
+    indices relative to first_row; `order.split(count // minibatches)` gives this range's part of each minibatch.
+
+    The batch is cut into blocks of whole groups, each the fewest rows (lcm(G, M)) that split evenly into the M
+    minibatches; a seeded permutation of each block deals its rows out, block/M to every minibatch. A block's draw
+    depends on (seed, step, epoch, block index) only, so a rank holding rows a..b of the batch computes exactly
+    its rows of the minibatches one process would use, and every rank holds the same number of them (which is
+    what makes averaging gradients over ranks equal the single-process minibatch mean).
+    """
+    block = math.lcm(group_size, minibatches)
+    if first_row % block or count % block:
+        raise ValueError(
+            f"rows {first_row}..{first_row + count - 1} are not whole blocks of lcm(G={group_size}, "
+            f"minibatches={minibatches}) = {block} rows"
+        )
+    perms = np.stack([
+        np.random.default_rng([seed, step, STREAM_MINIBATCH, epoch, start // block]).permutation(block)
+        + (start - first_row)
+        for start in range(first_row, first_row + count, block)
+    ])  # [count / block, block]
+    share = block // minibatches
+    order = perms.reshape(len(perms), minibatches, share).transpose(1, 0, 2).reshape(-1)  # [count]
+    return torch.from_numpy(order)

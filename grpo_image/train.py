@@ -26,6 +26,10 @@ from grpo_image.advantages import group_advantages
 from grpo_image.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from grpo_image.config import instantiate, reward_specs
 from grpo_image.data import GroupSampler, load_prompts
+from grpo_image.distributed import (
+    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
+    join_world, leave_world, mean_over_ranks,
+)
 from grpo_image.logging import RunLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
@@ -52,14 +56,15 @@ class Trainer:
     reward_names: list[str]
     reward_weights: list[float]
     start_step: int
+    world: World = World()
     prefetched: tuple[int, Rollout, object] | None = None  # (step, rollout, pending rewards) sampled a step early
 
 
-def build_trainer(cfg: DictConfig) -> Trainer:
+def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     from transformers import get_scheduler
 
     records = load_prompts(cfg.data.prompts)
-    sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed)
+    sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed, world.rank, world.size)
     if (cfg.data.batch_size * cfg.data.group_size) % cfg.train.minibatches:
         raise ValueError(
             f"train.minibatches ({cfg.train.minibatches}) must divide N = data.batch_size * data.group_size "
@@ -69,7 +74,12 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     policy = instantiate(cfg.policy)
     if cfg.train.init_from:
         load_initial_weights(policy, cfg.train.init_from)
-    weights = make_weights(policy, cfg.train)
+    if cfg.train.fsdp:
+        from grpo_image.fsdp import ShardedFullWeights
+
+        weights = ShardedFullWeights(policy, keep_reference=cfg.train.beta > 0)
+    else:
+        weights = make_weights(policy, cfg.train)
     if cfg.train.gradient_checkpointing:  # recompute each layer in the backward pass: far less activation memory
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(
@@ -77,6 +87,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         lr=cfg.train.lr,
         betas=tuple(cfg.train.adam_betas),
         weight_decay=cfg.train.weight_decay,
+        foreach=False if cfg.train.fsdp else None,  # sharded and whole parameters cannot share one foreach kernel
     )
     scheduler = get_scheduler(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
@@ -97,10 +108,12 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         reward_names=[spec["name"] for spec in specs],
         reward_weights=[spec["weight"] for spec in specs],
         start_step=start_step,
+        world=world,
     )
     if prefetched_codes is not None:  # the checkpoint holds rollouts sampled for the next step: score them again
         step = start_step + 1
-        rollout = rebuild_rollout(trainer, step, prefetched_codes["codes"], prefetched_codes["old_logprobs"])
+        mine = world.rows(len(prefetched_codes["codes"]))  # saved whole; this rank's rows
+        rollout = rebuild_rollout(trainer, step, prefetched_codes["codes"][mine], prefetched_codes["old_logprobs"][mine])
         trainer.prefetched = (step, rollout, _submit(trainer, step, rollout))
     return trainer
 
@@ -120,12 +133,23 @@ def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRe
 def train(cfg: DictConfig) -> dict:
     """Run the recipe from its first step (or from `resume`) to `steps`; return the run summary."""
     started = time.perf_counter()
-    trainer = build_trainer(cfg)
+    world = join_world()
+    try:
+        return _train(cfg, world, started)
+    finally:
+        leave_world(world)
+
+
+def _train(cfg: DictConfig, world: World, started: float) -> dict:
+    trainer = build_trainer(cfg, world)
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     bad_steps = 0  # steps in a row with a skipped (non-finite) update
-    with RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) as log:
+    logger = RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) if world.is_main \
+        else _SilentLogger()
+    with logger as log:
         for step in range(trainer.start_step + 1, cfg.steps + 1):
             try:
                 metrics, samples = grpo_step(trainer, step)
@@ -142,7 +166,8 @@ def train(cfg: DictConfig) -> dict:
                 _save(trainer, run_dir, step)
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -153,7 +178,7 @@ class TrainingStopped(RuntimeError):
 def _save(trainer: Trainer, run_dir: Path, step: int) -> Path:
     return save_checkpoint(
         run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
-        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, step + 1),
+        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, step + 1), writer=trainer.world.is_main,
     )
 
 
@@ -190,27 +215,30 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         with timer("rollout"):
             upcoming = sample_rollout(trainer, step + 1)
         trainer.prefetched = (step + 1, upcoming, _submit(trainer, step + 1, upcoming))
-    # 5. gather scores [N, K]; the wait is what the overlap did not hide
+    # 5. gather scores [N, K] (from every rank: each holds whole groups); the wait is what the overlap did not hide
     with timer("reward_wait"):
-        scored = trainer.pool.gather(pending)
-    # 6. advantages [N] from scores, weights and groups
+        scored = gather_scored(trainer.world, _gather_or_fail(trainer, pending))
+    # 6. advantages [N] from scores, weights and groups; this rank keeps its rows
     advantages, adv_stats = group_advantages(
         scored.scores, trainer.reward_weights, cfg.data.group_size,
         cfg.advantages.scale, cfg.advantages.aggregation, cfg.advantages.eps,
     )
+    mine = advantages[trainer.world.rows(len(advantages))]  # [N/W]
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
-        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, advantages)
+        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine)
     busy = sum(timer.seconds.values())
     metrics = {
         **_reward_metrics(scored, trainer.reward_weights),
         **scored.info,
-        **train_stats,
+        **mean_over_ranks(trainer.world, {
+            **train_stats,
+            **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
+            "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
+        }),
         "adv/zero_std_frac": adv_stats["zero_std_frac"],
         "adv/abs_mean": float(advantages.abs().mean()),
-        **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
         "time/reward_worker": scored.worker_seconds,
-        "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
     }
     return metrics, _captioned_samples(scored, prompts) if scored.thumbnail_rows else None
 
@@ -219,24 +247,43 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
 def sample_rollout(trainer: Trainer, step: int) -> Rollout:
     """Steps 1-2: draw this step's prompts and sample their code grids with recorded seeds."""
     records, group_ids = trainer.sampler.sample(step)
-    n = len(records)
     trainer.policy.model.eval()
-    sample_seeds = derive_seeds(trainer.cfg.seed, step, STREAM_SAMPLE, n)  # [N]
-    codes, old_logprobs = sample_codes(trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings)
+    sample_seeds = _rank_seeds(trainer, step, STREAM_SAMPLE)  # [N/W]
+    with trainer.weights.rollout_weights():
+        codes, old_logprobs = sample_codes(trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings)
     return Rollout(
-        codes, old_logprobs, group_ids, sample_seeds, derive_seeds(trainer.cfg.seed, step, STREAM_DECODE, n),
-        records, trainer.policy.grid,
+        codes, old_logprobs, group_ids, sample_seeds, _rank_seeds(trainer, step, STREAM_DECODE), records,
+        trainer.policy.grid,
     )
 
 
 def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logprobs: torch.Tensor) -> Rollout:
     """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), codes come from the file."""
     records, group_ids = trainer.sampler.sample(step)
-    n = len(records)
     return Rollout(
-        codes, old_logprobs, group_ids, derive_seeds(trainer.cfg.seed, step, STREAM_SAMPLE, n),
-        derive_seeds(trainer.cfg.seed, step, STREAM_DECODE, n), records, trainer.policy.grid,
+        codes, old_logprobs, group_ids, _rank_seeds(trainer, step, STREAM_SAMPLE),
+        _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
     )
+
+
+def _rank_seeds(trainer: Trainer, step: int, stream: int) -> torch.Tensor:
+    """This rank's rows of the whole batch's seeds: rollout i has the same seed whatever the number of ranks."""
+    n = trainer.cfg.data.batch_size * trainer.cfg.data.group_size
+    return derive_seeds(trainer.cfg.seed, step, stream, n)[trainer.world.rows(n)]  # [N/W]
+
+
+def _gather_or_fail(trainer: Trainer, pending) -> ScoredBatch:
+    """This rank's scores; a reward failure on any rank stops every rank with its message (none waits forever)."""
+    try:
+        scored, failure = trainer.pool.gather(pending), None
+    except (RewardFailure, RuntimeError) as err:
+        if not trainer.world.distributed:
+            raise
+        scored, failure = None, f"{type(err).__name__}: {err}"
+    failures = [f for f in gather_objects(trainer.world, failure) if f is not None]
+    if failures:
+        raise RewardFailure(failures[0])
+    return scored
 
 
 def _submit(trainer: Trainer, step: int, rollout: Rollout):
@@ -245,10 +292,14 @@ def _submit(trainer: Trainer, step: int, rollout: Rollout):
 
 
 def _prefetched_tensors(trainer: Trainer, step: int) -> dict[str, torch.Tensor] | None:
+    """The whole batch's prefetched rollouts (gathered from every rank), so any number of ranks can resume."""
     if trainer.prefetched is None or trainer.prefetched[0] != step:
         return None
-    rollout = trainer.prefetched[1]
-    return {"codes": rollout.codes, "old_logprobs": rollout.old_logprobs}
+    rollout, world = trainer.prefetched[1], trainer.world
+    return {
+        "codes": torch.from_numpy(gather_rows(world, rollout.codes.cpu().numpy())),  # [N, L]
+        "old_logprobs": torch.from_numpy(gather_rows(world, rollout.old_logprobs.cpu().numpy())),  # [N, L]
+    }
 
 
 @torch.no_grad()
@@ -268,7 +319,7 @@ def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tenso
 
 def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages) -> dict[str, float]:
     """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update."""
-    cfg, policy = trainer.cfg.train, trainer.policy
+    cfg, policy, world = trainer.cfg.train, trainer.policy, trainer.world
     n = len(prompts)
     size = n // cfg.minibatches
     micro = cfg.micro_batch_size or size
@@ -276,7 +327,9 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
     totals: dict[str, list[float]] = {}
     policy.model.train()
     for epoch in range(cfg.inner_epochs):
-        order = minibatch_order(trainer.cfg.seed, step, epoch, n)  # [N]
+        order = minibatch_order(  # [N/W]: this rank's rows of each global minibatch, minibatch after minibatch
+            trainer.cfg.seed, step, epoch, trainer.cfg.data.group_size, cfg.minibatches, world.rank * n, n
+        )
         for minibatch in order.split(size):
             trainer.optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = {}
@@ -294,9 +347,10 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
                 (loss * share).backward()
                 for key, value in micro_stats.items():
                     stats[key] = stats.get(key, 0.0) + share * value
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            average_replicated_gradients(world, params)
+            grad_norm = clip_gradients(world, params, cfg.max_grad_norm)
             stats["grad_norm"] = float(grad_norm)
-            finite = finite and bool(torch.isfinite(grad_norm))
+            finite = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
             if finite:
                 trainer.optimizer.step()
             else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update
@@ -352,6 +406,25 @@ def _captioned_samples(scored: ScoredBatch, prompts: list[str]) -> tuple[np.ndar
 
 def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
+
+
+class _SilentLogger:
+    """The logger of ranks other than 0: they compute the same metrics and write nothing."""
+
+    def __enter__(self) -> "_SilentLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        return None
+
+    def log_images(self, *args) -> None:
+        return None
+
+    def finish(self, seconds: float) -> dict:
+        return {}
 
 
 class _Timer:

@@ -94,9 +94,12 @@ class CausalLMPolicy:
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return codes + self.image_token_offset
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the model and tokenizer so that the recipe's loader reads the folder like the original."""
-        self.model.save_pretrained(path)
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """Write the model and tokenizer so that the recipe's loader reads the folder like the original.
+
+        `state_dict`: the weights to write instead of the live model's (e.g. gathered from FSDP shards).
+        """
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
 
 

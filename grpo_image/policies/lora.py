@@ -22,7 +22,38 @@ ADAPTER_FILE = "adapter_model.safetensors"
 FULL_WEIGHTS_FILE = "model.safetensors"
 
 
-class LoraWeights:
+class _TrainedWeights:
+    """What both modes share: optimizer state and the weights the rollouts are sampled with.
+
+    Optimizer state is keyed by parameter name, not position: the same file restores a plain, a DDP or an FSDP
+    optimizer, so a checkpoint resumes with a different number of processes.
+    """
+
+    policy: CausalLMPolicy
+
+    def rollout_weights(self) -> contextlib.AbstractContextManager:
+        """A context in which the policy samples; the weights are whole already (FSDP gathers them here)."""
+        return contextlib.nullcontext()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.policy.model, optimizer, options=whole_state_options())
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.policy.model, optimizer, state, options=whole_state_options())
+
+
+def whole_state_options():
+    """Whole (unsharded) state, gathered to the CPU of rank 0 when sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class LoraWeights(_TrainedWeights):
     """Train peft LoRA adapters on the policy's model; the reference is the base model (adapters off)."""
 
     def __init__(self, policy: CausalLMPolicy, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
@@ -42,9 +73,13 @@ class LoraWeights:
         with self.policy.model.disable_adapter():
             yield self.policy
 
-    def save(self, folder: Path) -> None:
-        """The adapter in peft's standard format (adapter_config.json + adapter_model.safetensors)."""
-        self.policy.model.save_pretrained(folder)
+    def save(self, folder: Path | None) -> None:
+        """The adapter in peft's standard format (adapter_config.json + adapter_model.safetensors).
+
+        None: another rank writes the checkpoint and this one has nothing to contribute.
+        """
+        if folder is not None:
+            self.policy.model.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -55,7 +90,7 @@ class LoraWeights:
             raise ValueError(f"{folder}: the adapter lacks {len(lora_missing)} LoRA tensors, e.g. {lora_missing[0]}")
 
 
-class FullWeights:
+class FullWeights(_TrainedWeights):
     """Train every weight; the reference is a frozen copy made before the first update (none when beta is 0)."""
 
     def __init__(self, policy: CausalLMPolicy, keep_reference: bool):
@@ -75,9 +110,10 @@ class FullWeights:
             raise RuntimeError("no reference model is kept when train.beta is 0")
         yield self.reference_policy
 
-    def save(self, folder: Path) -> None:
-        """The whole model with its tokenizer: the folder loads as a policy checkpoint by itself."""
-        self.policy.save_pretrained(folder)
+    def save(self, folder: Path | None) -> None:
+        """The whole model with its tokenizer: the folder loads as a policy checkpoint by itself (None: see LoRA)."""
+        if folder is not None:
+            self.policy.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
         state = load_file(Path(folder) / FULL_WEIGHTS_FILE)

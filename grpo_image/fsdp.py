@@ -1,0 +1,86 @@
+"""FSDP for full fine-tuning: each decoder layer's weights, gradients and Adam moments are split over the ranks.
+
+What is sharded: every layer of the policy's decoder (the children of each ModuleList named `...layers`), which
+hold nearly all the weights of a 7B policy. Embeddings, final norms and heads stay whole on every rank and their
+gradients are averaged like DDP's (`average_replicated_gradients`): the policy code reads head rows directly
+(`image_logits` slices the image rows), which a sharded parameter would not allow.
+
+The reference for the KL term is a frozen copy sharded the same way, so it costs 1/W of its weights per rank; its
+teacher-forced pass is one forward per minibatch, for which FSDP's gather-one-layer-at-a-time is what we want.
+Sampling is different: hundreds of one-token forwards, and gathering each layer's weights for every one of them
+would spend the rollout on communication, so `gathered` holds the whole weights for the length of the rollout
+(one gather per layer per step) and shards them again afterwards.
+
+Checkpoints hold whole weights and name-keyed optimizer state (gathered on rank 0), so a run saved with W ranks
+resumes with any other number of processes, FSDP or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+from torch import nn
+from safetensors.torch import load_file
+
+from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.policies.lora import FULL_WEIGHTS_FILE, FullWeights, whole_state_options
+
+
+def shard_layers(model: nn.Module) -> list[nn.Module]:
+    """Shard each decoder layer of `model` over the process group; return the sharded layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [
+        layer
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers"
+        for layer in module
+    ]
+    if not layers:
+        raise ValueError("train.fsdp: the policy's model has no decoder layers to shard (no ModuleList named 'layers')")
+    for layer in layers:
+        fully_shard(layer)
+    return layers
+
+
+@contextlib.contextmanager
+def gathered(layers: list[nn.Module]) -> Iterator[None]:
+    """Whole weights in every sharded layer for the duration (no gradients flow: sampling and reference passes)."""
+    for layer in layers:
+        layer.unshard()
+        layer.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True)
+            layer.reshard()
+
+
+class ShardedFullWeights(FullWeights):
+    """FullWeights with the policy's layers (and the reference copy's) sharded by FSDP."""
+
+    def __init__(self, policy: CausalLMPolicy, keep_reference: bool):
+        super().__init__(policy, keep_reference)
+        self.layers = shard_layers(policy.model)
+        self.reference_layers = shard_layers(self.reference_policy.model) if self.reference_policy else []
+
+    def rollout_weights(self) -> contextlib.AbstractContextManager:
+        return gathered(self.layers)
+
+    def save(self, folder: Path | None) -> None:
+        """Gather the whole weights (every rank takes part); the rank given a folder writes them."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.policy.model, options=whole_state_options())
+        if folder is not None:
+            self.policy.save_pretrained(folder, state_dict=state)
+
+    def load(self, folder: Path) -> None:
+        """Every rank reads the whole weights and keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
+        set_model_state_dict(self.policy.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
