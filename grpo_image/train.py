@@ -215,15 +215,11 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         with timer("rollout"):
             upcoming = sample_rollout(trainer, step + 1)
         trainer.prefetched = (step + 1, upcoming, _submit(trainer, step + 1, upcoming))
-    # 5. gather scores [N, K] (from every rank: each holds whole groups); the wait is what the overlap did not hide
+    # 5. gather scores (this rank's [N/W, K]); the wait is what the overlap did not hide
     with timer("reward_wait"):
-        scored = gather_scored(trainer.world, _gather_or_fail(trainer, pending))
-    # 6. advantages [N] from scores, weights and groups; this rank keeps its rows
-    advantages, adv_stats = group_advantages(
-        scored.scores, trainer.reward_weights, cfg.data.group_size,
-        cfg.advantages.scale, cfg.advantages.aggregation, cfg.advantages.eps,
-    )
-    mine = advantages[trainer.world.rows(len(advantages))]  # [N/W]
+        scored = _gather_or_fail(trainer, pending)
+    # 6. advantages [N/W] of this rank's rows, from every rank's scores [N, K], the weights and the groups
+    scored, advantages, mine, adv_stats = rank_advantages(trainer.world, scored, trainer.reward_weights, cfg)
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
         train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine)
@@ -264,6 +260,21 @@ def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logpro
         codes, old_logprobs, group_ids, _rank_seeds(trainer, step, STREAM_SAMPLE),
         _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
     )
+
+
+def rank_advantages(world: World, scored: ScoredBatch, weights: list[float], cfg: DictConfig):
+    """Step 6 on one rank: the whole batch's scores and advantages [N], and this rank's advantages [N/W].
+
+    Every rank gathers all scores and normalises the whole batch (groups never straddle ranks, but
+    `advantages.scale: batch` needs every group), then keeps its own rows. Returns (the whole batch's
+    ScoredBatch, advantages [N], this rank's advantages [N/W], statistics).
+    """
+    whole = gather_scored(world, scored)
+    advantages, stats = group_advantages(
+        whole.scores, weights, cfg.data.group_size, cfg.advantages.scale, cfg.advantages.aggregation,
+        cfg.advantages.eps,
+    )  # [N]
+    return whole, advantages, advantages[world.rows(len(advantages))], stats
 
 
 def _rank_seeds(trainer: Trainer, step: int, stream: int) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Several processes on this machine (gloo): they must compute what one process computes at the same global batch."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from grpo_image.advantages import group_advantages
+from grpo_image.logging import read_metrics
+from grpo_image.policies.tiny import tiny_policy
+from grpo_image.sampling import SamplingSettings, sample_codes
+from grpo_image.seeding import minibatch_order
+from tests import helpers_distributed as helpers
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [  # the demo recipe at test size: N = 4 groups of 4 rollouts of 2 x 2 codes, two minibatches
+    f"data.prompts={REPO / 'prompts' / 'tiny_colors.jsonl'}",
+    "data.batch_size=4", "data.group_size=4", "train.minibatches=2",
+    "policy.hidden_size=32", "policy.num_layers=2", "policy.grid=[2,2]",
+    "save_every=1", "keep_checkpoints=0", "sample_every=0", "logging.tensorboard=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def on_two_ranks(function, tmp_path: Path) -> list[dict]:
+    mp.start_processes(function, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def test_advantages_across_ranks_equal_the_single_process_values(tmp_path):
+    # Hand-derived, scale "batch": the std is over all six raw scores [1,2,3,0,0,3]: mean 1.5, variance 9.5/6.
+    std = np.sqrt(9.5 / 6)
+    expected = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]) / (std + 1e-6)
+    single, _ = group_advantages(helpers.SCORES, [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
+    torch.testing.assert_close(single, expected.float())
+    ranks = on_two_ranks(helpers.rank_advantages_on_rank, tmp_path)
+    torch.testing.assert_close(torch.cat(ranks), single, rtol=0, atol=0)
+    # Rank 1 alone would divide by the std of [0, 0, 3] (sqrt 2): gathering the scores is what makes them equal.
+    alone, _ = group_advantages(helpers.SCORES[3:], [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
+    assert not torch.allclose(alone, ranks[1])
+
+
+def test_fsdp_shards_the_layers_and_samples_with_the_whole_weights(tmp_path):
+    ranks = on_two_ranks(helpers.sharded_policy_on_rank, tmp_path)
+    policy = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0)
+    codes, logprobs = sample_codes(policy, ["red", "blue"], torch.tensor([3, 4]), SamplingSettings(cfg_scale=2.0))
+    for rank in ranks:
+        assert rank["all_dtensor"] and rank["still_sharded"]
+        assert rank["local"] == rank["whole"] // 2  # each rank keeps half of every layer (even row counts here)
+        torch.testing.assert_close(rank["codes"], codes, rtol=0, atol=0)
+        torch.testing.assert_close(rank["logprobs"], logprobs, rtol=1e-5, atol=1e-5)
+
+
+def train(out: Path, processes: int, *overrides: str) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+    command = [*launcher, "-m", "grpo_image.cli", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *SMALL,
+               f"output_dir={out}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def weights_at(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:06d}" / "policy" / name)
+
+
+def assert_same_run(one: Path, two: Path, steps: int, name: str) -> None:
+    a, b = weights_at(one, steps, name), weights_at(two, steps, name)
+    start = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0).model.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5)
+        if key in start or "lora_B" in key:  # the steps moved the weights far more than the tolerance (B starts at 0)
+            assert (a[key] - start.get(key, 0)).abs().max() > 1e-3, key
+    rows_one, rows_two = read_metrics(one / "metrics.jsonl")[:steps], read_metrics(two / "metrics.jsonl")[:steps]
+    assert [r["step"] for r in rows_two] == list(range(1, steps + 1))
+    for key in ("reward/total/mean", "train/loss", "train/kl", "train/grad_norm", "adv/abs_mean"):
+        np.testing.assert_allclose([r[key] for r in rows_two], [r[key] for r in rows_one], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_with_lora_train_like_one(tmp_path):
+    train(tmp_path / "one", 1, "steps=2", "train.mode=lora", "train.lr=1e-2")
+    train(tmp_path / "two", 2, "steps=2", "train.mode=lora", "train.lr=1e-2")
+    assert_same_run(tmp_path / "one", tmp_path / "two", 2, "adapter_model.safetensors")
+    assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 2  # one line a step: rank 0 alone logs
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_full_fine_tuning_trains_like_one_process_and_resumes_on_one(tmp_path):
+    train(tmp_path / "one", 1, "steps=3", "train.mode=full")
+    train(tmp_path / "two", 2, "steps=2", "train.mode=full", "train.fsdp=true")
+    assert_same_run(tmp_path / "one", tmp_path / "two", 2, "model.safetensors")
+    # The two-process checkpoint (whole weights, optimizer state by name) continues in a single process.
+    train(tmp_path / "two", 1, "steps=3", "train.mode=full", f"resume={tmp_path / 'two'}")
+    assert_same_run(tmp_path / "one", tmp_path / "two", 3, "model.safetensors")
+
+
+@pytest.mark.parametrize("group_size, minibatches, count", [(4, 2, 16), (3, 2, 12), (4, 4, 32)])
+def test_each_rank_holds_an_equal_share_of_every_single_process_minibatch(group_size, minibatches, count):
+    whole = minibatch_order(0, 3, 1, group_size, minibatches, 0, count).split(count // minibatches)
+    assert sorted(torch.cat(whole).tolist()) == list(range(count))
+    half = count // 2
+    ranks = [minibatch_order(0, 3, 1, group_size, minibatches, first, half) + first for first in (0, half)]
+    for j, minibatch in enumerate(whole):
+        joined = torch.cat([rows.split(half // minibatches)[j] for rows in ranks])
+        assert sorted(joined.tolist()) == sorted(minibatch.tolist())
+    block = math.lcm(group_size, minibatches)  # every block of whole groups gives each minibatch block / M rows
+    for minibatch in whole:
+        assert (np.bincount(minibatch.numpy() // block) == block // minibatches).all()
