@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from grpo_image.advantages import group_advantages
+from grpo_image.cli import main
 from grpo_image.logging import read_metrics
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.sampling import SamplingSettings, sample_codes
@@ -122,3 +123,15 @@ def test_each_rank_holds_an_equal_share_of_every_single_process_minibatch(group_
     block = math.lcm(group_size, minibatches)  # every block of whole groups gives each minibatch block / M rows
     for minibatch in whole:
         assert (np.bincount(minibatch.numpy() // block) == block // minibatches).all()
+
+
+@pytest.mark.parametrize("world_size, overrides, message", [
+    ("3", [], "data.batch_size (4) must be divisible by the 3 processes"),
+    ("4", ["train.minibatches=8"], "train.minibatches (8) must divide the 4 rollouts of each of the 4 processes"),
+    ("2", ["train.mode=lora", "train.fsdp=true"], "train.fsdp shards full fine-tuning over several processes"),
+    ("1", ["train.mode=full", "train.fsdp=true"], "a launch with 2 or more processes (got 1)"),
+])
+def test_validate_refuses_what_does_not_split_over_the_processes(monkeypatch, capsys, world_size, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert main(["validate", str(REPO / "recipes" / "tiny_cpu.yaml"), *SMALL, *overrides]) == 2
+    assert message in capsys.readouterr().err
