@@ -104,7 +104,9 @@ def test_two_processes_with_lora_train_like_one(tmp_path):
 @pytest.mark.timeout(900)
 def test_fsdp_full_fine_tuning_trains_like_one_process_and_resumes_on_one(tmp_path):
     train(tmp_path / "one", 1, "steps=3", "train.mode=full")
-    train(tmp_path / "two", 2, "steps=2", "train.mode=full", "train.fsdp=true")
+    # with activation checkpointing and micro-batches on the two processes, none of which changes the numbers
+    train(tmp_path / "two", 2, "steps=2", "train.mode=full", "train.fsdp=true", "train.gradient_checkpointing=true",
+          "train.micro_batch_size=2")
     assert_same_run(tmp_path / "one", tmp_path / "two", 2, "model.safetensors")
     # The two-process checkpoint (whole weights, optimizer state by name) continues in a single process.
     train(tmp_path / "two", 1, "steps=3", "train.mode=full", f"resume={tmp_path / 'two'}")
