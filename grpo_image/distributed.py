@@ -32,6 +32,9 @@ import torch.distributed as dist
 from grpo_image.types import ScoredBatch
 
 
+BUCKET_ELEMENTS = 1 << 26  # gradients per all-reduce: 256 MB in fp32
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the W training processes (rank 0 of 1 when launched alone)."""
@@ -102,15 +105,23 @@ def all_ranks_agree(world: World, flag: bool) -> bool:
 
 
 def average_replicated_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of parameters every rank holds whole, in one flat all-reduce.
+    """Average the gradients of parameters every rank holds whole, a few all-reduces of flat buckets.
 
-    Sharded (FSDP) parameters are left alone: FSDP has already averaged their gradients.
+    Sharded (FSDP) parameters are left alone: FSDP has already averaged their gradients. Buckets bound the extra
+    memory of the flat copies (a replicated full model's gradients are not copied all at once).
     """
     if not world.distributed:
         return
     grads = [p.grad for p in params if p.grad is not None and not _is_sharded(p.grad)]
-    if not grads:
-        return
+    bucket: list[torch.Tensor] = []
+    for index, grad in enumerate(grads):
+        bucket.append(grad)
+        if index == len(grads) - 1 or sum(g.numel() for g in bucket) >= BUCKET_ELEMENTS:
+            _all_reduce_mean(world, bucket)
+            bucket = []
+
+
+def _all_reduce_mean(world: World, grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
     dist.all_reduce(flat)
     flat /= world.size

@@ -23,15 +23,21 @@ def join(rank: int, port: int) -> World:
     return World(rank, 2)
 
 
-def rank_advantages_on_rank(rank: int, port: int, out: str) -> None:
-    """This rank scores its own rows only; save the advantages it computes for them."""
+def collectives_on_rank(rank: int, port: int, out: str) -> None:
+    """Advantages from this rank's scores only, and gradients averaged over ranks in several small buckets."""
+    from grpo_image import distributed
     from grpo_image.train import rank_advantages
 
     world = join(rank, port)
     rows = world.rows(len(SCORES))
     mine = ScoredBatch(SCORES[rows], ["r"], np.zeros((0, 1, 1, 3), np.uint8), [])
     _, _, advantages, _ = rank_advantages(world, mine, [1.0], ADVANTAGES_CFG)
-    torch.save(advantages, f"{out}/rank{rank}.pt")
+    distributed.BUCKET_ELEMENTS = 5  # parameters of 3, 4 and 2 values: buckets [3, 4] and [2]
+    params = [torch.nn.Parameter(torch.zeros(size)) for size in (3, 4, 2)]
+    for param in params:
+        param.grad = (rank + 1) * torch.arange(float(param.numel()))  # rank 0: 0, 1, ...; rank 1: twice that
+    distributed.average_replicated_gradients(world, params)
+    torch.save({"advantages": advantages, "grads": [p.grad for p in params]}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -41,17 +41,28 @@ def on_two_ranks(function, tmp_path: Path) -> list[dict]:
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-def test_advantages_across_ranks_equal_the_single_process_values(tmp_path):
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory) -> list[dict]:
+    return on_two_ranks(helpers.collectives_on_rank, tmp_path_factory.mktemp("collectives"))
+
+
+def test_advantages_across_ranks_equal_the_single_process_values(collectives):
     # Hand-derived, scale "batch": the std is over all six raw scores [1,2,3,0,0,3]: mean 1.5, variance 9.5/6.
     std = np.sqrt(9.5 / 6)
     expected = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]) / (std + 1e-6)
     single, _ = group_advantages(helpers.SCORES, [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
     torch.testing.assert_close(single, expected.float())
-    ranks = on_two_ranks(helpers.rank_advantages_on_rank, tmp_path)
+    ranks = [rank["advantages"] for rank in collectives]
     torch.testing.assert_close(torch.cat(ranks), single, rtol=0, atol=0)
     # Rank 1 alone would divide by the std of [0, 0, 3] (sqrt 2): gathering the scores is what makes them equal.
     alone, _ = group_advantages(helpers.SCORES[3:], [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
     assert not torch.allclose(alone, ranks[1])
+
+
+def test_gradients_are_averaged_over_ranks_bucket_by_bucket(collectives):
+    for rank in collectives:  # the mean of 1x and 2x arange is 1.5x, on both ranks, in every bucket
+        for grad in rank["grads"]:
+            torch.testing.assert_close(grad, 1.5 * torch.arange(float(grad.numel())), rtol=0, atol=0)
 
 
 def test_fsdp_shards_the_layers_and_samples_with_the_whole_weights(tmp_path):
