@@ -166,8 +166,8 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
                 _save(trainer, run_dir, step)
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
-    if world.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world.is_main:  # with the number of processes: rank r sampled rows r*N/W .. (r+1)*N/W-1 of each step
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "processes": world.size}, indent=1))
     return summary
 
 

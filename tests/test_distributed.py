@@ -1,5 +1,6 @@
 """Several processes on this machine (gloo): they must compute what one process computes at the same global batch."""
 
+import json
 import math
 import os
 import socket
@@ -110,6 +111,7 @@ def test_two_processes_with_lora_train_like_one(tmp_path):
     train(tmp_path / "two", 2, "steps=2", "train.mode=lora", "train.lr=1e-2")
     assert_same_run(tmp_path / "one", tmp_path / "two", 2, "adapter_model.safetensors")
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 2  # one line a step: rank 0 alone logs
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
 
 
 @pytest.mark.timeout(900)
