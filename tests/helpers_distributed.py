@@ -2,6 +2,8 @@
 
 import grpo_image  # noqa: F401  first, as in conftest: torchvision's compatibility shim
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ from omegaconf import OmegaConf
 from grpo_image.distributed import World
 from grpo_image.types import ScoredBatch
 
+LOOPBACK = "lo"  # gloo talks over the loopback interface: the test needs no network and no resolvable hostname
 GROUP_SIZE = 3
 # Two groups of three rollouts, one reward: group 0 on rank 0, group 1 on rank 1.
 SCORES = np.array([[1.0], [2.0], [3.0], [0.0], [0.0], [3.0]], dtype=np.float32)  # [N=6, K=1]
@@ -19,6 +22,7 @@ ADVANTAGES_CFG = OmegaConf.create({
 
 
 def join(rank: int, port: int) -> World:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     return World(rank, 2)
 

@@ -82,7 +82,7 @@ def train(out: Path, processes: int, *overrides: str) -> None:
                 "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     command = [*launcher, "-m", "grpo_image.cli", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *SMALL,
                f"output_dir={out}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": helpers.LOOPBACK}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
