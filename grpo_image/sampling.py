@@ -51,6 +51,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     probability is at least min_p times the most likely one's. Each filter sees the distribution the previous one
     left (renormalised), and the most likely code always survives.
     """
+    if top_k <= 0 and top_p >= 1.0 and min_p <= 0.0:  # no filter: skip the mask and the copy it would cost
+        return logits
     removed = torch.zeros_like(logits, dtype=torch.bool)  # [n, V]
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [n, 1]
@@ -78,7 +80,8 @@ def code_logprobs(raw_logits: torch.Tensor, settings: SamplingSettings, mix_cfg:
     """Log-probs of the sampling distribution: guidance, temperature, filters ([R, ..., V] -> [N, ..., V])."""
     logits = raw_logits.float()  # mix, scale and normalise in fp32 whatever the policy's dtype
     logits = guided_logits(logits, settings.cfg_scale) if mix_cfg else logits
-    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p, settings.min_p)
+    logits = logits / settings.temperature if settings.temperature != 1.0 else logits  # 1.0: no [N, ..., V] copy
+    logits = filter_logits(logits, settings.top_k, settings.top_p, settings.min_p)
     return logits.log_softmax(-1)
 
 
