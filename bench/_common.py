@@ -163,7 +163,9 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def save_json(path: str | None, payload: dict) -> None:
+    """Write the raw measurements, with the machine they were taken on (load average at the end of the run)."""
     if path:
+        payload = {"machine": machine_info(), **payload}
         Path(path).write_text(json.dumps(payload, indent=1, default=str))
         print(f"raw results written to {path}")
 

@@ -149,6 +149,7 @@ def fits_update(policy, layers: int, rows: int, tokens: int, device: str) -> boo
     if not device.startswith("cuda"):
         return True
     cfg = policy.model.config
+    torch.cuda.empty_cache()  # what PyTorch caches is free for this purpose
     free, _ = torch.cuda.mem_get_info()
     per_layer = sum(p.numel() for p in policy.model.get_decoder().layers[0].parameters()) * 2  # bf16
     acts = rows * tokens * (cfg.hidden_size * 16 + cfg.intermediate_size * 4) * 2  # saved activations per layer
@@ -162,8 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="toy sizes (CPU check of the code paths, no figures)")
     parser.add_argument("--layers", type=int, default=36, help="decoder layers for sampling (X-Omni: 36)")
     parser.add_argument("--update-layers", type=int, default=0, help="layers for the update pass (0: as many fit)")
-    parser.add_argument("--rows", type=int, default=16, help="G rows sampled")
-    parser.add_argument("--length", type=int, default=4096, help="L codes (a square grid; X-Omni 1024 px: 4,096)")
+    parser.add_argument("--rows", type=int, default=None, help="G rows sampled (default 16; 2 with --smoke)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="L codes, a square grid (default 4,096: X-Omni at 1024 px; 64 with --smoke)")
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.03)
     parser.add_argument("--update-rows", type=int, default=1)
@@ -176,6 +178,10 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU (use --device cpu --smoke to check the code paths)")
         return 2
+    if args.rows is None:
+        args.rows = 2 if args.smoke else 16
+    if args.length is None:
+        args.length = 64 if args.smoke else 4096
     side = int(round(args.length ** 0.5))
     if side * side != args.length:
         parser.error("--length must be a square")

@@ -26,8 +26,9 @@ model loaded from the same folder; ours: `tiny_policy(path=<folder>)`, reference
 
 What still differs (TRL cannot be told otherwise): TRL's training and reference log-probs are normalised over the
 full vocabulary (16,645 ids by default: the codes plus 261 text/special ids that were masked when sampling;
-`--text-vocab 152064` gives the model Qwen2.5's text vocabulary), ours over the 16,384 codes actually sampled from; TRL also computes the entropy in its policy pass, tokenizes the prompts and
-decodes the completions to text every step. Ours keeps the sampler's behaviour log-probs; TRL uses the detached
+`--text-vocab 152064` gives the model Qwen2.5's text vocabulary), ours over the 16,384 codes actually sampled
+from; TRL also computes the entropy in its policy pass, tokenizes the prompts and decodes the completions to text
+every step. Ours keeps the sampler's behaviour log-probs; TRL uses the detached
 policy log-probs as the old ones (no extra pass on either side).
 
 Rounds are interleaved: TRL runs `max_steps = warmup + repeats` steps, and a TrainerCallback runs one step of
@@ -187,7 +188,7 @@ def build_trl(model_dir: Path, args, clock: PhaseClock, callback):
         max_grad_norm=1.0,
         lr_scheduler_type="constant",
         optim="adamw_torch",
-        max_steps=args.warmup + args.repeats,
+        max_steps=args.warmup + args.repeats + (1 if args.profile else 0),
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--profile", action="store_true",
+                        help="one more round, not timed: each side's step under torch.profiler, top operators printed")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.side = int(round(args.length ** 0.5))
@@ -265,17 +268,33 @@ def main(argv=None) -> int:
         records: dict[str, list[dict]] = {"ours": [], "trl": []}
         ours = build_ours(model_dir, args, ours_clock)
 
+        profiles: dict[str, str] = {}
+
         class Interleave(TrainerCallback):
             """TRL step i is timed from on_step_begin to on_step_end; then our step i runs."""
 
             def on_step_begin(self, a, state, control, **kw):
                 clock.reset()
+                self.profiler = None
+                if state.global_step + 1 > args.warmup + args.repeats:  # the extra --profile round
+                    self.profiler = operator_profiler()
+                    self.profiler.__enter__()
                 self.c0, self.w0 = time.process_time(), time.perf_counter()
 
             def on_step_end(self, a, state, control, **kw):
                 wall, cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
-                records["trl"].append(finish_trl(clock, wall, cpu))
                 step = state.global_step
+                if self.profiler is not None:
+                    self.profiler.__exit__(None, None, None)
+                    profiles["TRL"] = top_operators(self.profiler)
+                    from grpo_image.train import grpo_step
+
+                    with operator_profiler() as prof:
+                        grpo_step(ours, step)
+                    profiles["ours"] = top_operators(prof)
+                    print(f"  [profiled round] TRL: wall {wall:.2f} s, cpu {cpu:.2f} s", flush=True)
+                    return
+                records["trl"].append(finish_trl(clock, wall, cpu))
                 ours_clock.reset()
                 c0, w0 = time.process_time(), time.perf_counter()
                 from grpo_image.train import grpo_step
@@ -291,6 +310,9 @@ def main(argv=None) -> int:
         trl_trainer.train()
 
     kept = {side: rows[args.warmup:] for side, rows in records.items()}
+    for side, text in profiles.items():
+        print(f"\n{side}: one step under torch.profiler, operators by self CPU time (profiler overhead included)")
+        print(text)
     print()
     print(f"B = {args.batch}, G = {args.group}, N = {args.batch * args.group}, L = {args.length}; "
           f"{args.repeats} interleaved rounds; seconds as median [min-max]")
@@ -312,8 +334,49 @@ def main(argv=None) -> int:
     print(table(["sub-phase", "ours wall s", "TRL wall s"], sub))
     cpu_ratio = ratios([r["cpu"]["total"] for r in kept["ours"]], [r["cpu"]["total"] for r in kept["trl"]])
     print(f"\nstep CPU time ours/TRL: median {med(cpu_ratio):.2f} (target <= 0.50)")
-    save_json(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "workdir"}, "records": records})
+    save_json(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "workdir"}, "records": records,
+                          "profiles": profiles})
     return 0
+
+
+def operator_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+# operator families of the step, by the aten name's leading words (first match wins)
+FAMILIES = [
+    ("matmul (mm, addmm, bmm, linear)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("attention (SDPA, fwd + bwd)", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    ("softmax / log_softmax / logsumexp (fwd + bwd)", ("aten::_softmax", "aten::_log_softmax", "aten::softmax",
+                                                        "aten::log_softmax", "aten::logsumexp")),
+    ("copies, cat, layout (copy_, cat, to, t, transpose, ...)", (
+        "aten::copy_", "aten::cat", "aten::_to_copy", "aten::to", "aten::t", "aten::transpose", "aten::contiguous",
+        "aten::clone", "aten::empty", "aten::as_strided", "aten::view", "aten::slice", "aten::select",
+        "aten::expand", "aten::reshape", "aten::_unsafe_view", "aten::unsqueeze", "aten::squeeze", "aten::index",
+        "aten::gather", "aten::scatter", "aten::embedding", "aten::fill_", "aten::zero", "aten::resize")),
+    ("optimizer (AdamW, grad clip)", ("Optimizer", "aten::_foreach", "aten::norm", "aten::linalg_vector_norm")),
+]
+
+
+def top_operators(prof, rows: int = 15) -> str:
+    """Self CPU time by operator family, then the top operators."""
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    family_time = {name: 0.0 for name, _ in FAMILIES}
+    family_time["other (elementwise: mul, add, pow, rsqrt, silu, ...; Python)"] = 0.0
+    for event in averages:
+        for name, prefixes in FAMILIES:
+            if event.key.startswith(prefixes):
+                family_time[name] += event.self_cpu_time_total
+                break
+        else:
+            family_time["other (elementwise: mul, add, pow, rsqrt, silu, ...; Python)"] += event.self_cpu_time_total
+    summary = table(["operator family", "self CPU s", "share"],
+                    [[name, f"{t / 1e6:.3f}", f"{100 * t / total:.0f}%"] for name, t in family_time.items()])
+    top = averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+    return summary + "\n" + top
 
 
 def finish_ours(clock: PhaseClock, wall: float, cpu: float) -> dict:

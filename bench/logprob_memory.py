@@ -24,16 +24,19 @@ allocator with the running total of bytes held by tensors allocated since profil
 in its trace). The peak of that total over the pass, minus its value at the start, is the extra tensor memory the
 pass needed at its worst moment: exact, deterministic, and blind to what existed before (weights, inputs). It
 does not count allocator caching or fragmentation. As a cross-check (`--no-rss` skips it), each pass runs once
-more while a thread polls the process's resident set size (psutil, every 0.5 ms) after glibc's malloc_trim has
-returned freed heap memory to the OS: the rise of RSS over the pass, which includes the allocator's behaviour
-(large tensors are mmapped and given back when freed) and can miss peaks shorter than the polling interval.
-Configurations whose full-vocabulary logits alone would exceed `--max-gib` are skipped, with the size they need.
+more, before the profiled run, while a thread polls the process's resident set size (psutil, every 0.5 ms)
+after glibc's malloc_trim has returned freed heap memory to the OS: the rise of RSS over the pass, which includes
+the allocator's behaviour (large tensors are mmapped and given back when freed) and can miss peaks shorter than
+the polling interval.
+Full-vocabulary cells that would need more than `--max-gib` are skipped, with the size they need (two copies of
+the [R, P+L, T+16384] float32 logits without grad: logits and log-softmax; four with grad: and their gradients).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import sys
@@ -175,6 +178,7 @@ class RssPeak:
         self._stop = threading.Event()
 
     def __enter__(self):
+        gc.collect()
         _release_free_memory()
         self.start = self.process.memory_info().rss
         self.peak = self.start
@@ -231,20 +235,22 @@ def main(argv=None) -> int:
             for mode in args.modes:
                 for method in args.methods:
                     cell = {"text_vocab": text_vocab, "length": length, "mode": mode, "method": method}
-                    if method == "full vocab" and 2 * logits_gib > args.max_gib:
-                        cell.update(skipped=f"needs >= {2 * logits_gib:.1f} GiB (logits + log_softmax)")
+                    # logits + log_softmax; under grad also their gradients
+                    copies = 4 if mode == "grad" else 2
+                    if method == "full vocab" and copies * logits_gib > args.max_gib:
+                        cell.update(skipped=f"needs >= {copies * logits_gib:.1f} GiB ({copies} copies of the logits)")
                         results.append(cell)
                         print(f"  {cell}", flush=True)
                         continue
                     run = make_pass(method, policy, args.rows, mode)
                     run()  # warm-up: first-call allocations (rotary caches, autograd setup) are not the pass's
-                    peak, _, _ = peak_tensor_bytes(run)
-                    wall, cpu = timed_only(run)  # timed without the profiler's overhead
-                    cell.update(peak_mib=peak / 2**20, wall_s=wall, cpu_s=cpu)
-                    if not args.no_rss:
+                    if not args.no_rss:  # before the profiled run, so that nothing the profiler kept is counted
                         with RssPeak() as rss:
                             run()
                         cell["rss_rise_mib"] = rss.rise_mib
+                    peak, _, _ = peak_tensor_bytes(run)
+                    wall, cpu = timed_only(run)  # timed without the profiler's overhead
+                    cell.update(peak_mib=peak / 2**20, wall_s=wall, cpu_s=cpu)
                     results.append(cell)
                     print(f"  {cell}", flush=True)
             del policy
