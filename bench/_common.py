@@ -70,6 +70,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def add_round_arguments(parser, repeats: int = 3, text_vocab: bool = False) -> None:
+    """The options every CPU benchmark shares: threads, measured and warm-up rounds, JSON output (and the text
+    vocabulary for those that build the policy)."""
+    if text_vocab:
+        parser.add_argument("--text-vocab", type=int, default=0, help="grow the text vocabulary to this many ids "
+                            "(e.g. 152064, Qwen2.5's); 0: the tiny layout's 261")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds that are measured")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and discarded")
+    parser.add_argument("--json", default=None, help="write the raw measurements here")
+
+
+def grid_side(parser, length: int) -> int:
+    """The side of the square code grid of `length` codes; a parser error otherwise."""
+    side = int(round(length ** 0.5))
+    if side * side != length:
+        parser.error("--length must be a square (the policy's grid is side x side)")
+    return side
+
+
 def set_threads(threads: int) -> None:
     """Intra-op threads of this process (1 by default in every benchmark: see the note at the top)."""
     torch.set_num_threads(threads)

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 from _common import (
-    PROMPTS_FILE, build_policy, code_colors, load_prompts, med, parameter_count, print_header, ratios, save_json,
-    set_threads, spread, table,
+    PROMPTS_FILE, add_round_arguments, build_policy, code_colors, grid_side, load_prompts, med, parameter_count,
+    print_header, ratios, save_json, set_threads, spread, table,
 )
 
 PHASES = ["generation", "ref logprobs", "reward", "update", "other", "total"]
@@ -235,18 +235,11 @@ def main(argv=None) -> int:
                         help="leave TRL's default gradient checkpointing on (not identical work: ours does not)")
     parser.add_argument("--trl-suppress-tokens", action="store_true",
                         help="restrict TRL's generation with generation_kwargs suppress_tokens instead")
-    parser.add_argument("--text-vocab", type=int, default=0,
-                        help="grow the text vocabulary to this many ids (e.g. 152064, Qwen2.5's); 0: the tiny layout's 261")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
                         help="one more round, not timed: each side's step under torch.profiler, top operators printed")
-    parser.add_argument("--json", default=None)
+    add_round_arguments(parser, repeats=3, text_vocab=True)
     args = parser.parse_args(argv)
-    args.side = int(round(args.length ** 0.5))
-    if args.side * args.side != args.length:
-        parser.error("--length must be a square")
+    args.side = grid_side(parser, args.length)
     set_threads(args.threads)
     print_header("GRPO step: grpo_image vs TRL GRPOTrainer", vars(args))
 

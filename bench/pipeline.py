@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from _common import (
-    PROMPTS_FILE, REPO, code_colors, cpu_seconds_with_children, med, print_header, save_json, set_threads, spread,
-    table,
+    PROMPTS_FILE, REPO, add_round_arguments, code_colors, cpu_seconds_with_children, grid_side, med, print_header,
+    save_json, set_threads, spread, table,
 )
 
 VARIANTS = ("inprocess", "ray", "ray+prefetch")
@@ -84,14 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1, help="Ray reward actors")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    add_round_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    args.side = int(round(args.length ** 0.5))
-    if args.side * args.side != args.length:
-        parser.error("--length must be a square")
+    args.side = grid_side(parser, args.length)
     set_threads(args.threads)
     print_header("pipeline: Ray reward overlap vs in-process", vars(args))
 

@@ -31,8 +31,8 @@ import sys
 import torch
 
 from _common import (
-    build_policy, interleaved, load_prompts, med, parameter_count, print_header, ratios, save_json, set_threads, spread,
-    table,
+    add_round_arguments, build_policy, grid_side, interleaved, load_prompts, med, parameter_count, print_header, ratios,
+    save_json, set_threads, spread, table,
 )
 
 
@@ -174,22 +174,15 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.03)
-    parser.add_argument("--text-vocab", type=int, default=0,
-                        help="grow the text vocabulary to this many ids (e.g. 152064, Qwen2.5's); 0: the tiny layout's 261")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
                         help="after timing, run each variant once under cProfile and print where its time goes")
-    parser.add_argument("--json", default=None, help="write the raw measurements here")
+    add_round_arguments(parser, repeats=3, text_vocab=True)
     args = parser.parse_args(argv)
 
     from grpo_image.sampling import SamplingSettings
 
     set_threads(args.threads)
-    side = int(round(args.length ** 0.5))
-    if side * side != args.length:
-        parser.error("--length must be a square (the policy's grid is side x side)")
+    side = grid_side(parser, args.length)
     cfg_scales = [1.0] if args.no_cfg_only else [1.0, args.cfg_scale]
     print_header("sampling: sample_codes vs generate vs bare forwards", vars(args))
     prompt = load_prompts()[0]["prompt"]
