@@ -4,6 +4,7 @@ small prompt files, and a text reader with canned answers (named by dotted path,
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,15 @@ class CannedReader:
 
     def read(self, images: np.ndarray) -> list[str]:
         return [self.texts[int(image[0, 0, 0])] for image in images]
+
+
+class Images(HTMLParser):
+    """The src of every <img> of an HTML report, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers_eval import COLORS, RECIPE, SMALL, cli, write_jsonl
+from tests.helpers_eval import COLORS, RECIPE, SMALL, Images, cli, write_jsonl
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,16 +28,6 @@ def chromium() -> str:
         if shutil.which(name):
             return shutil.which(name)
     pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
-
-
-class Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"])
 
 
 def test_report_opens_in_chromium_and_shows_its_images(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from grpo_image.config import load_recipe
 from grpo_image.generate import load_policy
-from tests.helpers_eval import COLORS, RECIPE, SMALL, cli, train_tiny, write_jsonl
+from tests.helpers_eval import COLORS, RECIPE, SMALL, Images, cli, train_tiny, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +77,6 @@ def test_sample_from_a_checkpoint_differs_from_the_base(tmp_path, runs, prompts)
     assert pixels(tmp_path / "full") != pixels(tmp_path / "base")
     first = json.loads((tmp_path / "full" / "samples.jsonl").read_text().splitlines()[0])
     assert first["checkpoint"] == str(runs["full"])
-
-
-class Images(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.sources: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"])
 
 
 def test_eval_compares_two_checkpoints_seed_by_seed(tmp_path, runs, prompts):
