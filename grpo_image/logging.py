@@ -306,3 +306,22 @@ def _print_summary(summary: dict) -> None:
     for key in ("run_dir", "metrics", "reward_curve", "samples", "tensorboard"):
         if summary[key] is not None:
             console.print(f"  {key:<12} {summary[key]}", highlight=False)
+
+
+class SilentLogger:
+    """RunLogger's stand-in on training ranks other than 0: they compute the same metrics and write nothing."""
+
+    def __enter__(self) -> "SilentLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        return None
+
+    def log_images(self, *args) -> None:
+        return None
+
+    def finish(self, seconds: float) -> dict:
+        return {}

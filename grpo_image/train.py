@@ -30,7 +30,7 @@ from grpo_image.distributed import (
     World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
-from grpo_image.logging import RunLogger
+from grpo_image.logging import RunLogger, SilentLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
 from grpo_image.policies.lora import load_initial_weights, make_weights
@@ -148,7 +148,7 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     bad_steps = 0  # steps in a row with a skipped (non-finite) update
     logger = RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) if world.is_main \
-        else _SilentLogger()
+        else SilentLogger()
     with logger as log:
         for step in range(trainer.start_step + 1, cfg.steps + 1):
             try:
@@ -417,25 +417,6 @@ def _captioned_samples(scored: ScoredBatch, prompts: list[str]) -> tuple[np.ndar
 
 def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
-
-
-class _SilentLogger:
-    """The logger of ranks other than 0: they compute the same metrics and write nothing."""
-
-    def __enter__(self) -> "_SilentLogger":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def log_metrics(self, step: int, metrics: dict) -> None:
-        return None
-
-    def log_images(self, *args) -> None:
-        return None
-
-    def finish(self, seconds: float) -> dict:
-        return {}
 
 
 class _Timer:
