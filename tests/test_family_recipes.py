@@ -17,10 +17,11 @@ import torch
 
 from grpo_image.cli import main
 from grpo_image.logging import read_metrics
+from tests.data import DATA
 from tests.rewards_servers import ChatServer, Reply, completion
 
 REPO = Path(__file__).resolve().parents[1]
-DECODER_PARTS = REPO.parent / "shared" / "data" / "xomni_tiny_decoder_reference"
+DECODER_PARTS = DATA / "xomni_tiny_decoder_reference"
 TINY_OPEN_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
@@ -96,7 +97,6 @@ def overrides(recipe: str, root: Path, hps_model: str, url: str) -> list[str]:
 FAMILY_RECIPES = ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "janus_pro_7b"]
 
 
-@pytest.mark.skipif(not DECODER_PARTS.is_dir(), reason=f"the tiny X-Omni decoder parts are not at {DECODER_PARTS}")
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("recipe", FAMILY_RECIPES)
 def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mode):
@@ -119,7 +119,6 @@ def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mo
     assert (saved / ("adapter_model.safetensors" if mode == "lora" else "config.json")).is_file()
 
 
-@pytest.mark.skipif(not DECODER_PARTS.is_dir(), reason=f"the tiny X-Omni decoder parts are not at {DECODER_PARTS}")
 def test_every_recipe_validates_with_its_own_prompt_set(assets, monkeypatch, capsys):
     """`grpo-image validate` on every recipe in recipes/, model paths pointed at the tiny models."""
     root, hps_model = assets

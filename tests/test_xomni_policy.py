@@ -1,7 +1,6 @@
 """The native X-Omni: same function as X-Omni's own code, image-head-only logits, save/load, sampling, LoRA, grid."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,9 @@ from grpo_image.policies.xomni import (
 )
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 from grpo_image.sampling import SamplingSettings, sample_codes
+from tests.data import DATA
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xomni_tiny_reference"
+REFERENCE = DATA / "xomni_tiny_reference"
 TOL = 1e-5  # the reference's pass mark; X-Omni's own code differs from itself by 2.5e-6 between eager and SDPA
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -32,19 +32,12 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def needs_reference():
-    if not (REFERENCE / "model.safetensors").is_file():
-        pytest.skip(f"the X-Omni reference data folder is missing: {REFERENCE}")
-
-
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    needs_reference()
     return load_file(REFERENCE / "reference.safetensors")
 
 
 def load_reference_model(attn: str) -> XOmniForCausalLM:
-    needs_reference()
     model, info = XOmniForCausalLM.from_pretrained(
         REFERENCE, dtype=torch.float32, attn_implementation=attn, output_loading_info=True
     )
@@ -61,7 +54,6 @@ def ref_model(request) -> XOmniForCausalLM:
 
 
 def test_config_reads_xomni_keys_as_they_are():
-    needs_reference()
     config = XOmniConfig.from_pretrained(REFERENCE)
     raw = json.loads((REFERENCE / "config.json").read_text())
     assert config.model_type == raw["model_type"] == "x-omni"
