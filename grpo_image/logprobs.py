@@ -1,9 +1,11 @@
 """Teacher-forced log-probs of given image codes under the policy, the training side of the sampler.
 
-The distribution is the sampler's, step for step: the same guidance mixture (or the conditional policy alone when
-the recipe says so), temperature and filters, so that on-policy ratios start at exactly 1. Memory does not grow
-with the text vocabulary: only the image head is applied, over chunks of positions, and under autograd each
-chunk is recomputed in the backward pass instead of keeping its [N, chunk, V] logits alive.
+The distribution is the one the sampler's behaviour log-probs are of (`grpo_image.sampling.code_logprobs`): the same
+guidance mixture (or the conditional policy alone when the recipe says so) and temperature, and no filter, so that
+on-policy ratios start at 1 and every code has a finite log-prob after any update. Positions come from the policy
+(1-D, or 3-axis RoPE), exactly as the sampler feeds them. Memory does not grow with the text vocabulary: only the
+image head is applied, over chunks of positions, and under autograd each chunk is recomputed in the backward pass
+instead of keeping its [N, chunk, V] logits alive.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def teacher_forced_logprobs(
     code_ids = code_ids.repeat(2, 1) if mix else code_ids  # [R, L-1]
     ids = torch.cat([prefix_ids, code_ids], dim=1)  # [R, P+L-1]
     mask = torch.cat([prefix_mask, torch.ones_like(code_ids)], dim=1)  # [R, P+L-1]
-    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [R, P+L-1]
+    positions = torch.cat(
+        [policy.prefix_positions(prefix_mask), policy.code_positions(prefix_mask, 0, length - 1)], dim=-1
+    )  # [R, P+L-1] ([3, R, P+L-1] for 3-axis RoPE)
     hidden, _ = policy.forward_hidden(ids, mask, positions)  # [R, P+L-1, H]
     hidden = hidden[:, prefix_ids.shape[1] - 1 :]  # [R, L, H]: position P-1+t predicts code t
     targets = codes.to(device)

@@ -1,12 +1,20 @@
-"""Batched KV-cache sampling of fixed-length image-code grids, and the logits processing shared with training.
+"""Batched KV-cache sampling of fixed-length image-code grids, and the log-probs that training shares with it.
 
-Three choices make the rollouts cheap and their log-probs exact:
+Choices that make the rollouts cheap, bounded and their log-probs exact:
 - only the image head is applied at each step ([R, H] x [H, V]), never the text vocabulary;
-- classifier-free guidance puts the conditional and unconditional rows in one batch ([2N, ...]), one forward a step;
+- classifier-free guidance puts the conditional and unconditional rows in one batch ([2n, ...]), one forward a step;
 - each sample draws from its own seeded stream of uniforms (inverse-CDF sampling), so its codes depend on its seed
-  and prompt alone, not on which other samples share the batch, and any rollout can be reproduced from its seed.
-The behaviour log-probs returned are those of the distribution actually sampled from (guidance, temperature and
-filters applied); `grpo_image.logprobs` recomputes the same distribution with gradients.
+  and prompt alone, not on which other samples share the batch, and any rollout can be reproduced from its seed;
+- rows are sampled `sampling.batch_size` at a time (CFG rows counted), each call with a static KV cache allocated
+  once for its prompt + L tokens: memory is bounded by the recipe, never by the number of rollouts, and the
+  one-token decode step has fixed shapes (so it can be compiled, and captured as a CUDA graph on a GPU).
+
+Two distributions are involved (docs/algorithm.md, "Which distribution the log-probs are of"): codes are drawn from
+the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p), while the behaviour log-probs
+returned, like the training and reference log-probs of `grpo_image.logprobs`, are those of the *tempered,
+unfiltered* distribution (guided when `cfg_logprobs` is mixture, the conditional policy's when it is conditional).
+A softmax over finite logits gives every code a finite log-prob, so no sampled code can score -inf in the ratio or
+the KL, however far the policy moves.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ class SamplingSettings:
     min_p: float = 0.0
     cfg_scale: float = 1.0
     cfg_logprobs: str = "mixture"  # or "conditional"
+    batch_size: int = 0  # rows per sampler call, CFG rows counted (0: every row at once)
+    compile: bool = False  # torch.compile the one-token decode step
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -34,10 +44,28 @@ class SamplingSettings:
             raise ValueError("sampling: need top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1")
         if self.cfg_logprobs not in ("mixture", "conditional"):
             raise ValueError(f"sampling.cfg_logprobs must be mixture or conditional, got {self.cfg_logprobs!r}")
+        if self.batch_size < 0 or 0 < self.batch_size < self.rows_per_prompt:
+            raise ValueError(
+                f"sampling.batch_size must be 0 (all rows at once) or at least {self.rows_per_prompt} (the rows of "
+                f"one prompt{', with CFG' if self.uses_cfg else ''}), got {self.batch_size}"
+            )
 
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows the policy runs per sample: 2 under classifier-free guidance (conditional and unconditional)."""
+        return 2 if self.uses_cfg else 1
+
+    @property
+    def filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    def samples_per_call(self, n: int) -> int:
+        """Samples drawn per sampler call, so that a call runs at most `batch_size` rows."""
+        return n if self.batch_size == 0 else max(1, min(n, self.batch_size // self.rows_per_prompt))
 
     @classmethod
     def from_config(cls, node) -> "SamplingSettings":
@@ -76,13 +104,18 @@ def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / temperature if temperature != 1.0 else logits  # 1.0: no [n, ..., V] copy
+
+
 def code_logprobs(raw_logits: torch.Tensor, settings: SamplingSettings, mix_cfg: bool) -> torch.Tensor:
-    """Log-probs of the sampling distribution: guidance, temperature, filters ([R, ..., V] -> [N, ..., V])."""
-    logits = raw_logits.float()  # mix, scale and normalise in fp32 whatever the policy's dtype
+    """Log-probs of the distribution ratios and the KL are computed on: guidance when mixed, temperature, no filter.
+
+    raw_logits: [R, ..., V] (R = 2N when `mix_cfg`, else N); returns [N, ..., V] in fp32 whatever the policy's dtype.
+    """
+    logits = raw_logits.float()
     logits = guided_logits(logits, settings.cfg_scale) if mix_cfg else logits
-    logits = logits / settings.temperature if settings.temperature != 1.0 else logits  # 1.0: no [N, ..., V] copy
-    logits = filter_logits(logits, settings.top_k, settings.top_p, settings.min_p)
-    return logits.log_softmax(-1)
+    return tempered(logits, settings.temperature).log_softmax(-1)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,32 +152,86 @@ def inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.
     return codes.clamp_(max=logprobs.shape[-1] - 1)
 
 
+def draw_codes(
+    raw_logits: torch.Tensor, uniforms: torch.Tensor, settings: SamplingSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step from the image logits of every row: codes [n] and their behaviour log-probs [n].
+
+    raw_logits: [R, V] (R = 2n under CFG); uniforms: [n]. The draw uses the filtered sampling distribution; the
+    log-prob is of the tempered unfiltered one (guided, or conditional when `cfg_logprobs` says so).
+    """
+    logits = raw_logits.float()  # [R, V]
+    mixed = tempered(guided_logits(logits, settings.cfg_scale) if settings.uses_cfg else logits, settings.temperature)
+    sampling = filter_logits(mixed, settings.top_k, settings.top_p, settings.min_p).log_softmax(-1)  # [n, V]
+    codes = inverse_cdf_sample(sampling, uniforms)  # [n]
+    conditional = settings.uses_cfg and settings.cfg_logprobs == "conditional"
+    behaviour = tempered(logits[: len(codes)], settings.temperature) if conditional else mixed  # [n, V]
+    if behaviour is mixed and not settings.filters:  # the sampling distribution itself: no second normalisation
+        return codes, sampling.gather(-1, codes[:, None]).squeeze(-1)
+    return codes, behaviour.gather(-1, codes[:, None]).squeeze(-1) - behaviour.logsumexp(-1)
+
+
 @torch.no_grad()
 def sample_codes(
     policy: CausalLMPolicy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample N code grids with a KV cache: returns codes int64 [N, L] and behaviour log-probs float32 [N, L]."""
-    n, length = len(prompts), policy.num_positions
+    """Sample N code grids, `settings.batch_size` rows per call: codes int64 [N, L], behaviour log-probs fp32 [N, L].
+
+    Each sample's codes depend only on its prompt and seed, so the result is the same for any batch size.
+    """
+    n = len(prompts)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, seeds of shape {tuple(seeds.shape)}")
-    device = policy.device
+    per_call = settings.samples_per_call(n)
+    pieces = [
+        _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings)
+        for start in range(0, n, per_call)
+    ]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])  # [N, L] each
+
+
+def _sample_call(
+    policy: CausalLMPolicy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps."""
+    n, length, device = len(prompts), policy.num_positions, policy.device
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, device)  # [R, P]
-    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [R, P]
-    uniforms = sample_uniforms(seeds, length).to(device)  # [N, L]
-    codes = torch.empty((n, length), dtype=torch.long, device=device)  # [N, L]
-    logprobs = torch.empty((n, length), dtype=torch.float32, device=device)  # [N, L]
-    hidden, cache = policy.forward_hidden(ids, mask, positions, use_cache=True)  # [R, P, H]
-    next_position = positions[:, -1:] + 1  # [R, 1]
+    rows, prefix = ids.shape
+    uniforms = sample_uniforms(seeds, length).to(device)  # [n, L]
+    codes = torch.empty((n, length), dtype=torch.long, device=device)  # [n, L]
+    logprobs = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
+    cache = policy.new_cache(rows, prefix + length - 1)  # every token but the last code is fed back
+    full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1)  # [R, P + L - 1], fixed for every step
+    code_positions = policy.code_positions(mask, 0, length - 1)  # [R, L - 1] ([3, R, L - 1] for 3-axis RoPE)
+    hidden, _ = policy.forward_hidden(ids, mask, policy.prefix_positions(mask), cache, use_cache=True)  # [R, P, H]
+    step_logits = policy.image_logits(hidden[:, -1])  # [R, V]
+    decode_step = _decode_step(policy, settings.compile)
     for t in range(length):
-        step_logprobs = code_logprobs(policy.image_logits(hidden[:, -1]), settings, settings.uses_cfg)  # [N, V]
-        codes[:, t] = inverse_cdf_sample(step_logprobs, uniforms[:, t])
-        logprobs[:, t] = step_logprobs.gather(-1, codes[:, t : t + 1]).squeeze(-1)
+        codes[:, t], logprobs[:, t] = draw_codes(step_logits, uniforms[:, t], settings)
         if t + 1 == length:
             break
-        step_ids = policy.codes_to_ids(codes[:, t : t + 1])  # [N, 1]
-        step_ids = step_ids.repeat(2, 1) if settings.uses_cfg else step_ids  # [R, 1]
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)  # [R, P + t + 1]
-        hidden, cache = policy.forward_hidden(step_ids, mask, next_position, cache, use_cache=True)  # [R, 1, H]
-        next_position = next_position + 1
+        step_ids = policy.codes_to_ids(codes[:, t : t + 1])  # [n, 1]
+        step_ids = step_ids.repeat(settings.rows_per_prompt, 1)  # [R, 1]
+        step_logits = decode_step(step_ids, full_mask, code_positions[..., t : t + 1], cache)  # [R, V]
     return codes, logprobs
 
+
+def _decode_step(policy: CausalLMPolicy, compile_step: bool):
+    """The one-token forward and image head: (ids [R, 1], mask, positions, cache) -> logits [R, V].
+
+    Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU); the static cache and the
+    fixed-width mask keep its shapes the same at every step, so it does not recompile within a call.
+    """
+
+    def step(step_ids, mask, positions, cache):
+        hidden, _ = policy.forward_hidden(step_ids, mask, positions, cache, use_cache=True)  # [R, 1, H]
+        return policy.image_logits(hidden[:, -1])  # [R, V]
+
+    if not compile_step:
+        return step
+    compiled = getattr(policy, "_compiled_decode_step", None)
+    if compiled is None:
+        mode = "reduce-overhead" if policy.device.type == "cuda" else None
+        compiled = torch.compile(step, mode=mode, dynamic=False)
+        policy._compiled_decode_step = compiled
+    return compiled

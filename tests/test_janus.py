@@ -167,7 +167,7 @@ def transformers_scores(model, processor, prompts, codes, cfg_scale):
     raw, guided = [], []
     for t in range(codes.shape[1]):
         out = model.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True
+            inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True
         )  # no position_ids, as generate passes none
         scores = model.model.generation_head(out.last_hidden_state[:, -1, :])  # [2B, V]
         raw.append(scores)

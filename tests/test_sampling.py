@@ -1,6 +1,7 @@
 """The sampler: filters keep exactly the right codes, sampled log-probs equal teacher-forced ones, seeds reproduce."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.sampling import SamplingSettings, filter_logits, inverse_cdf_sample, sample_codes
+from tests.helpers_sampling import position_logits
 
 # probabilities 0.5, 0.25, 0.15, 0.1 (already sorted, so kept sets read left to right)
 HAND = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
@@ -117,8 +119,97 @@ def test_conditional_logprobs_option_uses_the_conditional_policy_alone(policy):
     with torch.no_grad():
         conditional = teacher_forced_logprobs(policy, PROMPTS, codes, guided)
         plain = teacher_forced_logprobs(policy, PROMPTS, codes, SamplingSettings())
+        mixture = teacher_forced_logprobs(policy, PROMPTS, codes, SamplingSettings(cfg_scale=3.0))
     torch.testing.assert_close(conditional, plain)  # the approximation: no unconditional pass
-    assert (conditional - sampled).abs().max() > 1e-3  # and it differs from the mixture actually sampled
+    torch.testing.assert_close(sampled, conditional, atol=1e-4, rtol=0)  # behaviour = conditional: ratio starts at 1
+    assert (mixture - sampled).abs().max() > 1e-3  # which is not the guided mixture's log-prob
+    drawn_with_guidance, _ = sample_codes(policy, PROMPTS, torch.arange(4), SamplingSettings(cfg_scale=3.0))
+    assert torch.equal(codes, drawn_with_guidance)  # the option changes the log-probs, never the draw
+
+
+def test_logprobs_are_of_the_unfiltered_tempered_distribution(policy):
+    """top-k 1 draws the most likely code; its log-prob is log_softmax(logits / T) there, not 0 (the filtered one)."""
+    greedy = SamplingSettings(top_k=1, temperature=0.5)
+    codes, sampled = sample_codes(policy, PROMPTS[:1], torch.tensor([0]), greedy)
+    ids = torch.tensor(policy.encode(PROMPTS[:1]))  # [1, P]
+    with torch.no_grad():
+        hidden, _ = policy.forward_hidden(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        first = policy.image_logits(hidden[:, -1]).float()  # [1, V]: the logits of code 0
+    assert codes[0, 0] == first.argmax()
+    expected = (first / 0.5).log_softmax(-1)[0, codes[0, 0]]  # hand: the tempered, unfiltered log-prob
+    torch.testing.assert_close(sampled[0, 0], expected, atol=1e-5, rtol=0)
+    assert sampled[0, 0] < -1e-3
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(min_p=0.03), SamplingSettings(top_k=2), SamplingSettings(top_p=0.5),
+    SamplingSettings(cfg_scale=3.0, min_p=0.1), SamplingSettings(cfg_scale=3.0, min_p=0.1, cfg_logprobs="conditional"),
+], ids=["min_p", "top_k", "top_p", "cfg_mixture", "cfg_conditional"])
+def test_every_sampled_code_keeps_a_finite_logprob_after_the_policy_moves(settings):
+    """A peaked head (a trained model's shape) and a large update push sampled codes out of the filters' kept sets."""
+    moved = tiny_policy(num_codes=16, grid=(3, 4), hidden_size=32, num_layers=2, seed=5)
+    head = moved.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head.mul_(40.0)  # peaked: min-p 0.03 keeps only a few codes per position
+    codes, sampled = sample_codes(moved, PROMPTS, torch.arange(4), settings)
+    with torch.no_grad():
+        before = teacher_forced_logprobs(moved, PROMPTS, codes, settings)
+        torch.testing.assert_close(before, sampled, atol=1e-4, rtol=0)  # ratio 1 before any update
+        for param in moved.model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+        after = teacher_forced_logprobs(moved, PROMPTS, codes, settings)
+        filtered = torch.stack([filter_logits(row, settings.top_k, settings.top_p, settings.min_p)
+                                for row in position_logits(moved, PROMPTS, codes, settings)])  # the old, filtered choice
+    assert torch.isfinite(after).all()
+    assert (after - before).abs().max() > 0.1  # the policy really moved
+    assert not torch.isfinite(filtered.gather(-1, codes[..., None])).all()  # where a filtered log-prob breaks
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 6])
+def test_batched_sampling_equals_one_call(policy, cfg_scale, batch_size):
+    """sampling.batch_size rows per call (CFG rows counted): the same codes and log-probs as every row at once."""
+    settings = SamplingSettings(cfg_scale=cfg_scale, min_p=0.05)
+    if batch_size < settings.rows_per_prompt:
+        with pytest.raises(ValueError, match="batch_size"):
+            SamplingSettings(cfg_scale=cfg_scale, batch_size=batch_size)
+        return
+    seeds = torch.tensor([7, 8, 9, 10])
+    whole, whole_lp = sample_codes(policy, PROMPTS, seeds, settings)
+    batched, batched_lp = sample_codes(policy, PROMPTS, seeds, replace(settings, batch_size=batch_size))
+    assert torch.equal(whole, batched)
+    torch.testing.assert_close(batched_lp, whole_lp, atol=1e-6, rtol=0)
+
+
+def _growing_cache_sampler(policy, prompts, seeds, settings):
+    """The sampler as it was before the static cache: a DynamicCache grown by concatenation, a mask grown per step."""
+    from grpo_image.sampling import draw_codes, left_pad, policy_rows, sample_uniforms
+
+    ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, policy.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    uniforms = sample_uniforms(seeds, policy.num_positions)
+    hidden, cache = policy.forward_hidden(ids, mask, positions, use_cache=True)
+    codes, logprobs = [], []
+    for t in range(policy.num_positions):
+        code, logprob = draw_codes(policy.image_logits(hidden[:, -1]), uniforms[:, t], settings)
+        codes.append(code)
+        logprobs.append(logprob)
+        step = policy.codes_to_ids(code[:, None]).repeat(settings.rows_per_prompt, 1)  # [R, 1]
+        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        positions = positions[:, -1:] + 1
+        hidden, cache = policy.forward_hidden(step, mask, positions, cache, use_cache=True)
+    return torch.stack(codes, 1), torch.stack(logprobs, 1)
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(min_p=0.05), SamplingSettings(cfg_scale=3.0, top_p=0.9)],
+                         ids=["plain", "cfg"])
+def test_static_cache_sampler_equals_a_growing_cache(policy, settings):
+    seeds = torch.tensor([3, 1, 4, 1])
+    with torch.no_grad():
+        grown, grown_lp = _growing_cache_sampler(policy, PROMPTS, seeds, settings)
+    codes, logprobs = sample_codes(policy, PROMPTS, seeds, settings)
+    assert torch.equal(codes, grown)
+    torch.testing.assert_close(logprobs, grown_lp, atol=1e-6, rtol=0)
 
 
 def test_fixed_seeds_reproduce_codes_and_other_seeds_differ(policy):

@@ -1,6 +1,7 @@
 """The native X-Omni: same function as X-Omni's own code, image-head-only logits, save/load, sampling, LoRA, grid."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from grpo_image.policies.xomni import (
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 from grpo_image.sampling import SamplingSettings, sample_codes
 from tests.data import DATA
+from tests.helpers_sampling import position_logits
 
 REFERENCE = DATA / "xomni_tiny_reference"
 TOL = 1e-5  # the reference's pass mark; X-Omni's own code differs from itself by 2.5e-6 between eager and SDPA
@@ -93,10 +95,10 @@ def test_every_reference_tensor_matches(ref_model, reference):
 def cached_image_logits(model: XOmniForCausalLM, row: torch.Tensor) -> torch.Tensor:
     """Row 0 decoded with a DynamicCache: prefix through <IMAGE> (index 9), then one code per step: [7, V]."""
     cache = DynamicCache(config=model.config)
-    out = model.get_decoder()(input_ids=row[None, :10], past_key_values=cache, use_cache=True)
+    out = model.get_decoder()(input_ids=row[None, :10], cache=cache, use_cache=True)
     steps = [model.image_logits(out.last_hidden_state[0, -1])]
     for index in range(10, 16):
-        out = model.get_decoder()(input_ids=row[None, index : index + 1], past_key_values=cache, use_cache=True)
+        out = model.get_decoder()(input_ids=row[None, index : index + 1], cache=cache, use_cache=True)
         steps.append(model.image_logits(out.last_hidden_state[0, -1]))
     return torch.stack(steps)  # [7, V]
 
@@ -228,9 +230,13 @@ def test_sampled_logprobs_equal_teacher_forced(tiny, settings):
         forced = teacher_forced_logprobs(tiny, PROMPTS, codes, settings, chunk=5)
         unfiltered = teacher_forced_logprobs(tiny, PROMPTS, codes, SamplingSettings(cfg_scale=settings.cfg_scale))
     assert max_diff(forced, sampled) <= 1e-4
+    assert max_diff(unfiltered, sampled) <= 1e-4  # the log-probs are of the unfiltered distribution
     assert torch.isfinite(sampled).all() and (sampled <= 0).all()
-    if settings.min_p > 0:  # removing codes renormalises the rest: the kept codes' log-probs rise
-        assert (sampled - unfiltered).max() > 1e-2 and (sampled - unfiltered).min() > -1e-4
+    if settings.min_p > 0:  # yet the draw is filtered: every code has at least min_p times the top probability
+        logprobs = position_logits(tiny, PROMPTS, codes, settings).log_softmax(-1)  # [N, L, V]
+        margin = logprobs.gather(-1, codes[..., None]).squeeze(-1) - logprobs.max(-1).values  # [N, L]
+        assert (margin >= math.log(settings.min_p) - 1e-5).all()
+        assert (logprobs - logprobs.max(-1, keepdim=True).values < math.log(settings.min_p)).any()  # some removed
 
 
 # 5. LoRA --------------------------------------------------------------------------------------------------------

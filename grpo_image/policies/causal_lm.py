@@ -66,12 +66,27 @@ class CausalLMPolicy:
         texts = [self.prompt_template.format(prompt="" if unconditional else p, h=h, w=w) for p in prompts]
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
+    def prefix_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Position ids of left-padded prefixes: mask [R, P] -> [R, P] (pads get 0; 3-axis RoPE overrides this)."""
+        return (mask.cumsum(-1) - 1).clamp_(min=0)
+
+    def code_positions(self, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Position ids of image codes start..stop-1 after each row's prefix (mask [R, P]): [R, stop - start]."""
+        offsets = torch.arange(start, stop, device=mask.device)  # [stop - start]
+        return mask.sum(-1, keepdim=True) + offsets  # [R, stop - start]
+
+    def new_cache(self, rows: int, max_tokens: int):
+        """A KV cache allocated once for `max_tokens` tokens per row (it never grows by concatenation)."""
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=max_tokens)
+
     def forward_hidden(
         self,
         input_ids: torch.Tensor,  # [R, T]
-        attention_mask: torch.Tensor,  # [R, past + T]
+        attention_mask: torch.Tensor,  # [R, past + T] (or wider: columns past the cache's end are ignored)
         position_ids: torch.Tensor,  # [R, T]
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, object]:
         """Final hidden states [R, T, H] (after the final norm) and the KV cache."""
@@ -79,10 +94,10 @@ class CausalLMPolicy:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, out.cache
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the V image codes only: [..., H] -> [..., V]."""

@@ -124,7 +124,7 @@ class JanusPolicy(CausalLMPolicy):
         input_ids: torch.Tensor,  # [R, T]
         attention_mask: torch.Tensor,  # [R, past + T]
         position_ids: torch.Tensor,  # [R, T]
-        past_key_values=None,
+        cache=None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, object]:
         """Final hidden states [R, T, H] of Janus's language model (after its norm) and the KV cache."""
@@ -132,10 +132,10 @@ class JanusPolicy(CausalLMPolicy):
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, out.cache
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """generation_head only (never lm_head), in fp32 so the CFG mixture is not rounded: [..., H] -> [..., V]."""

@@ -71,7 +71,7 @@ class XOmniPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -125,7 +125,7 @@ class XOmniModel(XOmniPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -138,16 +138,16 @@ class XOmniModel(XOmniPreTrainedModel):
             kwargs.pop(key, None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         hidden, multimodal = self.embed(input_ids)  # [R, T, H], [R, T, 1]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)  # [1, T]
         mask_args = dict(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         masks = {"full_attention": create_causal_mask(**mask_args)}
@@ -160,7 +160,7 @@ class XOmniModel(XOmniPreTrainedModel):
                 hidden,
                 attention_mask=masks[self.config.layer_types[index]],
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -171,7 +171,7 @@ class XOmniModel(XOmniPreTrainedModel):
         normed = torch.where(multimodal, self.mm_norm(hidden), self.lm_norm(hidden))  # [R, T, H]
         return BaseModelOutputWithPast(
             last_hidden_state=normed,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
@@ -211,7 +211,7 @@ class XOmniForCausalLM(XOmniPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -225,7 +225,7 @@ class XOmniForCausalLM(XOmniPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -238,7 +238,7 @@ class XOmniForCausalLM(XOmniPreTrainedModel, GenerationMixin):
         else:
             logits[..., text_vocab : text_vocab + self.config.image_vocab_size] = self.image_logits(hidden).float()
         return CausalLMOutputWithPast(
-            logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
 
