@@ -32,13 +32,14 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(
     run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int,
-    prefetched: dict[str, torch.Tensor] | None = None, writer: bool = True,
+    prefetched: dict[str, torch.Tensor] | None = None, writer: bool = True, rng_state: torch.Tensor | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all).
 
     `prefetched` holds rollouts already sampled for the next step (workers.prefetch): they were drawn from the
     weights before this step's update, which the checkpoint no longer has, so they are saved to resume exactly.
     With several processes every rank calls this (sharded weights are gathered) and only the `writer` writes.
+    `rng_state`: torch's RNG as it was after `step` (default: as it is now).
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:06d}"
@@ -52,7 +53,7 @@ def save_checkpoint(
     weights.save(tmp / "policy")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    torch.save({"torch": torch.get_rng_state() if rng_state is None else rng_state}, tmp / "rng.pt")
     if prefetched is not None:
         save_file({key: value.contiguous() for key, value in prefetched.items()}, str(tmp / PREFETCH))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))

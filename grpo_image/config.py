@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 COMPONENT_KEY = "_component_"
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 REWARD_ENTRY_KEYS = {"name": str, "weight": float, "required": bool, "scorer": dict}
+REWARD_ENTRY_DEFAULTS = {"weight": 1.0, "required": True}
 
 
 class RecipeError(ValueError):
@@ -39,6 +40,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     defaults = OmegaConf.load(DEFAULTS_PATH)
     _check_known_keys(defaults, recipe, prefix="", source=str(path))
     cfg = OmegaConf.merge(defaults, recipe)
+    _complete_reward_entries(cfg.rewards)
     _unlock_components(cfg)
     for item in overrides:
         _apply_override(cfg, item)
@@ -189,6 +191,17 @@ def _check_types(defaults: DictConfig, cfg: DictConfig, prefix: str, source: str
             raise RecipeError(f"{source}: '{full}' must be {_type_name(default)}, got {value!r}")
 
 
+def _complete_reward_entries(rewards: Any) -> None:
+    """Give each reward entry its default weight and `required` flag, so that an override can set either."""
+    if not isinstance(rewards, ListConfig):
+        return
+    for entry in rewards:
+        if isinstance(entry, DictConfig):
+            for key in ("weight", "required"):
+                if key not in entry:
+                    entry[key] = REWARD_ENTRY_DEFAULTS[key]
+
+
 def _check_reward_entries(rewards: ListConfig, source: str) -> None:
     if not isinstance(rewards, ListConfig):
         raise RecipeError(f"{source}: 'rewards' must be a list of {{name, weight, required, scorer}}")
@@ -207,7 +220,8 @@ def _check_reward_entries(rewards: ListConfig, source: str) -> None:
         seen.add(entry.name)
         if not is_component(entry.scorer):
             raise RecipeError(f"{source}: '{where}.scorer' must be a node with a {COMPONENT_KEY} key")
-        weight, required = entry.get("weight", 1.0), entry.get("required", True)
+        weight = entry.get("weight", REWARD_ENTRY_DEFAULTS["weight"])
+        required = entry.get("required", REWARD_ENTRY_DEFAULTS["required"])
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise RecipeError(f"{source}: '{where}.weight' must be a number, got {weight!r}")
         if not isinstance(required, bool):
@@ -219,8 +233,8 @@ def reward_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     return [
         {
             "name": entry.name,
-            "weight": float(entry.get("weight", 1.0)),
-            "required": bool(entry.get("required", True)),
+            "weight": float(entry.get("weight", REWARD_ENTRY_DEFAULTS["weight"])),
+            "required": bool(entry.get("required", REWARD_ENTRY_DEFAULTS["required"])),
             "scorer": OmegaConf.to_container(entry.scorer, resolve=True),
         }
         for entry in cfg.rewards

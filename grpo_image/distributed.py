@@ -16,7 +16,9 @@ A run with W processes computes exactly what one process computes at the same gl
   rank 0 writes logs, sample grids and checkpoints.
 
 The process group comes from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
-NCCL when CUDA is present, else gloo, so the same code runs two CPU processes in the tests.
+NCCL when CUDA is present, else gloo, so the same code runs two CPU processes in the tests. The World owns the
+device every collective's tensors live on (NCCL takes CUDA tensors only); replicas are broadcast from rank 0 at
+start, so they are equal however each process initialised them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ BUCKET_ELEMENTS = 1 << 26  # gradients per all-reduce: 256 MB in fp32
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the W training processes (rank 0 of 1 when launched alone)."""
+    """This process's place among the W training processes (rank 0 of 1 when launched alone), and its device.
+
+    `device` is where this process trains (its GPU, cuda:LOCAL_RANK, when CUDA is present; else the CPU) and the
+    device of every tensor handed to a collective: NCCL accepts CUDA tensors only. `collective_tensor` is the one
+    place tensors for collectives are made and checked.
+    """
 
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -55,22 +63,51 @@ class World:
         per_rank = total // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
+    def collective_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` checked to be on this world's device before it reaches a collective (a clear error, not NCCL's)."""
+        if tensor.device != self.device:
+            raise RuntimeError(
+                f"a collective got a tensor on {tensor.device} but the process group's device is {self.device}"
+            )
+        return tensor
+
+
+def training_device() -> torch.device:
+    """This process's GPU when CUDA is present (LOCAL_RANK picks it among the node's GPUs), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
 
 def join_world() -> World:
     """Join the launcher's process group (once); a process started without a launcher is a world of one."""
+    device = training_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return World()
+        return World(device=device)
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" in a recipe means this GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 def leave_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_rank0(world: World, module: torch.nn.Module) -> None:
+    """Every rank's parameters and buffers become rank 0's, so replicas start equal however each was initialised
+    (a seed that differs, an adapter initialised from another RNG state). Called before any sharding."""
+    if not world.distributed:
+        return
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.numel()]
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        for bucket in _buckets([t for t in tensors if t.dtype == dtype]):
+            flat = world.collective_tensor(torch.cat([t.detach().reshape(-1) for t in bucket]))  # [sum of numels]
+            dist.broadcast(flat, src=0)
+            _unflatten_into(flat, [t.data for t in bucket])
 
 
 def gather_objects(world: World, value):
@@ -99,7 +136,7 @@ def all_ranks_agree(world: World, flag: bool) -> bool:
     """True only if `flag` is true on every rank (e.g. a finite loss everywhere)."""
     if not world.distributed:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = world.collective_tensor(torch.tensor([1.0 if flag else 0.0], device=world.device))
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() == 1.0)
 
@@ -107,28 +144,38 @@ def all_ranks_agree(world: World, flag: bool) -> bool:
 def average_replicated_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of parameters every rank holds whole, a few all-reduces of flat buckets.
 
+    Why not DDP: DDP's reducer hooks the forward of the module it wraps, but the policy's forward is the decoder
+    and then a row slice of the head's weight (`image_logits`), and the sampler and reference passes run the same
+    modules without gradients; averaging after the backward is the same mean with none of those constraints.
     Sharded (FSDP) parameters are left alone: FSDP has already averaged their gradients. Buckets bound the extra
-    memory of the flat copies (a replicated full model's gradients are not copied all at once).
+    memory of the flat copies (a replicated full model's gradients are not copied at once).
     """
     if not world.distributed:
         return
     grads = [p.grad for p in params if p.grad is not None and not _is_sharded(p.grad)]
-    bucket: list[torch.Tensor] = []
-    for index, grad in enumerate(grads):
-        bucket.append(grad)
-        if index == len(grads) - 1 or sum(g.numel() for g in bucket) >= BUCKET_ELEMENTS:
-            _all_reduce_mean(world, bucket)
+    for bucket in _buckets(grads):
+        flat = world.collective_tensor(torch.cat([g.reshape(-1) for g in bucket]))  # [sum of numels]
+        dist.all_reduce(flat)
+        flat /= world.size
+        _unflatten_into(flat, bucket)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at least BUCKET_ELEMENTS elements (the last one smaller)."""
+    buckets, bucket = [], []
+    for index, tensor in enumerate(tensors):
+        bucket.append(tensor)
+        if index == len(tensors) - 1 or sum(t.numel() for t in bucket) >= BUCKET_ELEMENTS:
+            buckets.append(bucket)
             bucket = []
+    return buckets
 
 
-def _all_reduce_mean(world: World, grads: list[torch.Tensor]) -> None:
-    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
-    dist.all_reduce(flat)
-    flat /= world.size
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def clip_gradients(world: World, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -139,14 +186,14 @@ def clip_gradients(world: World, params: list[torch.nn.Parameter], max_norm: flo
     grads = [p.grad for p in params if p.grad is not None]
     if not any(_is_sharded(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    sharded = torch.zeros((), dtype=torch.float32)
-    replicated = torch.zeros((), dtype=torch.float32)
+    sharded = torch.zeros((), dtype=torch.float32, device=world.device)
+    replicated = torch.zeros((), dtype=torch.float32, device=world.device)
     for grad in grads:
         if _is_sharded(grad):
-            sharded += grad.to_local().float().pow(2).sum().cpu()
+            sharded += grad.to_local().float().pow(2).sum()
         else:
-            replicated += grad.float().pow(2).sum().cpu()
-    dist.all_reduce(sharded)
+            replicated += grad.float().pow(2).sum()
+    dist.all_reduce(world.collective_tensor(sharded))
     total = (sharded + replicated).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for grad in grads:

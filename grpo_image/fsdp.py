@@ -21,16 +21,22 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import nn
 from safetensors.torch import load_file
 
+from grpo_image.distributed import World
 from grpo_image.policies.causal_lm import CausalLMPolicy
 from grpo_image.policies.lora import FULL_WEIGHTS_FILE, FullWeights, whole_state_options
 
 
-def shard_layers(model: nn.Module) -> list[nn.Module]:
-    """Shard each decoder layer of `model` over the process group; return the sharded layers."""
-    from torch.distributed.fsdp import fully_shard
+def shard_layers(model: nn.Module, compute_dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """Shard each decoder layer of `model` over the process group; return the sharded layers.
+
+    With a compute dtype, the fp32 shards are the master weights and FSDP2's MixedPrecisionPolicy all-gathers them
+    in that dtype for compute and reduce-scatters gradients in fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layers = [
         layer
@@ -40,8 +46,9 @@ def shard_layers(model: nn.Module) -> list[nn.Module]:
     ]
     if not layers:
         raise ValueError("train.fsdp: the policy's model has no decoder layers to shard (no ModuleList named 'layers')")
+    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     for layer in layers:
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=precision) if precision else fully_shard(layer)
     return layers
 
 
@@ -62,13 +69,18 @@ def gathered(layers: list[nn.Module]) -> Iterator[None]:
 class ShardedFullWeights(FullWeights):
     """FullWeights with the policy's layers (and the reference copy's) sharded by FSDP."""
 
-    def __init__(self, policy: CausalLMPolicy, keep_reference: bool):
-        super().__init__(policy, keep_reference)
-        self.layers = shard_layers(policy.model)
-        self.reference_layers = shard_layers(self.reference_policy.model) if self.reference_policy else []
+    def __init__(
+        self, policy: CausalLMPolicy, keep_reference: bool, init_from: str | Path | None = None, world: World = World()
+    ):
+        super().__init__(policy, keep_reference, init_from, world)
+        self.layers = shard_layers(policy.model, self.compute_dtype)
+        reference = self.reference_policy
+        self.reference_layers = shard_layers(reference.model, self.compute_dtype) if reference else []
 
-    def rollout_weights(self) -> contextlib.AbstractContextManager:
-        return gathered(self.layers)
+    @contextlib.contextmanager
+    def rollout_weights(self) -> Iterator[None]:
+        with gathered(self.layers), self.compute():
+            yield
 
     def save(self, folder: Path | None) -> None:
         """Gather the whole weights (every rank takes part); the rank given a folder writes them."""

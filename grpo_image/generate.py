@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,9 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_image.checkpoint import CheckpointError, find_checkpoint
 from grpo_image.config import instantiate
 from grpo_image.data import load_prompts
+from grpo_image.decoders import decode_images
+from grpo_image.distributed import training_device
 from grpo_image.image_files import image_name, progress, save_images
 from grpo_image.longtext import is_longtext_file, read_longtext
-from grpo_image.policies.lora import ADAPTER_FILE, FULL_WEIGHTS_FILE, FullWeights, load_initial_weights
+from grpo_image.policies.lora import (
+    ADAPTER_FILE, FULL_WEIGHTS_FILE, load_full_weights, load_initial_weights, peft_quietly,
+)
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
 from grpo_image.types import PromptRecord
@@ -56,6 +59,7 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
     """
     torch.manual_seed(cfg.seed)  # as in training, so that a seeded random policy is the same one
     policy = instantiate(cfg.policy)
+    policy.model.to(training_device())  # the GPU when there is one, as in training
     init_from = OmegaConf.select(cfg, "train.init_from", default=None)
     if init_from:  # the weights the recipe's runs start from (and the base its adapters apply to)
         load_initial_weights(policy, init_from)
@@ -68,11 +72,10 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
 
         if not (folder / ADAPTER_FILE).is_file():
             raise CheckpointError(f"{folder}: adapter_config.json without {ADAPTER_FILE}")
-        with warnings.catch_warnings():  # transformers' deprecation notices raised inside peft, not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
+        with peft_quietly():
             policy.model = PeftModel.from_pretrained(policy.model, str(folder), is_trainable=False)
     elif (folder / FULL_WEIGHTS_FILE).is_file():
-        FullWeights(policy, keep_reference=False).load(folder)
+        load_full_weights(policy.model, folder)
     else:
         raise CheckpointError(f"{folder}: holds neither a peft adapter nor {FULL_WEIGHTS_FILE}")
     policy.model.eval()
@@ -125,8 +128,10 @@ def generate_images(
             batch = jobs[start : start + batch_size]
             sample_seeds = torch.stack([job[3] for job in batch])  # [b]
             decode_seeds = torch.stack([job[4] for job in batch])  # [b]
-            codes, _ = sample_codes(policy, [job[2].prompt for job in batch], sample_seeds, settings)  # [b, L]
-            images = decoder(codes.cpu().numpy(), policy.grid, decode_seeds.numpy())  # uint8 [b, H, W, 3]
+            prompts = [job[2].prompt for job in batch]
+            codes, _ = sample_codes(policy, prompts, sample_seeds, settings)  # [b, L]
+            images = decode_images(decoder, codes.cpu().numpy(), policy.grid, decode_seeds.numpy(), prompts)
+            # images: uint8 [b, H, W, 3]
             names = [image_name(job[0], job[1]) for job in batch]
             save_images(images, [out / name for name in names])
             for (prompt_id, k, record, s_seed, d_seed), name in zip(batch, names):

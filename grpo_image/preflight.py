@@ -7,6 +7,7 @@ arguments, but never call them: no weight is loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -36,38 +37,79 @@ def preflight(cfg: DictConfig) -> int:
         _check_paths(OmegaConf.to_container(cfg[where], resolve=True), where)
     _check_values(cfg)
     _check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    _check_run_paths(cfg)
     records = load_prompts(cfg.data.prompts)
     _check_rewards_can_score(cfg, records)
-    if cfg.resume:
-        find_checkpoint(cfg.resume)
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
-        raise RecipeError(f"'train.init_from': no such checkpoint folder: {cfg.train.init_from}")
     return checked
 
 
+AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+POSITIVE = (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
+    "seed": AT_LEAST_0, "steps": AT_LEAST_1, "save_every": AT_LEAST_1, "sample_every": AT_LEAST_0,
+    "keep_checkpoints": AT_LEAST_0,
+    "data.batch_size": AT_LEAST_1,
+    "data.group_size": (lambda v: v >= 2, ">= 2 (advantages compare the rollouts of a group: one rollout alone "
+                                          "always gets advantage 0 and nothing is learned)"),
+    "sampling.temperature": POSITIVE, "sampling.top_k": AT_LEAST_0,
+    "sampling.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "sampling.min_p": FRACTION,
+    "sampling.cfg_scale": POSITIVE, "sampling.batch_size": AT_LEAST_0,
+    "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.max_grad_norm": POSITIVE,
+    "train.warmup_steps": AT_LEAST_0, "train.minibatches": AT_LEAST_1, "train.micro_batch_size": AT_LEAST_0,
+    "train.inner_epochs": AT_LEAST_1, "train.clip_eps_low": FRACTION, "train.clip_eps_high": AT_LEAST_0,
+    "train.beta": AT_LEAST_0, "train.logprob_chunk": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_1,
+    "train.lora.r": AT_LEAST_1, "train.lora.alpha": POSITIVE, "train.lora.dropout": FRACTION,
+    "advantages.eps": (lambda v: v > 0, "> 0 (a group whose rewards do not vary divides by it)"),
+    "workers.num_workers": AT_LEAST_1, "workers.num_cpus": AT_LEAST_0, "workers.num_gpus": AT_LEAST_0,
+    "workers.chunks": AT_LEAST_0, "workers.timeout_s": POSITIVE, "workers.timeout_per_image_s": AT_LEAST_0,
+    "workers.max_retries": AT_LEAST_0,
+    "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
+    "logging.num_samples": AT_LEAST_0,
+}
+
+
 def _check_values(cfg: DictConfig) -> None:
+    for key, (ok, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not math.isfinite(value) or not ok(value):
+            raise RecipeError(f"'{key}' must be {what}, got {value}")
+    betas = list(cfg.train.adam_betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise RecipeError(f"'train.adam_betas' must be two numbers in [0, 1), got {betas}")
     n = cfg.data.batch_size * cfg.data.group_size
-    if cfg.data.batch_size < 1 or cfg.data.group_size < 1 or cfg.train.minibatches < 1:
-        raise RecipeError("data.batch_size, data.group_size and train.minibatches must be >= 1")
     if n % cfg.train.minibatches:
         raise RecipeError(f"train.minibatches ({cfg.train.minibatches}) must divide N = B * G = {n}")
-    for key in ("steps", "save_every", "train.inner_epochs", "train.max_bad_steps", "train.logprob_chunk"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise RecipeError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
-    if cfg.train.micro_batch_size < 0:
-        raise RecipeError(f"train.micro_batch_size must be >= 0 (0: the whole minibatch), got {cfg.train.micro_batch_size}")
     _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
+    from transformers import SchedulerType
+
+    stepped = [kind.value for kind in SchedulerType if kind.value not in ("reduce_lr_on_plateau", "greedy")]
+    _check_choice("train.scheduler", cfg.train.scheduler, stepped)  # the other two step on a metric, not a step
     _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
     _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
     _check_choice("workers.backend", cfg.workers.backend, ("inprocess", "ray"))
-    if cfg.advantages.eps <= 0:
-        raise RecipeError(
-            f"advantages.eps must be > 0 (a group whose rewards do not vary divides by it), got {cfg.advantages.eps}"
-        )
+    for index, entry in enumerate(cfg.rewards):
+        if not math.isfinite(float(entry.get("weight", 1.0))):
+            raise RecipeError(f"'rewards.{index}.weight' must be a finite number, got {entry.weight}")
     try:
         SamplingSettings.from_config(cfg.sampling)
     except ValueError as err:
         raise RecipeError(str(err)) from err
+
+
+def _check_run_paths(cfg: DictConfig) -> None:
+    """Each path key names the kind of thing it must be: a run folder is a folder, a module list holds folders."""
+    output = Path(cfg.output_dir)
+    if output.exists() and not output.is_dir():
+        raise RecipeError(f"'output_dir': {output} exists and is not a folder (a run writes a folder of files there)")
+    for module in cfg.workers.py_modules:
+        if not Path(module).is_dir():
+            raise RecipeError(f"'workers.py_modules': {module} is not a folder (ship reward files inside a package folder)")
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_dir():
+        raise RecipeError(f"'train.init_from': no such checkpoint folder: {cfg.train.init_from}")
+    if cfg.resume:
+        find_checkpoint(cfg.resume)
 
 
 def _check_processes(cfg: DictConfig, world_size: int) -> None:

@@ -5,8 +5,9 @@ computes reference log-probs (and, with `workers.prefetch`, samples the next bat
 actor builds its own decoder and rewards from configuration (`RewardWorker`), so only codes, prompts, metadata and
 seeds travel in and only scores and thumbnails travel back.
 
-Faults: a chunk whose actor dies is resubmitted once the actor has restarted; a chunk that runs past
-`timeout_s` gets its actor killed (and restarted) and is resubmitted. The clock starts when the actor is ready, not
+Faults: a chunk whose actor dies is resubmitted once the actor has restarted; a chunk that runs past its timeout
+(`timeout_s` plus `timeout_per_image_s` for each of its images, so that a large chunk of slow diffusion decodes is
+not cut short) gets its actor killed (and restarted) and is resubmitted. The clock starts when the actor is ready, not
 when the chunk was queued: a worker that is still importing its libraries or loading its reward models has not
 begun the work, and a timeout spent on that would kill every fresh worker; after `max_retries` resubmissions of one chunk
 the step fails with a message naming the samples. Results are placed by each chunk's first row, never by arrival
@@ -63,7 +64,8 @@ class RayRewardPool:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         chunks: int = 0,
-        timeout_s: float = 600.0,
+        timeout_s: float = 300.0,
+        timeout_per_image_s: float = 0.0,
         max_retries: int = 2,
         address: str | None = None,
         py_modules: list[str] = (),
@@ -74,6 +76,7 @@ class RayRewardPool:
         self.names = [spec["name"] for spec in reward_specs]
         self.chunks = chunks or num_workers
         self.timeout_s = timeout_s
+        self.timeout_per_image_s = timeout_per_image_s
         self.max_retries = max_retries
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
@@ -120,7 +123,8 @@ class RayRewardPool:
                 chunk = pending.chunks[index]
                 if index not in pending.results and self._overdue(chunk):
                     ray.kill(self.actors[chunk.actor], no_restart=False)
-                    self._retry(chunk, f"no result after {self.timeout_s:g} s (workers.timeout_s)")
+                    self._retry(chunk, f"no result after {self._timeout(chunk):g} s "
+                                       "(workers.timeout_s + workers.timeout_per_image_s per image)")
         jobs = [chunk.job for chunk in pending.chunks]
         return merge_results(jobs, [pending.results[i] for i in range(len(jobs))], self.names)
 
@@ -153,9 +157,13 @@ class RayRewardPool:
         now, started = time.monotonic(), self._started(chunk)
         if started is None:  # still building: bounded by the restart allowance, not by timeout_s
             if now - self._created > RESTART_TIMEOUT_S:
-                raise RuntimeError(f"reward worker {chunk.actor} was not built within {RESTART_TIMEOUT_S:g} s")
+                raise RewardFailure(f"reward worker {chunk.actor} was not built within {RESTART_TIMEOUT_S:g} s")
             return False
-        return now - started > self.timeout_s
+        return now - started > self._timeout(chunk)
+
+    def _timeout(self, chunk: _Chunk) -> float:
+        """Seconds a chunk may run once started: a fixed allowance plus its share of per-image work."""
+        return self.timeout_s + self.timeout_per_image_s * len(chunk.job.prompts)
 
     def _collect(self, pending: PendingBatch, index: int) -> None:
         ray, chunk = self.ray, pending.chunks[index]
@@ -172,7 +180,7 @@ class RayRewardPool:
         job = chunk.job
         rows = f"samples {job.first_row}..{job.first_row + len(job.prompts) - 1}"
         if chunk.attempts >= self.max_retries:
-            raise RuntimeError(f"reward chunk of {rows} failed {chunk.attempts + 1} times; last: {why}")
+            raise RewardFailure(f"reward chunk of {rows} failed {chunk.attempts + 1} times; last: {why}")
         chunk.attempts += 1
         self._wait_until_alive(chunk.actor)
         self._launch(chunk)
@@ -188,13 +196,16 @@ class RayRewardPool:
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"reward worker {index} did not come back within {RESTART_TIMEOUT_S:g} s") from None
+                    raise RewardFailure(f"reward worker {index} did not come back within {RESTART_TIMEOUT_S:g} s") from None
                 time.sleep(0.2)
 
     def _seconds_to_next_deadline(self, pending: PendingBatch, waiting: dict[int, int]) -> float:
         now = time.monotonic()
         starts = [self._started(pending.chunks[i]) for i in waiting.values()]
-        deadlines = [start + self.timeout_s - now for start in starts if start is not None]
+        deadlines = [
+            start + self._timeout(pending.chunks[i]) - now
+            for i, start in zip(waiting.values(), starts) if start is not None
+        ]
         if len(deadlines) < len(starts):  # a worker is still building: look again soon
             deadlines.append(1.0)
         return max(0.01, min(deadlines))

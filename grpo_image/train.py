@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.advantages import group_advantages
-from grpo_image.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from grpo_image.checkpoint import (
+    CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
+)
 from grpo_image.config import instantiate, reward_specs
 from grpo_image.data import GroupSampler, load_prompts
 from grpo_image.distributed import (
@@ -33,7 +36,7 @@ from grpo_image.distributed import (
 from grpo_image.logging import RunLogger, SilentLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
-from grpo_image.policies.lora import load_initial_weights, make_weights
+from grpo_image.policies.lora import make_weights
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
@@ -58,6 +61,8 @@ class Trainer:
     start_step: int
     world: World = World()
     prefetched: tuple[int, Rollout, object] | None = None  # (step, rollout, pending rewards) sampled a step early
+    phase: str | None = None  # the phase of the step running now (named in failure messages)
+    moved_in_step: int = 0  # the last step whose update has begun changing the weights
 
 
 def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
@@ -72,16 +77,10 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
         )
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
-    if cfg.train.init_from:
-        load_initial_weights(policy, cfg.train.init_from)
-    if cfg.train.fsdp:
-        from grpo_image.fsdp import ShardedFullWeights
-
-        weights = ShardedFullWeights(policy, keep_reference=cfg.train.beta > 0)
-    else:
-        weights = make_weights(policy, cfg.train)
+    policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
+    weights = make_weights(policy, cfg.train, world)  # LoRA or full (fp32 masters), from init_from, FSDP when asked
     if cfg.train.gradient_checkpointing:  # recompute each layer in the backward pass: far less activation memory
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(
         weights.trainable_parameters(),
         lr=cfg.train.lr,
@@ -126,7 +125,8 @@ def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRe
     w = cfg.workers
     return RayRewardPool(
         decoder, specs, num_workers=w.num_workers, num_cpus=w.num_cpus, num_gpus=w.num_gpus, chunks=w.chunks,
-        timeout_s=w.timeout_s, max_retries=w.max_retries, address=w.ray_address, py_modules=list(w.py_modules),
+        timeout_s=w.timeout_s, timeout_per_image_s=w.timeout_per_image_s, max_retries=w.max_retries,
+        address=w.ray_address, py_modules=list(w.py_modules),
     )
 
 
@@ -151,19 +151,23 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
         else SilentLogger()
     with logger as log:
         for step in range(trainer.start_step + 1, cfg.steps + 1):
+            before = StepStart(torch.get_rng_state(), trainer.prefetched)  # the state after step - 1
             try:
                 metrics, samples = grpo_step(trainer, step)
-            except (RewardFailure, RuntimeError) as err:  # a required reward or the reward pool gave up
-                _stop(trainer, run_dir, step - 1, f"step {step} failed: {err}")
+            except RewardFailure as err:  # a required reward or the reward pool gave up: nothing was applied yet
+                _stop(trainer, run_dir, step, before, f"step {step} failed: {err}")
+            except Exception as err:
+                _crash(trainer, run_dir, step, before, err)
             log.log_metrics(step, metrics)
             if samples is not None:
                 log.log_images(step, *samples)
             bad_steps = bad_steps + 1 if metrics["train/skipped_updates"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
-                _stop(trainer, run_dir, step, f"{bad_steps} steps in a row had a non-finite loss or gradient "
-                      f"(train.max_bad_steps); their updates were skipped")
+                _stop(trainer, run_dir, step + 1, StepStart(torch.get_rng_state(), trainer.prefetched),
+                      f"{bad_steps} steps in a row had a non-finite loss or gradient (train.max_bad_steps); their "
+                      "updates were skipped")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                _save(trainer, run_dir, step)
+                _save(trainer, run_dir, step, StepStart(torch.get_rng_state(), trainer.prefetched))
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
     if world.is_main:  # with the number of processes: rank r sampled rows r*N/W .. (r+1)*N/W-1 of each step
@@ -175,28 +179,94 @@ class TrainingStopped(RuntimeError):
     """The run stopped cleanly: the message says why and where the last checkpoint is."""
 
 
-def _save(trainer: Trainer, run_dir: Path, step: int) -> Path:
+@dataclass(frozen=True)
+class StepStart:
+    """What a checkpoint after a step holds besides the weights: torch's RNG, and rollouts already sampled for the
+    next step (workers.prefetch), which a resumed run must score instead of sampling them again."""
+
+    rng_state: torch.Tensor
+    prefetched: tuple | None
+
+
+def _save(trainer: Trainer, run_dir: Path, step: int, state: StepStart) -> Path:
     return save_checkpoint(
         run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
-        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, step + 1), writer=trainer.world.is_main,
+        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, state.prefetched, step + 1),
+        writer=trainer.world.is_main, rng_state=state.rng_state,
     )
 
 
-def _stop(trainer: Trainer, run_dir: Path, last_good_step: int, why: str):
-    """Checkpoint the weights after `last_good_step` (nothing of a failed step was applied) and stop."""
+def _stop(trainer: Trainer, run_dir: Path, step: int, before: StepStart, why: str):
+    """Stop before `step` changed anything: checkpoint the state after step - 1 (unless it is on disk) and say so."""
     trainer.pool.close()
-    if last_good_step > trainer.start_step:
-        where = f"checkpoint {_save(trainer, run_dir, last_good_step)}; continue with resume={run_dir}"
-    elif trainer.cfg.resume:
-        where = f"nothing new to save; the run can continue again from resume={trainer.cfg.resume}"
+    raise TrainingStopped(f"{why}. Stopped: {_checkpoint_before(trainer, run_dir, step, before)}")
+
+
+def _crash(trainer: Trainer, run_dir: Path, step: int, before: StepStart, err: Exception):
+    """Any other failure of `step`. Once an optimizer step of `step` has run, the weights are half-way between two
+    steps and are never saved; before that, they are the state after step - 1 and are checkpointed as such.
+    An out-of-memory error stops with the phase that ran out and the recipe keys that shrink it; anything else
+    is re-raised (its traceback is a bug report) with a note saying where the run can resume from."""
+    phase = trainer.phase or "between phases"
+    if trainer.moved_in_step == step:
+        where = f"the update of step {step} had begun, so nothing was saved; {_resume_hint(trainer, run_dir)}"
+    elif trainer.world.distributed:
+        where = f"nothing was saved (other processes may still be running); {_resume_hint(trainer, run_dir)}"
     else:
-        where = "no step had completed, so there is nothing to resume"
-    raise TrainingStopped(f"{why}. Stopped: {where}")
+        where = _checkpoint_before(trainer, run_dir, step, before)
+    try:
+        trainer.pool.close()
+    except Exception:  # the pool may be what failed; the note below matters more than its cleanup
+        pass
+    if is_out_of_memory(err):
+        raise TrainingStopped(
+            f"step {step} ran out of memory in phase '{phase}': {str(err).splitlines()[0]}. {SHRINK[phase]}. "
+            f"Stopped: {where}"
+        ) from err
+    err.add_note(f"grpo-image: step {step} failed in phase '{phase}'. {where}")
+    raise err
+
+
+SHRINK = {
+    "rollout": "Sample fewer rows at once: lower sampling.batch_size",
+    "reference": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
+    "decode and rewards": "Decode fewer images at once: lower the decoder's max_batch_size, or raise workers.chunks",
+    "update": "Lower train.micro_batch_size, turn on train.gradient_checkpointing, or lower train.logprob_chunk",
+    "between phases": "See `grpo-image plan` for what the recipe needs",
+}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's, also when raised inside a Ray reward worker."""
+    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
+    if cause is not None and cause is not err and is_out_of_memory(cause):
+        return True
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _checkpoint_before(trainer: Trainer, run_dir: Path, step: int, before: StepStart) -> str:
+    """Checkpoint the state after step - 1 when it is not on disk already; say where the run resumes from."""
+    last = step - 1
+    if last > trainer.start_step and not (run_dir / CHECKPOINTS / f"{PREFIX}{last:06d}").is_dir():
+        return f"checkpoint {_save(trainer, run_dir, last, before)}; continue with resume={run_dir}"
+    return _resume_hint(trainer, run_dir)
+
+
+def _resume_hint(trainer: Trainer, run_dir: Path) -> str:
+    """Which checkpoint on disk a resumed run would continue from."""
+    for folder in (run_dir, trainer.cfg.resume):
+        if folder:
+            try:
+                return f"resume={folder} continues from {find_checkpoint(folder)}"
+            except CheckpointError:
+                continue
+    return "no checkpoint is on disk, so there is nothing to resume"
 
 
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
     """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
-    cfg, timer = trainer.cfg, _Timer()
+    cfg, timer = trainer.cfg, _Timer(trainer)
     # 1-2. prompts and rollouts (sampled during the previous step when workers.prefetch is on)
     # 3. decode + rewards: the pool gets codes, prompts, metadata and seeds only, and works while we go on
     if trainer.prefetched is not None and trainer.prefetched[0] == step:
@@ -287,7 +357,7 @@ def _gather_or_fail(trainer: Trainer, pending) -> ScoredBatch:
     """This rank's scores; a reward failure on any rank stops every rank with its message (none waits forever)."""
     try:
         scored, failure = trainer.pool.gather(pending), None
-    except (RewardFailure, RuntimeError) as err:
+    except Exception as err:
         if not trainer.world.distributed:
             raise
         scored, failure = None, f"{type(err).__name__}: {err}"
@@ -302,11 +372,11 @@ def _submit(trainer: Trainer, step: int, rollout: Rollout):
     return trainer.pool.submit(rollout, _thumbnail_rows(trainer.cfg, step, len(rollout.records)))
 
 
-def _prefetched_tensors(trainer: Trainer, step: int) -> dict[str, torch.Tensor] | None:
-    """The whole batch's prefetched rollouts (gathered from every rank), so any number of ranks can resume."""
-    if trainer.prefetched is None or trainer.prefetched[0] != step:
+def _prefetched_tensors(trainer: Trainer, prefetched: tuple | None, step: int) -> dict[str, torch.Tensor] | None:
+    """The whole batch's rollouts prefetched for `step` (gathered from every rank), so any number of ranks resume."""
+    if prefetched is None or prefetched[0] != step:
         return None
-    rollout, world = trainer.prefetched[1], trainer.world
+    rollout, world = prefetched[1], trainer.world
     return {
         "codes": torch.from_numpy(gather_rows(world, rollout.codes.cpu().numpy())),  # [N, L]
         "old_logprobs": torch.from_numpy(gather_rows(world, rollout.old_logprobs.cpu().numpy())),  # [N, L]
@@ -315,8 +385,8 @@ def _prefetched_tensors(trainer: Trainer, step: int) -> dict[str, torch.Tensor] 
 
 @torch.no_grad()
 def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """Reference log-probs [N, L], computed a minibatch at a time to bound memory."""
-    size = len(prompts) // trainer.cfg.train.minibatches
+    """Reference log-probs [N, L], computed a micro-batch (else a minibatch) at a time to bound memory."""
+    size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
     pieces = []
     with trainer.weights.reference() as reference:
         reference.model.eval()
@@ -347,9 +417,10 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
             finite = True
             for rows in minibatch.split(micro):
                 share = len(rows) / len(minibatch)  # token mean over the minibatch: equal L, so weight by rows
-                logprobs = teacher_forced_logprobs(
-                    policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
-                )  # [n_micro, L]
+                with trainer.weights.compute():
+                    logprobs = teacher_forced_logprobs(
+                        policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
+                    )  # [n_micro, L]
                 loss, micro_stats = grpo_loss(
                     logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
                     advantages[rows], cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
@@ -363,15 +434,19 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
             stats["grad_norm"] = float(grad_norm)
             finite = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
             if finite:
+                trainer.moved_in_step = step  # from here on a failure leaves this step half-applied
                 trainer.optimizer.step()
             else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update
                 trainer.optimizer.zero_grad(set_to_none=True)
             stats["skipped_updates"] = 0.0 if finite else 1.0
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
-    trainer.scheduler.step()
+    with warnings.catch_warnings():  # every update of the step may have been skipped: the schedule still moves on
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        trainer.scheduler.step()
     metrics = {f"train/{key}": float(np.mean(values)) for key, values in totals.items()}
     metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
+    metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
     return metrics
 
@@ -419,14 +494,20 @@ def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
 
 
-class _Timer:
-    """Wall seconds per named phase of a step."""
+PHASES = {"rollout": "rollout", "ref": "reference", "reward_wait": "decode and rewards", "update": "update"}
 
-    def __init__(self) -> None:
+
+class _Timer:
+    """Wall seconds per named phase of a step (`time/<name>`); the trainer knows which phase is running."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
-        yield
+        self.trainer.phase = PHASES[name]
+        yield  # an exception leaves the phase set, for the failure message
+        self.trainer.phase = None
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

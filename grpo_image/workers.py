@@ -8,7 +8,6 @@ it has the `submit` / `gather` shape of an asynchronous pool so that the trainer
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -17,13 +16,18 @@ from typing import Any
 import numpy as np
 
 from grpo_image.config import instantiate
+from grpo_image.decoders import decode_images
 from grpo_image.types import RewardOutput, Rollout, ScoredBatch
 
 THUMBNAIL_PX = 128  # longest side of a logged thumbnail: enough for a caption grid, small to ship between processes
 
 
 class RewardFailure(RuntimeError):
-    """A required reward failed: the message names the reward and the samples."""
+    """A required reward failed, or the reward pool gave up on a chunk: the message names the reward or the samples.
+
+    It is the one failure that leaves a step cleanly unapplied (rewards are gathered before any update), so the
+    trainer checkpoints the step before and stops; every other exception is treated as a crash.
+    """
 
 
 @dataclass
@@ -55,15 +59,12 @@ class RewardWorker:
 
     def __init__(self, decoder_cfg: dict, reward_specs: list[dict]) -> None:
         self.decoder = instantiate(decoder_cfg)
-        # decoders conditioned on text (X-Omni's English decoder) take the rollouts' prompts as well
-        self.decoder_takes_prompts = "prompts" in inspect.signature(self.decoder.__call__).parameters
         self.specs = reward_specs
         self.rewards = [instantiate(spec["scorer"]) for spec in reward_specs]
 
     def score(self, job: RewardJob) -> ChunkResult:
         started = time.perf_counter()
-        extra = {"prompts": job.prompts} if self.decoder_takes_prompts else {}
-        images = self.decoder(job.codes, job.grid, job.decode_seeds, **extra)  # uint8 [n, H, W, 3]
+        images = decode_images(self.decoder, job.codes, job.grid, job.decode_seeds, job.prompts)  # uint8 [n, H, W, 3]
         scores, info = score_images(self.specs, self.rewards, images, job.prompts, job.metadata, job.first_row)
         nan_counts = {spec["name"]: int(np.isnan(scores[:, k]).sum()) for k, spec in enumerate(self.specs)}
         thumbs = thumbnails(images, job.thumbnail_rows)

@@ -67,3 +67,64 @@ def sharded_policy_on_rank(rank: int, port: int, out: str) -> None:
     still_sharded = all(isinstance(p, DTensor) for p in layer_params)
     torch.save({**shards, "still_sharded": still_sharded, "codes": codes, "logprobs": logprobs}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+RECIPE_OVERRIDES = [  # the demo recipe at test size, as tests/test_distributed.py's SMALL, in-process rewards
+    "data.prompts=prompts/tiny_colors.jsonl", "data.batch_size=4", "data.group_size=4", "train.minibatches=1",
+    "policy.hidden_size=32", "policy.num_layers=2", "policy.grid=[2,2]", "sample_every=0",
+]
+
+
+def whole_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def replicas_on_rank(rank: int, port: int, out: str) -> None:
+    """Each rank builds its policy from another seed; after start every replica must be rank 0's (LoRA, FSDP)."""
+    from grpo_image.config import load_recipe
+    from grpo_image.train import build_trainer
+
+    world = join(rank, port)
+    result = {}
+    for mode, extra in (("lora", []), ("fsdp", ["train.mode=full", "train.fsdp=true"])):
+        cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, f"policy.seed={rank}", *extra,
+                                                    f"train.mode={'lora' if mode == 'lora' else 'full'}",
+                                                    f"output_dir={out}/{mode}"])
+        torch.manual_seed(100 + rank)  # LoRA's initialisation draws from the global RNG: make it differ too
+        trainer = build_trainer(cfg, world)
+        result[mode] = whole_parameters(trainer.policy.model)
+        if mode == "fsdp":
+            result["reference"] = whole_parameters(trainer.weights.reference_policy.model)
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def bf16_fsdp_step_on_rank(rank: int, port: int, out: str) -> None:
+    """One bf16 FSDP step at lr 1e-6: count the master-weight elements that have a gradient and those that moved."""
+    from torch.distributed.tensor import DTensor
+
+    from grpo_image.config import load_recipe
+    from grpo_image.train import build_trainer, grpo_step
+
+    world = join(rank, port)
+    cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, "policy.dtype=bfloat16", "train.mode=full",
+                                                "train.fsdp=true", "train.lr=1e-6", f"output_dir={out}/run"])
+    trainer = build_trainer(cfg, world)
+    params = dict(trainer.policy.model.named_parameters())
+    local = {name: (p.to_local() if isinstance(p, DTensor) else p) for name, p in params.items()}
+    before = {name: value.detach().clone() for name, value in local.items()}
+    metrics, _ = grpo_step(trainer, 1)
+    with_grad = moved = 0
+    for name, param in params.items():
+        if param.grad is None:
+            continue
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        stepped = grad != 0
+        with_grad += int(stepped.sum())
+        moved += int((stepped & (local[name].detach() != before[name])).sum())
+    dtypes = sorted({str(value.dtype) for value in local.values()})
+    torch.save({"with_grad": with_grad, "moved": moved, "dtypes": dtypes, "metrics": metrics}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()

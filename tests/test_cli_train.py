@@ -61,12 +61,14 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_continues_exactly(tmp_path, mode):
+@pytest.mark.parametrize("mode, dtype", [("lora", "float32"), ("full", "float32"), ("lora", "bfloat16"),
+                                         ("full", "bfloat16")])
+def test_resume_continues_exactly(tmp_path, mode, dtype):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run(straight, "steps=4", f"train.mode={mode}") == 0
-    assert run(split, "steps=2", f"train.mode={mode}") == 0
-    assert run(split, "steps=4", f"train.mode={mode}", f"resume={split}") == 0
+    setting = [f"train.mode={mode}", f"policy.dtype={dtype}"]
+    assert run(straight, "steps=4", *setting) == 0
+    assert run(split, "steps=2", *setting) == 0
+    assert run(split, "steps=4", *setting, f"resume={split}") == 0
     expected, got = comparable(read_metrics(straight / "metrics.jsonl")), comparable(read_metrics(split / "metrics.jsonl"))
     assert [row["step"] for row in got] == [1, 2, 3, 4]
     assert got == expected

@@ -122,11 +122,11 @@ def test_reward_specs_fill_in_weight_and_required(tmp_path):
     ("train.mode=half", "'train.mode' must be one of lora, full; got 'half'"),
     ("advantages.scale=prompt", "'advantages.scale' must be one of group, batch, none"),
     ("advantages.aggregation=mean", "'advantages.aggregation' must be one of sum_then_normalize, normalize_then_sum"),
-    ("advantages.eps=0", "advantages.eps must be > 0"),
-    ("sampling.temperature=0", "sampling.temperature must be > 0"),
-    ("sampling.top_p=1.5", "0 < top_p <= 1"),
+    ("advantages.eps=0", "'advantages.eps' must be > 0"),
+    ("sampling.temperature=0", "'sampling.temperature' must be > 0, got 0"),
+    ("sampling.top_p=1.5", "'sampling.top_p' must be in (0, 1], got 1.5"),
     ("workers.backend=threads", "'workers.backend' must be one of inprocess, ray"),
-    ("save_every=0", "save_every must be >= 1"),
+    ("save_every=0", "'save_every' must be >= 1, got 0"),
 ])
 def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message):
     monkeypatch.chdir(REPO)

@@ -77,6 +77,44 @@ def test_fsdp_shards_the_layers_and_samples_with_the_whole_weights(tmp_path):
         torch.testing.assert_close(rank["logprobs"], logprobs, rtol=1e-5, atol=1e-5)
 
 
+def test_replicas_start_as_rank_0s_even_when_seeded_differently(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the spawned ranks read recipes/ and prompts/ relative to the repository
+    ranks = on_two_ranks(helpers.replicas_on_rank, tmp_path)
+    seed_1 = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=1).model.state_dict()
+    for part in ("lora", "fsdp", "reference"):
+        zero, one = ranks[0][part], ranks[1][part]
+        assert zero.keys() == one.keys()
+        for name in zero:
+            torch.testing.assert_close(one[name], zero[name], rtol=0, atol=0, msg=f"{part}: {name}")
+    differed = [n for n, v in seed_1.items() if n in ranks[0]["fsdp"] and not torch.equal(v, ranks[0]["fsdp"][n])]
+    assert differed  # rank 1 was built from another seed: only the broadcast made it rank 0's
+
+
+def test_bf16_fsdp_moves_every_sharded_master_weight_that_has_a_gradient(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for rank in on_two_ranks(helpers.bf16_fsdp_step_on_rank, tmp_path):
+        assert rank["dtypes"] == ["torch.float32"]  # fp32 shards and replicated fp32 masters
+        assert rank["with_grad"] > 1000 and rank["moved"] == rank["with_grad"]
+        assert rank["metrics"]["train/skipped_updates"] == 0
+        assert abs(rank["metrics"]["train/ratio_mean_first"] - 1) < 1e-3
+
+
+def test_a_collective_refuses_a_tensor_off_the_process_groups_device():
+    world = helpers.World(0, 2, torch.device("cuda", 0))  # what a GPU rank holds: NCCL takes CUDA tensors only
+    with pytest.raises(RuntimeError, match="tensor on cpu but the process group's device is cuda:0"):
+        world.collective_tensor(torch.zeros(1))
+
+
+def test_the_world_trains_on_the_local_gpu_when_there_is_one(monkeypatch):
+    from grpo_image import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.join_world().device == torch.device("cuda", 3)
+
+
 def train(out: Path, processes: int, *overrides: str) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(free_port())] if processes > 1 else [sys.executable]

@@ -28,8 +28,12 @@ TINY_OPEN_CLIP = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 PROMPTS = [("a shop sign that says OPEN", "OPEN"), ("一块写着开业的招牌", "开业")]
-ONE_STEP = ["steps=1", "data.batch_size=2", "data.group_size=2", "train.minibatches=1", "sample_every=1",
-            "workers.backend=inprocess", "workers.prefetch=false", "train.logprob_chunk=4", "logging.num_samples=2"]
+PEAKED_HEAD = 40.0
+# The recipes' own precision, sampling and minibatch settings at test size: 2 prompts x 4 rollouts = 8 rollouts, so
+# the recipes' 8 minibatches hold one rollout each.
+ONE_STEP = ["steps=1", "data.batch_size=2", "data.group_size=4", "sample_every=1", "workers.backend=inprocess",
+            "workers.prefetch=false", "train.logprob_chunk=4", "logging.num_samples=2", "sampling.batch_size=0",
+            "train.micro_batch_size=0"]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +47,18 @@ def assets(tmp_path_factory):
     from grpo_image.policies.lora import LoraWeights
     from grpo_image.policies.xomni import tiny_xomni_policy
 
-    xomni = tiny_xomni_policy(grid=(2, 3), image_vocab_size=64)  # the decoder parts' codebook has 64 codes
+    xomni = tiny_xomni_policy(grid=(2, 3), image_vocab_size=64, dtype="bfloat16")  # the decoder parts: 64 codes
+    with torch.no_grad():  # a head as peaked as a trained model's: min-p 0.03 keeps a few codes of the 64
+        xomni.model.mm_head.weight.mul_(PEAKED_HEAD)
     xomni.save_pretrained(root / "xomni")
     adapter = LoraWeights(tiny_xomni_policy(grid=(2, 3), image_vocab_size=64), 4, 8, 0.0, ["q_proj", "v_proj"])
     for name, param in adapter.policy.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)  # a non-trivial English-stage adapter to continue from
     adapter.save(root / "en_adapter")
-    tiny_janus_policy().save_pretrained(root / "janus")
+    janus = tiny_janus_policy()
+    janus.model.to(torch.bfloat16)  # saved in the recipes' dtype, as the real checkpoints are
+    janus.save_pretrained(root / "janus")
     (root / "clip").mkdir()
     (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
     hps_model = f"local-dir:{root / 'clip'}"
@@ -82,7 +90,7 @@ def xomni_decoder(root: Path, variant: str) -> list[str]:
 
 def overrides(recipe: str, root: Path, hps_model: str, url: str) -> list[str]:
     hps = [f"rewards.{{hps}}.scorer.checkpoint={root / 'HPS_v2.1_compressed.pt'}", f"rewards.{{hps}}.scorer.model_name={hps_model}"]
-    xomni_policy = [f"policy.path={root / 'xomni'}", "policy.height=32", "policy.width=48", "policy.dtype=float32"]
+    xomni_policy = [f"policy.path={root / 'xomni'}", "policy.height=32", "policy.width=48"]
     if recipe.startswith("xomni_en"):
         order = {"hps": 0, "unified": 1, "alignment": 2}
         return [*xomni_policy, *xomni_decoder(root, "en"), *[h.format(**order) for h in hps],
@@ -90,7 +98,7 @@ def overrides(recipe: str, root: Path, hps_model: str, url: str) -> list[str]:
     if recipe == "xomni_zh_stage":
         return [*xomni_policy, *xomni_decoder(root, "zh"), f"train.init_from={root / 'en_adapter'}",
                 *[h.format(hps=1) for h in hps], f"rewards.2.scorer.base_url={url}"]
-    return [f"policy.path={root / 'janus'}", "policy.dtype=float32", f"decoder.path_or_model={root / 'janus'}",
+    return [f"policy.path={root / 'janus'}", f"decoder.path_or_model={root / 'janus'}",
             *[h.format(hps=0) for h in hps], f"rewards.1.scorer.base_url={url}"]
 
 
@@ -117,6 +125,42 @@ def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mo
     assert (tmp_path / "samples" / "step_000001.png").is_file()
     saved = tmp_path / "checkpoints" / "step_000001" / "policy"
     assert (saved / ("adapter_model.safetensors" if mode == "lora" else "config.json")).is_file()
+
+
+@pytest.mark.timeout(900)
+def test_xomni_lora_recipe_trains_in_bf16_with_its_own_settings(assets, tmp_path):
+    """xomni_en_lora.yaml as shipped (bf16, min-p 0.03, temperature 1, 8 minibatches, clip 0.2 / 0.28, KL 0.01) on
+    the peaked tiny X-Omni, 3 steps at an lr that moves the policy: no update is skipped, every KL is finite and each
+    step's first minibatch, which is on-policy, has a ratio of 1."""
+    root, hps_model = assets
+    with ChatServer(reply) as server:
+        code = main(["train", str(REPO / "recipes" / "xomni_en_lora.yaml"), *ONE_STEP, "steps=3", "train.lr=2e-2",
+                     "sample_every=0", f"data.prompts={root / 'prompts.jsonl'}", f"output_dir={tmp_path}",
+                     *overrides("xomni_en_lora", root, hps_model, server.base_url)])
+    assert code == 0
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["train/skipped_updates"] for row in rows] == [0, 0, 0]
+    for row in rows:
+        assert row["train/kl"] is not None and math.isfinite(row["train/kl"])
+        assert abs(row["train/ratio_mean_first"] - 1) <= 1e-3, row
+    assert rows[-1]["train/kl"] > 1e-6  # the policy moved away from its reference
+    assert rows[-1]["train/clip_frac"] is not None
+
+
+def test_sample_and_eval_decode_x_omni_en_with_its_prompts(assets, tmp_path):
+    """X-Omni's English decoder is conditioned on the prompt: `sample` and `eval` pass it as the workers do."""
+    root, hps_model = assets
+    recipe = str(REPO / "recipes" / "xomni_en_lora.yaml")
+    with ChatServer(reply) as server:
+        extra = overrides("xomni_en_lora", root, hps_model, server.base_url)
+        assert main(["sample", recipe, *extra, "--prompts", str(root / "prompts.jsonl"), "--n", "2",
+                     "--out", str(tmp_path / "samples")]) == 0
+        assert main(["eval", recipe, *extra, "--prompts", str(root / "prompts.jsonl"), "--n", "1",
+                     "--rewards", "unified", "--out", str(tmp_path / "eval")]) == 0
+    images = sorted(path.name for path in (tmp_path / "samples").glob("*.png"))
+    assert images == ["0000_1.png", "0000_2.png", "0001_1.png", "0001_2.png"]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["summary"]["model"]["reward/unified"]["mean"] == pytest.approx(0.8)  # "Final Score: 4" / 5
 
 
 def test_every_recipe_validates_with_its_own_prompt_set(assets, monkeypatch, capsys):

@@ -60,7 +60,24 @@ CASES = [  # (id, recipe or None for the demo's, overrides(tmp), message)
     ("batch_does_not_divide", None, lambda t: ["data.batch_size=3", "train.minibatches=5"],
      "train.minibatches (5) must divide N = B * G = 12"),
     ("resume_is_not_a_checkpoint", None, lambda t: [f"resume={t}"], "no complete checkpoint found"),
+    ("negative_learning_rate", None, lambda t: ["train.lr=-1"], "'train.lr' must be > 0, got -1"),
+    ("output_dir_is_a_file", None, lambda t: [f"output_dir={a_file(t)}"], "exists and is not a folder"),
+    ("one_rollout_per_group", None, lambda t: ["data.group_size=1"], "'data.group_size' must be >= 2"),
+    ("top_p_zero", None, lambda t: ["sampling.top_p=0"], "'sampling.top_p' must be in (0, 1], got 0"),
+    ("one_adam_beta", None, lambda t: ["train.adam_betas=[0.9]"], "'train.adam_betas' must be two numbers"),
+    ("unknown_scheduler", None, lambda t: ["train.scheduler=nope"], "'train.scheduler' must be one of linear"),
+    ("module_is_a_file", None, lambda t: [f"workers.py_modules=[{a_file(t)}]"], "is not a folder"),
+    ("negative_timeout", None, lambda t: ["workers.timeout_s=-5"], "'workers.timeout_s' must be > 0, got -5"),
+    ("infinite_reward_weight", None, lambda t: ["rewards.0.weight=.inf"], "'rewards.0.weight' must be a finite"),
+    ("sampler_batch_below_one_prompt", None, lambda t: ["sampling.cfg_scale=2.0", "sampling.batch_size=1"],
+     "sampling.batch_size must be 0 (all rows at once) or at least 2"),
 ]
+
+
+def a_file(tmp: Path) -> Path:
+    path = tmp / "a_file.txt"
+    path.write_text("not a folder\n")
+    return path
 
 
 @pytest.mark.parametrize("recipe, overrides, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -73,6 +90,14 @@ def test_bad_input_is_refused_with_one_line_and_no_run_folder(tmp_path, capsys, 
     assert err.startswith("grpo-image: error: ") and "\n" not in err
     assert message in err, err
     assert not out.exists()
+
+
+def test_every_documented_key_of_a_reward_entry_can_be_set_by_override():
+    from grpo_image.config import load_recipe, reward_specs
+
+    cfg = load_recipe(RECIPE, ["rewards.0.required=false", "rewards.1.weight=0.5"])
+    specs = reward_specs(cfg)
+    assert [spec["required"] for spec in specs] == [False, True] and specs[1]["weight"] == 0.5
 
 
 def test_a_non_finite_loss_skips_the_update_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -213,4 +238,4 @@ def test_a_judge_server_that_is_down_is_retried_then_stops_the_run_cleanly(tmp_p
     assert main(["train", RECIPE, *SMALL, "steps=2", judge, f"output_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert "step 1 failed: required reward 'judge' failed on sample 0" in err
-    assert "no step had completed, so there is nothing to resume" in err
+    assert "no checkpoint is on disk, so there is nothing to resume" in err

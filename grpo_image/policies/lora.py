@@ -1,39 +1,64 @@
-"""The one place where training LoRA adapters differs from training full weights.
+"""The one place where training LoRA adapters differs from training full weights, precision included.
 
-Both modes answer the same three questions for the trainer: which parameters the optimizer updates, how to run
-the reference policy for the KL term, and how to save and restore the trained weights. LoRA's reference is the
-same model with its adapters disabled (no second copy); full fine-tuning keeps a frozen copy, and none at all
-when the KL weight is 0.
+Both modes answer the same questions for the trainer: which parameters the optimizer updates, in which precision
+the policy computes, how to run the reference policy for the KL term, and how to save and restore the trained
+weights. LoRA's reference is the same model with its adapters disabled (no second copy); full fine-tuning keeps a
+frozen copy, and none at all when the KL weight is 0.
+
+Precision (docs/algorithm.md, "Precision"): the policy's dtype (`policy.dtype` in a recipe) is the compute
+precision, and what the optimizer updates is always fp32. An AdamW step of lr 1e-6 is below half a bf16 ULP of most
+weights, so bf16 parameters would round most updates away.
+- LoRA: the base stays in its dtype and frozen; peft keeps the adapters in fp32 (`autocast_adapter_dtype`), and
+  with them their gradients and AdamW moments.
+- Full: trainable bf16 parameters are turned into fp32 once; they are the master weights and the optimizer state is
+  fp32. Every policy forward (rollouts, teacher-forced, reference) runs under `torch.autocast` in bf16, so the
+  matrix multiplies use the bf16 rounding of the masters, as a bf16 model would, while updates accumulate in fp32.
+  Checkpoints hold the fp32 masters, so resume is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
 
+from grpo_image.distributed import World, broadcast_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FULL_WEIGHTS_FILE = "model.safetensors"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _TrainedWeights:
-    """What both modes share: optimizer state and the weights the rollouts are sampled with.
+    """What both modes share: optimizer state, the compute precision and the weights the rollouts are sampled with.
 
     Optimizer state is keyed by parameter name, not position: the same file restores a plain, a DDP or an FSDP
     optimizer, so a checkpoint resumes with a different number of processes.
     """
 
     policy: CausalLMPolicy
+    compute_dtype: torch.dtype | None = None  # autocast dtype; None: the parameters are the compute precision
 
-    def rollout_weights(self) -> contextlib.AbstractContextManager:
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context every policy forward runs in: autocast to the compute dtype over fp32 master weights."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.policy.device.type, dtype=self.compute_dtype)
+
+    @contextlib.contextmanager
+    def rollout_weights(self) -> Iterator[None]:
         """A context in which the policy samples; the weights are whole already (FSDP gathers them here)."""
-        return contextlib.nullcontext()
+        with self.compute():
+            yield
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.model.parameters() if p.requires_grad]
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -46,6 +71,14 @@ class _TrainedWeights:
         set_optimizer_state_dict(self.policy.model, optimizer, state, options=whole_state_options())
 
 
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers has deprecated: its notice is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def whole_state_options():
     """Whole (unsharded) state, gathered to the CPU of rank 0 when sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -54,7 +87,7 @@ def whole_state_options():
 
 
 class LoraWeights(_TrainedWeights):
-    """Train peft LoRA adapters on the policy's model; the reference is the base model (adapters off)."""
+    """Train peft LoRA adapters (fp32) on the policy's model; the reference is the base model (adapters off)."""
 
     def __init__(self, policy: CausalLMPolicy, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
         """`target_modules`: module-name suffixes (a list), or one regex over full module names (a string)."""
@@ -62,11 +95,9 @@ class LoraWeights(_TrainedWeights):
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-        policy.model = get_peft_model(policy.model, config)
+        with peft_quietly():  # autocast_adapter_dtype (peft's default) keeps bf16/fp16 bases' adapters in fp32
+            policy.model = get_peft_model(policy.model, config, autocast_adapter_dtype=True)
         self.policy = policy
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.policy.model.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMPolicy]:
@@ -91,24 +122,33 @@ class LoraWeights(_TrainedWeights):
 
 
 class FullWeights(_TrainedWeights):
-    """Train every weight; the reference is a frozen copy made before the first update (none when beta is 0)."""
+    """Train every weight in fp32 masters; the reference is a frozen copy made before the first update.
 
-    def __init__(self, policy: CausalLMPolicy, keep_reference: bool):
+    `init_from` (a previous run's checkpoint) is loaded into the fp32 masters before the reference is copied, so
+    the reference is the model the run starts from and a previous stage's fp32 weights are not rounded. With several
+    processes, every rank's weights become rank 0's before the reference is copied (and before FSDP shards them).
+    """
+
+    def __init__(
+        self, policy: CausalLMPolicy, keep_reference: bool, init_from: str | Path | None = None, world: World = World()
+    ):
         self.policy = policy
+        self.compute_dtype = keep_fp32_masters(policy.model)
+        if init_from:
+            load_initial_weights(policy, init_from)
+        broadcast_from_rank0(world, policy.model)  # replicas (and their references) start as rank 0's
         self.reference_policy = None
         if keep_reference:
             frozen = copy.deepcopy(policy.model).requires_grad_(False).eval()
             self.reference_policy = copy.copy(policy)
             self.reference_policy.model = frozen
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.policy.model.parameters() if p.requires_grad]
-
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMPolicy]:
         if self.reference_policy is None:
             raise RuntimeError("no reference model is kept when train.beta is 0")
-        yield self.reference_policy
+        with self.compute():
+            yield self.reference_policy
 
     def save(self, folder: Path | None) -> None:
         """The whole model with its tokenizer: the folder loads as a policy checkpoint by itself (None: see LoRA)."""
@@ -116,11 +156,32 @@ class FullWeights(_TrainedWeights):
             self.policy.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
-        state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
-        self.policy.model.load_state_dict(state, strict=False)
-        missing = set(self.policy.model.state_dict()) - set(state)
-        if missing - _tied_names(self.policy.model):
-            raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+        load_full_weights(self.policy.model, folder)
+
+
+def keep_fp32_masters(model: torch.nn.Module) -> torch.dtype | None:
+    """Turn trainable bf16 parameters into fp32 master weights in place; return bf16, the compute dtype (or None).
+
+    fp16 is refused: without loss scaling its gradients underflow, and every recipe here computes in bf16.
+    """
+    low = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in LOW_PRECISION}
+    if not low:
+        return None
+    if torch.float16 in low:
+        raise ValueError("full fine-tuning in float16 is not supported (it needs loss scaling): use dtype bfloat16")
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return torch.bfloat16
+
+
+def load_full_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Full weights from `folder`/model.safetensors into `model` in place (cast to each parameter's dtype)."""
+    state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    if missing - _tied_names(model):
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -134,28 +195,43 @@ def load_initial_weights(policy: CausalLMPolicy, folder: str | Path) -> None:
 
     An adapter is merged into the base weights, so that this run's reference (adapters disabled, or the frozen
     copy) is the model it starts from, as when a Chinese RL stage continues from an English RL checkpoint. Full
-    weights are loaded in place (a sharded full checkpoint: point `policy.path` at it instead).
+    weights are loaded in place (a sharded full checkpoint: point `policy.path` at it instead). Which parameters
+    are trainable is left as it was.
     """
     folder = Path(folder)
     folder = folder / "policy" if (folder / "policy").is_dir() else folder
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        policy.model = PeftModel.from_pretrained(policy.model, folder).merge_and_unload()
-        policy.model.requires_grad_(True)  # peft froze the base while the adapter was attached
+        trainable = [p.requires_grad for p in policy.model.parameters()]
+        with peft_quietly():
+            policy.model = PeftModel.from_pretrained(policy.model, folder).merge_and_unload()
+        for param, flag in zip(policy.model.parameters(), trainable):  # peft froze the base while attached
+            param.requires_grad_(flag)
     elif (folder / FULL_WEIGHTS_FILE).is_file():
-        FullWeights(policy, keep_reference=False).load(folder)
+        load_full_weights(policy.model, folder)
     else:
         raise FileNotFoundError(f"train.init_from: {folder} holds neither a LoRA adapter nor {FULL_WEIGHTS_FILE}")
 
 
-def make_weights(policy: CausalLMPolicy, train_cfg) -> LoraWeights | FullWeights:
-    """Build the recipe's training mode (`train.mode`: lora or full) around the policy."""
+def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> LoraWeights | FullWeights:
+    """Build the recipe's training mode (`train.mode`: lora or full) around the policy, from `train.init_from`.
+
+    With several processes, every replica (base and adapters, or full weights) starts as rank 0's.
+    """
     if train_cfg.mode == "lora":
+        if train_cfg.init_from:
+            load_initial_weights(policy, train_cfg.init_from)  # merged into the base, under the new adapters
         lora = train_cfg.lora
         targets = lora.target_regex if lora.target_regex else list(lora.target_modules)
-        return LoraWeights(policy, lora.r, lora.alpha, lora.dropout, targets)
-    if train_cfg.mode == "full":
-        return FullWeights(policy, keep_reference=train_cfg.beta > 0)
-    raise ValueError(f"train.mode must be lora or full, got {train_cfg.mode!r}")
+        weights = LoraWeights(policy, lora.r, lora.alpha, lora.dropout, targets)
+        broadcast_from_rank0(world, policy.model)
+        return weights
+    if train_cfg.mode != "full":
+        raise ValueError(f"train.mode must be lora or full, got {train_cfg.mode!r}")
+    keep_reference = train_cfg.beta > 0
+    if train_cfg.fsdp:
+        from grpo_image.fsdp import ShardedFullWeights
 
+        return ShardedFullWeights(policy, keep_reference, train_cfg.init_from, world)
+    return FullWeights(policy, keep_reference, train_cfg.init_from, world)

@@ -67,15 +67,19 @@ def tiny_policy(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> CausalLMPolicy:
-    """Load a saved tiny policy from `path`, or build a randomly initialised one (seeded) when path is None."""
+    """Load a saved tiny policy from `path`, or build a randomly initialised one (seeded) when path is None.
+
+    `dtype` is the compute precision, as for the real policies (bfloat16 runs on the CPU too).
+    """
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     if path is not None:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tiny policy folder not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     else:
         tokenizer = build_tiny_tokenizer(num_codes)
         config = Qwen2Config(
@@ -96,4 +100,4 @@ def tiny_policy(
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config)
     offset, codes = _code_range(tokenizer)
-    return CausalLMPolicy(model.float(), tokenizer, offset, codes, tuple(grid), XOMNI_TEMPLATE)
+    return CausalLMPolicy(model.to(getattr(torch, dtype)), tokenizer, offset, codes, tuple(grid), XOMNI_TEMPLATE)

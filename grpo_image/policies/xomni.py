@@ -139,8 +139,12 @@ def tiny_xomni_policy(
     num_mm_head_layers: int = 1,
     initializer_range: float = 0.02,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> XOmniPolicy:
-    """A randomly initialised (seeded) X-Omni of toy size with its tokenizer, for CPU runs and tests."""
+    """A randomly initialised (seeded) X-Omni of toy size with its tokenizer, for CPU runs and tests.
+
+    `dtype` is the compute precision, as for `xomni_policy` (bfloat16 runs on the CPU too).
+    """
     tokenizer = build_tiny_xomni_tokenizer(vocab_size, image_vocab_size)
     config = XOmniConfig(
         vocab_size=vocab_size,
@@ -162,4 +166,4 @@ def tiny_xomni_policy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = XOmniForCausalLM(config)
-    return XOmniPolicy(model.float().eval(), tokenizer, tuple(grid))
+    return XOmniPolicy(model.to(getattr(torch, dtype)).eval(), tokenizer, tuple(grid))

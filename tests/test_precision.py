@@ -1,0 +1,58 @@
+"""Mixed precision that learns: bf16 compute over fp32 master weights (full) or fp32 adapters (LoRA)."""
+
+import pytest
+import torch
+
+from grpo_image.config import load_recipe
+from grpo_image.policies.lora import LoraWeights, keep_fp32_masters
+from grpo_image.policies.tiny import tiny_policy
+from grpo_image.train import build_trainer, grpo_step
+from tests.test_cli_train import RECIPE, SMALL
+
+BF16_FULL = [*SMALL, "policy.dtype=bfloat16", "train.mode=full", "train.lr=1e-6", "train.minibatches=1", "steps=1"]
+
+
+def test_bf16_full_fine_tuning_moves_every_master_weight_that_has_a_gradient(tmp_path):
+    trainer = build_trainer(load_recipe(RECIPE, [*BF16_FULL, f"output_dir={tmp_path}"]))
+    params = dict(trainer.policy.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32} and trainer.weights.compute_dtype == torch.bfloat16
+    before = {name: p.detach().clone() for name, p in params.items()}
+    metrics, _ = grpo_step(trainer, 1)  # one minibatch: the gradients left behind are the ones applied
+    assert metrics["train/skipped_updates"] == 0 and abs(metrics["train/ratio_mean_first"] - 1) < 1e-3
+    with_grad = moved = kept_by_bf16 = 0
+    for name, param in params.items():
+        stepped = param.grad is not None and param.grad != 0  # AdamW moves exactly these (weight decay is 0)
+        with_grad += int(stepped.sum())
+        moved += int((stepped & (param.detach() != before[name])).sum())
+        as_bf16 = param.detach().to(torch.bfloat16) != before[name].to(torch.bfloat16)  # what bf16 storage keeps
+        kept_by_bf16 += int((stepped & as_bf16).sum())
+        state = trainer.optimizer.state[param]
+        assert not state or all(v.dtype == torch.float32 for k, v in state.items() if k != "step")
+    assert with_grad > 10_000
+    assert moved == with_grad  # every master weight with a gradient moved by its lr-1e-6 update
+    assert kept_by_bf16 < 0.2 * with_grad  # bf16 parameters would have rounded most of that update away
+
+
+def test_lora_on_a_bf16_base_keeps_its_adapters_and_their_optimizer_state_in_fp32(tmp_path):
+    trainer = build_trainer(load_recipe(RECIPE, [*SMALL, "policy.dtype=bfloat16", "train.mode=lora",
+                                                 "train.lr=1e-3", "steps=1", f"output_dir={tmp_path}"]))
+    trainable = trainer.weights.trainable_parameters()
+    frozen = [p for p in trainer.policy.model.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16} and trainer.weights.compute_dtype is None
+    metrics, _ = grpo_step(trainer, 1)
+    assert metrics["train/skipped_updates"] == 0 and abs(metrics["train/ratio_mean_first"] - 1) < 1e-3
+    for param in trainable:
+        assert all(v.dtype == torch.float32 for k, v in trainer.optimizer.state[param].items() if k != "step")
+
+
+def test_full_fine_tuning_in_fp16_is_refused():
+    model = tiny_policy(hidden_size=16, num_layers=1, dtype="float16").model
+    with pytest.raises(ValueError, match="float16 is not supported .* use dtype bfloat16"):
+        keep_fp32_masters(model)
+
+
+def test_lora_weights_load_into_a_bf16_base():
+    policy = tiny_policy(hidden_size=16, num_layers=1, dtype="bfloat16")
+    weights = LoraWeights(policy, 4, 8, 0.0, ["q_proj"])
+    assert {p.dtype for p in weights.trainable_parameters()} == {torch.float32}
