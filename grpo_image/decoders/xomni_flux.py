@@ -192,9 +192,8 @@ class XOmniFluxDecoder:
     - `variant`: "auto" tells en from zh by the saved weights (zh has a learned `pooled_embeds`).
     - `num_inference_steps`, `cfg_scale`: override X-Omni's vision_config (required without `xomni_path`).
     - `guidance_scale` is FLUX's embedded guidance, fixed at 1.0 by X-Omni. `max_batch_size` caps the rollouts
-      per transformer call (each is run twice, cond and uncond): 4 by default, about 2 GB of activations at
-      1024 px in bf16 beside the transformer's 24 GB; None decodes a whole chunk at once. The result does not
-      depend on it.
+      per transformer call (each is run twice, cond and uncond): 4 by default (`grpo-image plan` says what a
+      batch needs); None decodes a whole chunk at once. The result does not depend on it.
     For en, call with `prompts=` (the generation prompt of each rollout); the empty prompt is the negative.
     """
 
