@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) -e ".[dev,vision,ocr,ray]"
+	$(PIP) -e ".[dev,vision,ocr,ray,datasets]"
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

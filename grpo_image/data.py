@@ -3,6 +3,10 @@
 A prompt set is a `.txt` file (one prompt a line) or a `.jsonl` file (one `{"prompt", "metadata"}` object
 a line); metadata is the only channel from a prompt set to a reward, so it is loaded strictly: a typo in a
 key fails at load time with the file and line, not as a silently NaN reward hundreds of steps later.
+It can also be anything Hugging Face `datasets` reads, as TRL users keep their prompts: a `.parquet`, `.csv`,
+`.json` or `.arrow` file, a folder of them, or a hub id when the machine is online. Its prompt column is named
+by the recipe (`data.prompt_column`), and its metadata is the other columns (or those `data.metadata_columns`
+lists), so a column `text` reaches the OCR reward as `metadata["text"]`.
 
 The group sampler draws B prompts per step and repeats each G times, contiguously, with explicit group ids.
 What it draws is a pure function of (seed, step): a resumed run draws exactly the prompts the original run
@@ -12,6 +16,7 @@ would have, and every rank computes the same global batch and keeps only its own
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,18 +26,32 @@ import torch
 from grpo_image.types import PromptRecord
 
 _JSONL_KEYS = ("prompt", "metadata")
+DATASETS_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 
 class PromptSetError(ValueError):
     """A prompt set that cannot be loaded; the message names the file (and line, where there is one)."""
 
 
-def load_prompts(path: str | Path) -> list[PromptRecord]:
-    """Load a `.txt` or `.jsonl` prompt set; raise `PromptSetError` naming file and line on any problem."""
+def load_prompts(
+    path: str | Path, prompt_column: str = "prompt", metadata_columns: Sequence[str] | None = None,
+    split: str = "train",
+) -> list[PromptRecord]:
+    """Load a prompt set; raise `PromptSetError` naming the file (and line or row) on any problem.
+
+    `.txt` and `.jsonl` are read here; other formats, folders and hub ids through `datasets` (see the module
+    docstring), where the other arguments name the split and columns.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix in DATASETS_FORMATS or path.is_dir() or (not path.exists() and HUB_ID.match(str(path))):
+        return _load_with_datasets(path, prompt_column, metadata_columns, split)
     if suffix not in (".txt", ".jsonl"):
-        raise PromptSetError(f"{path}: unknown prompt set format {path.suffix!r}; expected .txt or .jsonl")
+        raise PromptSetError(
+            f"{path}: unknown prompt set format {path.suffix!r}; expected .txt, .jsonl, or a file datasets reads "
+            f"({', '.join(DATASETS_FORMATS)}), a folder of them or a hub id"
+        )
     if not path.is_file():
         raise PromptSetError(f"{path}: prompt set file not found")
     try:
@@ -69,6 +88,50 @@ def _parse_jsonl_line(line: str, path: Path, lineno: int) -> PromptRecord:
     if not isinstance(metadata, dict):
         raise PromptSetError(f"{where}: 'metadata' must be a JSON object, got {type(metadata).__name__}")
     return PromptRecord(prompt=prompt, metadata=metadata)
+
+
+def _load_with_datasets(
+    path: Path, prompt_column: str, metadata_columns: Sequence[str] | None, split: str
+) -> list[PromptRecord]:
+    """Rows of a datasets-readable source as records: one column the prompt, the others (or the named) metadata."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise PromptSetError(
+            f"{path}: reading this prompt set needs the datasets package: "
+            "pip install -c constraints.txt -e '.[datasets]'"
+        ) from err
+    if path.is_file():
+        source = {"path": DATASETS_FORMATS[path.suffix.lower()], "data_files": str(path)}
+    else:
+        source = {"path": str(path)}  # a local folder, or a hub id (fetched only when the machine is online)
+    try:
+        table = load_dataset(**source, split=split)
+    except Exception as err:  # datasets raises many kinds (missing files, no network, bad split)
+        raise PromptSetError(f"{path}: datasets could not load split {split!r}: {err}") from err
+    columns = list(table.column_names)
+    wanted = [c for c in columns if c != prompt_column] if metadata_columns is None else list(metadata_columns)
+    missing = [c for c in [prompt_column, *wanted] if c not in columns]
+    if missing:
+        raise PromptSetError(f"{path}: no column(s) {missing}; its columns are {columns} (data.prompt_column, "
+                             "data.metadata_columns)")
+    records = []
+    for index, row in enumerate(table):
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptSetError(f"{path}: row {index}: column {prompt_column!r} must be a non-empty string, "
+                                 f"got {prompt!r}")
+        records.append(PromptRecord(prompt=prompt, metadata={c: row[c] for c in wanted if row[c] is not None}))
+    if not records:
+        raise PromptSetError(f"{path}: the prompt set is empty (split {split!r} has no rows)")
+    return records
+
+
+def load_recipe_prompts(data_cfg) -> list[PromptRecord]:
+    """The prompt set a recipe's `data` section names, with its column settings."""
+    columns = data_cfg.metadata_columns
+    return load_prompts(data_cfg.prompts, data_cfg.prompt_column, None if columns is None else list(columns),
+                        data_cfg.split)
 
 
 class GroupSampler:

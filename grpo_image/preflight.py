@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_image.advantages import AGGREGATIONS, SCALES
 from grpo_image.checkpoint import find_checkpoint
 from grpo_image.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
-from grpo_image.data import load_prompts
+from grpo_image.data import load_recipe_prompts
 from grpo_image.sampling import SamplingSettings
 
 PATH_ARGUMENT = re.compile(r"(^|_)(path|dir|file|folder)$")  # component arguments that name local files
@@ -38,7 +38,7 @@ def preflight(cfg: DictConfig) -> int:
     _check_values(cfg)
     _check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     _check_run_paths(cfg)
-    records = load_prompts(cfg.data.prompts)
+    records = load_recipe_prompts(cfg.data)
     _check_rewards_can_score(cfg, records)
     return checked
 
@@ -75,6 +75,9 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not math.isfinite(value) or not ok(value):
             raise RecipeError(f"'{key}' must be {what}, got {value}")
+    columns = cfg.data.metadata_columns
+    if columns is not None and not (OmegaConf.is_list(columns) and all(isinstance(c, str) for c in columns)):
+        raise RecipeError(f"'data.metadata_columns' must be null (every other column) or a list of names, got {columns}")
     betas = list(cfg.train.adam_betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise RecipeError(f"'train.adam_betas' must be two numbers in [0, 1), got {betas}")

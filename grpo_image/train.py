@@ -28,7 +28,7 @@ from grpo_image.checkpoint import (
     CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
 )
 from grpo_image.config import instantiate, reward_specs
-from grpo_image.data import GroupSampler, load_prompts
+from grpo_image.data import GroupSampler, load_recipe_prompts
 from grpo_image.distributed import (
     World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
     join_world, leave_world, mean_over_ranks,
@@ -68,7 +68,7 @@ class Trainer:
 def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     from transformers import get_scheduler
 
-    records = load_prompts(cfg.data.prompts)
+    records = load_recipe_prompts(cfg.data)
     sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed, world.rank, world.size)
     if (cfg.data.batch_size * cfg.data.group_size) % cfg.train.minibatches:
         raise ValueError(

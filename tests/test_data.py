@@ -81,11 +81,12 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_unknown_suffix_lists_supported_formats(tmp_path):
-    path = tmp_path / "p.csv"
+    path = tmp_path / "p.tsv"
     path.write_text("a cat\n", encoding="utf-8")
     with pytest.raises(PromptSetError) as info:
         load_prompts(path)
-    assert ".txt" in str(info.value) and ".jsonl" in str(info.value) and "p.csv" in str(info.value)
+    message = str(info.value)
+    assert all(part in message for part in (".txt", ".jsonl", ".parquet", ".csv", "p.tsv"))
 
 
 @pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl"])
@@ -194,3 +195,36 @@ def test_jsonl_metadata_is_kept_as_written(tmp_path):
     meta = {"color": [255, 0, 0], "nested": {"a": 1}}
     path.write_text(json.dumps({"prompt": "x", "metadata": meta}) + "\n", encoding="utf-8")
     assert load_prompts(path)[0].metadata == meta
+
+
+def test_a_parquet_prompt_set_read_through_datasets_trains_like_the_same_prompts_in_jsonl(tmp_path):
+    from datasets import Dataset
+
+    from grpo_image.cli import main
+    from grpo_image.logging import read_metrics
+    from tests.test_cli_train import RECIPE, SMALL, comparable
+
+    jsonl = Path(__file__).resolve().parents[1] / "prompts" / "tiny_colors.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    # a TRL-style table: the prompt under another name, metadata as plain columns, one column nobody reads
+    table = [{"caption": r["prompt"], **r["metadata"], "source": "written"} for r in rows]
+    Dataset.from_list(table).to_parquet(tmp_path / "colors.parquet")
+    columns = ["data.prompt_column=caption", "data.metadata_columns=[color,color_name]"]
+    from_jsonl, from_parquet = tmp_path / "jsonl", tmp_path / "parquet"
+    assert main(["train", RECIPE, *SMALL, "steps=2", f"output_dir={from_jsonl}"]) == 0
+    assert main(["train", RECIPE, *SMALL, "steps=2", f"data.prompts={tmp_path / 'colors.parquet'}", *columns,
+                 f"output_dir={from_parquet}"]) == 0
+    assert comparable(read_metrics(from_parquet / "metrics.jsonl")) == comparable(read_metrics(from_jsonl / "metrics.jsonl"))
+    records = load_prompts(tmp_path / "colors.parquet", "caption", ["color"])
+    assert records[0] == PromptRecord(rows[0]["prompt"], {"color": rows[0]["metadata"]["color"]})
+    everything = load_prompts(tmp_path / "colors.parquet", "caption")  # every other column is metadata
+    assert set(everything[0].metadata) == {"color", "color_name", "source"}
+
+
+def test_a_datasets_source_without_the_named_column_is_refused_with_its_columns(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"caption": "a red square"}]).to_csv(tmp_path / "prompts.csv", index=False)
+    with pytest.raises(PromptSetError, match=r"no column\(s\) \['prompt'\]; its columns are \['caption'\]"):
+        load_prompts(tmp_path / "prompts.csv")
+    assert load_prompts(tmp_path / "prompts.csv", "caption") == [PromptRecord("a red square", {})]
