@@ -49,6 +49,11 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    process_group: bool | None = None  # collectives run through torch.distributed (default: when size > 1)
+
+    def __post_init__(self) -> None:
+        if self.process_group is None:
+            object.__setattr__(self, "process_group", self.size > 1)
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +61,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether collectives go through a process group (also a group of one, as the GPU check runs NCCL)."""
+        return self.process_group
 
     def rows(self, total: int) -> slice:
         """This rank's contiguous share of `total` rows (total is divisible by W: preflight checks it)."""
