@@ -117,3 +117,14 @@ def group_advantages(
         "nan_frac": (~valid).double().mean().item(),
     }
     return adv.reshape(n).float(), stats  # [N]
+
+
+def weighted_total(scores: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Each sample's weighted sum of its scores [N, K] -> [N], NaN scores left out; NaN when all K are NaN.
+
+    What training logs as `reward/total` and evaluation reports as the total, so that the two agree.
+    """
+    weighted = scores * np.asarray(weights, dtype=np.float32)  # [N, K]
+    total = np.nansum(weighted, axis=1)  # [N]
+    total[np.isnan(scores).all(axis=1)] = np.nan
+    return total

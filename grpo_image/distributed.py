@@ -218,13 +218,12 @@ def gather_scored(world: World, scored: ScoredBatch) -> ScoredBatch:
     this rank's (rank 0's rows are the batch's first rows, so its thumbnail indices hold for the whole batch)."""
     if not world.distributed:
         return scored
-    every = gather_objects(world, (scored.scores, scored.nan_counts, scored.info, scored.worker_seconds))
+    every = gather_objects(world, (scored.scores, scored.info, scored.worker_seconds))
     return dataclasses.replace(
         scored,
         scores=np.concatenate([part[0] for part in every], axis=0),  # [N, K]
-        nan_counts=_summed([part[1] for part in every]),
-        info=_summed([part[2] for part in every]),
-        worker_seconds=max(part[3] for part in every),
+        info=_summed([part[1] for part in every]),
+        worker_seconds=max(part[2] for part in every),
     )
 
 

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 
 from grpo_image.config import RecipeError, instantiate, reward_specs, validate_components
 from grpo_image.generate import generate_images, load_policy, load_prompt_set
-from grpo_image.image_files import find_images, image_batches, progress
+from grpo_image.advantages import weighted_total
+from grpo_image.image_files import folder_batches
 from grpo_image.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
 from grpo_image.types import PromptRecord
 from grpo_image.workers import score_images  # the trainer's reward rules
@@ -73,24 +74,16 @@ def select_rewards(cfg: DictConfig, choice: list[str] | None) -> list[dict]:
 def score_rewards(specs: list[dict], rewards: list, items, folder: Path, batch_size: int, allow_missing: bool,
                   label: str) -> list[dict[str, Any]]:
     """Score every image of a folder with each reward; required/optional/NaN exactly as in training's workers."""
-    found, _ = find_images(folder, [prompt_id for prompt_id, _ in items])
-    empty = [prompt_id for prompt_id, _ in items if not found[prompt_id]]
-    if empty and not allow_missing:
-        raise TextBenchError(f"{folder}: {len(empty)} of {len(items)} prompts have no image (e.g. id {empty[0]})")
-    jobs = [(prompt_id, record, path) for prompt_id, record in items for path in found[prompt_id]]
-    weights = np.array([spec["weight"] for spec in specs], dtype=np.float32)  # [K]
-    rows = []
-    with progress(len(jobs), label) as advance:
-        for start, images in image_batches([path for _, _, path in jobs], batch_size):  # uint8 [b, H, W, 3]
-            b = len(images)
-            batch = jobs[start : start + b]
-            scores, _ = score_images(specs, rewards, images, [r.prompt for _, r, _ in batch],
-                                     [r.metadata for _, r, _ in batch], first_row=start)  # [b, K], training's rules
-            for (prompt_id, _, path), row in zip(batch, scores):
-                total = None if np.isnan(row).all() else float(np.nansum(row * weights))
-                rows.append({"prompt_id": prompt_id, "file": path.name, "total": total,
-                             "scores": {s["name"]: _number(v) for s, v in zip(specs, row)}})
-            advance(b)
+    weights = [spec["weight"] for spec in specs]
+    rows, first = [], 0
+    for batch, images in folder_batches(items, folder, batch_size, allow_missing, label):  # uint8 [b, H, W, 3]
+        scores, _ = score_images(specs, rewards, images, [r.prompt for _, r, _ in batch],
+                                 [r.metadata for _, r, _ in batch], first_row=first)  # [b, K], training's rules
+        totals = weighted_total(scores, weights)  # [b]
+        for (prompt_id, _, path), row, total in zip(batch, scores, totals):
+            rows.append({"prompt_id": prompt_id, "file": path.name, "total": _number(total),
+                         "scores": {s["name"]: _number(v) for s, v in zip(specs, row)}})
+        first += len(batch)
     return rows
 
 

@@ -16,16 +16,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.checkpoint import CheckpointError, find_checkpoint
 from grpo_image.config import instantiate
 from grpo_image.data import load_prompts
 from grpo_image.decoders import decode_images
 from grpo_image.distributed import training_device
 from grpo_image.image_files import image_name, progress, save_images
 from grpo_image.longtext import is_longtext_file, read_longtext
-from grpo_image.policies.lora import (
-    ADAPTER_FILE, FULL_WEIGHTS_FILE, load_full_weights, load_initial_weights, peft_quietly,
-)
+from grpo_image.policies.lora import load_saved_weights, policy_folder
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
 from grpo_image.types import PromptRecord
@@ -40,16 +37,6 @@ def load_prompt_set(path: str | Path) -> list[tuple[int, PromptRecord]]:
     return list(enumerate(load_prompts(path)))
 
 
-def policy_folder(checkpoint: str | Path) -> Path:
-    """The folder holding a checkpoint's weights: given itself (an adapter or a full model), a checkpoint or a run."""
-    path = Path(checkpoint)
-    if (path / "adapter_config.json").is_file() or (path / FULL_WEIGHTS_FILE).is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    return find_checkpoint(path) / "policy"
-
-
 def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
     """The recipe's policy, with a checkpoint's weights when one is given (a peft adapter or full weights).
 
@@ -62,22 +49,10 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
     policy.model.to(training_device())  # the GPU when there is one, as in training
     init_from = OmegaConf.select(cfg, "train.init_from", default=None)
     if init_from:  # the weights the recipe's runs start from (and the base its adapters apply to)
-        load_initial_weights(policy, init_from)
-    if checkpoint is None:
-        return policy
-    folder = policy_folder(checkpoint)
-    _warn_if_trained_from_elsewhere(cfg, folder)
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        if not (folder / ADAPTER_FILE).is_file():
-            raise CheckpointError(f"{folder}: adapter_config.json without {ADAPTER_FILE}")
-        with peft_quietly():
-            policy.model = PeftModel.from_pretrained(policy.model, str(folder), is_trainable=False)
-    elif (folder / FULL_WEIGHTS_FILE).is_file():
-        load_full_weights(policy.model, folder)
-    else:
-        raise CheckpointError(f"{folder}: holds neither a peft adapter nor {FULL_WEIGHTS_FILE}")
+        load_saved_weights(policy, init_from, merge_adapter=True)
+    if checkpoint is not None:
+        _warn_if_trained_from_elsewhere(cfg, policy_folder(checkpoint))
+        load_saved_weights(policy, checkpoint, merge_adapter=False)
     policy.model.eval()
     return policy
 

@@ -78,6 +78,36 @@ def image_batches(paths: list[Path], batch_size: int) -> Iterator[tuple[int, np.
         yield start, np.stack(batch)
 
 
+class MissingImages(ValueError):
+    """A folder that lacks every image of some prompts: the message names the folder and the first such prompt."""
+
+
+def folder_batches(
+    items: list[tuple[int, object]], folder: str | Path, batch_size: int, allow_missing: bool, label: str
+) -> Iterator[tuple[list[tuple[int, object, Path]], np.ndarray]]:
+    """Every image of every (prompt id, record) in `folder`, a batch at a time with a progress bar:
+    ([(prompt id, record, path)] of the batch, uint8 RGB [b, H, W, 3]). Evaluation and LongText scoring read
+    folders this one way.
+
+    A prompt with no image is an error unless `allow_missing`; files that belong to no prompt are reported once.
+    """
+    found, unmatched = find_images(folder, [prompt_id for prompt_id, _ in items])
+    empty = [prompt_id for prompt_id, _ in items if not found[prompt_id]]
+    if empty and not allow_missing:
+        raise MissingImages(
+            f"{folder}: {len(empty)} of {len(items)} prompts have no image (e.g. prompt_id {empty[0]}: expected "
+            f"{image_name(empty[0], 1)}); generate them, or allow missing images to score the rest"
+        )
+    if unmatched:
+        print(f"{folder}: {len(unmatched)} image file(s) belong to no prompt and are ignored, "
+              f"e.g. {unmatched[0].name}", flush=True)
+    jobs = [(prompt_id, record, path) for prompt_id, record in items for path in found[prompt_id]]
+    with progress(len(jobs), label) as advance:
+        for start, images in image_batches([path for _, _, path in jobs], batch_size):
+            yield jobs[start : start + len(images)], images
+            advance(len(images))
+
+
 def save_images(images: np.ndarray, paths: list[Path]) -> None:
     """Write uint8 RGB [n, H, W, 3] as PNG files (lossless: a saved image scores as the one in memory)."""
     for image, path in zip(images, paths):

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from grpo_image.config import import_dotted, instantiate
 from grpo_image.data import load_prompts
-from grpo_image.image_files import find_images, image_batches, progress
+from grpo_image.image_files import folder_batches
 from grpo_image.types import PromptRecord
 
 LONGTEXT_KEYS = ("category", "length", "prompt", "text", "text_length", "prompt_id")
@@ -149,32 +149,17 @@ def score_folder(
 ) -> list[dict[str, Any]]:
     """Read every image of every prompt in `folder` and count its matched and expected units: one row an image."""
     metric = metric or import_dotted(METRIC)
-    found, unmatched = find_images(folder, [prompt_id for prompt_id, _ in items])
-    empty = [prompt_id for prompt_id, _ in items if not found[prompt_id]]
-    if empty and not allow_missing:
-        raise TextBenchError(
-            f"{folder}: {len(empty)} of {len(items)} prompts have no image (e.g. prompt_id {empty[0]}: expected "
-            f"{empty[0]:04d}_1.png); generate them, or allow missing images to score the rest"
-        )
-    if unmatched:
-        print(f"{folder}: {len(unmatched)} image file(s) belong to no prompt and are ignored, "
-              f"e.g. {unmatched[0].name}", flush=True)
-    jobs = [(prompt_id, record, path) for prompt_id, record in items for path in found[prompt_id]]
     rows = []
-    with progress(len(jobs), label) as advance:
-        for start, images in image_batches([path for _, _, path in jobs], batch_size):
-            batch = jobs[start : start + len(images)]
-            readings = reader.read(images)
-            for (prompt_id, record, path), raw in zip(batch, readings):
-                reading = clean_reading(raw)
-                matched, expected = metric(reading, record.metadata["text"])
-                meta = record.metadata
-                rows.append({
-                    "prompt_id": prompt_id, "file": path.name, "lang": meta["lang"], "category": meta.get("category"),
-                    "length": meta.get("length"), "read": reading, "matched": int(matched), "expected": int(expected),
-                    "accuracy": matched / expected if expected else None,
-                })
-            advance(len(batch))
+    for batch, images in folder_batches(items, folder, batch_size, allow_missing, label):
+        for (prompt_id, record, path), raw in zip(batch, reader.read(images)):
+            reading = clean_reading(raw)
+            matched, expected = metric(reading, record.metadata["text"])
+            meta = record.metadata
+            rows.append({
+                "prompt_id": prompt_id, "file": path.name, "lang": meta["lang"], "category": meta.get("category"),
+                "length": meta.get("length"), "read": reading, "matched": int(matched), "expected": int(expected),
+                "accuracy": matched / expected if expected else None,
+            })
     return rows
 
 

@@ -36,7 +36,7 @@ def preflight(cfg: DictConfig) -> int:
     for where in ("policy", "decoder", "rewards"):
         _check_paths(OmegaConf.to_container(cfg[where], resolve=True), where)
     _check_values(cfg)
-    _check_processes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     _check_run_paths(cfg)
     records = load_recipe_prompts(cfg.data)
     _check_rewards_can_score(cfg, records)
@@ -81,9 +81,6 @@ def _check_values(cfg: DictConfig) -> None:
     betas = list(cfg.train.adam_betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise RecipeError(f"'train.adam_betas' must be two numbers in [0, 1), got {betas}")
-    n = cfg.data.batch_size * cfg.data.group_size
-    if n % cfg.train.minibatches:
-        raise RecipeError(f"train.minibatches ({cfg.train.minibatches}) must divide N = B * G = {n}")
     _check_choice("train.mode", cfg.train.mode, ("lora", "full"))
     from transformers import SchedulerType
 
@@ -115,9 +112,12 @@ def _check_run_paths(cfg: DictConfig) -> None:
         find_checkpoint(cfg.resume)
 
 
-def _check_processes(cfg: DictConfig, world_size: int) -> None:
-    """Whole groups and whole minibatch shares on every rank (see grpo_image/distributed.py); FSDP's needs."""
+def check_batches(cfg: DictConfig, world_size: int) -> None:
+    """Minibatches that divide the batch, whole groups and whole minibatch shares on every rank (see
+    grpo_image/distributed.py), and what FSDP needs."""
     b, n, m = cfg.data.batch_size, cfg.data.batch_size * cfg.data.group_size, cfg.train.minibatches
+    if n % m:
+        raise RecipeError(f"train.minibatches ({m}) must divide N = B * G = {n}")
     if b % world_size:
         raise RecipeError(f"data.batch_size ({b}) must be divisible by the {world_size} processes: each holds whole groups")
     if (n // world_size) % m:

@@ -25,7 +25,7 @@ def derive_seeds(seed: int, step: int, stream: int, count: int) -> torch.Tensor:
 
 
 def minibatch_order(
-    seed: int, step: int, epoch: int, group_size: int, minibatches: int, first_row: int, count: int
+    *, seed: int, step: int, epoch: int, group_size: int, minibatches: int, first_row: int, count: int
 ) -> torch.Tensor:
     """Rows first_row .. first_row+count-1 of the batch, ordered minibatch after minibatch: int64 [count] of
     indices relative to first_row; `order.split(count // minibatches)` gives this range's part of each minibatch.

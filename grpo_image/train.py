@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.advantages import group_advantages
+from grpo_image.advantages import group_advantages, weighted_total
 from grpo_image.checkpoint import (
     CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
 )
@@ -37,6 +37,7 @@ from grpo_image.logging import RunLogger, SilentLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
 from grpo_image.policies.lora import make_weights
+from grpo_image.preflight import check_batches
 from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
@@ -70,11 +71,7 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
 
     records = load_recipe_prompts(cfg.data)
     sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed, world.rank, world.size)
-    if (cfg.data.batch_size * cfg.data.group_size) % cfg.train.minibatches:
-        raise ValueError(
-            f"train.minibatches ({cfg.train.minibatches}) must divide N = data.batch_size * data.group_size "
-            f"({cfg.data.batch_size * cfg.data.group_size})"
-        )
+    check_batches(cfg, world.size)  # also when train() is called without the CLI's preflight
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
     policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
@@ -312,24 +309,18 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
 @torch.no_grad()
 def sample_rollout(trainer: Trainer, step: int) -> Rollout:
     """Steps 1-2: draw this step's prompts and sample their code grids with recorded seeds."""
-    records, group_ids = trainer.sampler.sample(step)
+    records, _ = trainer.sampler.sample(step)
     trainer.policy.model.eval()
     sample_seeds = _rank_seeds(trainer, step, STREAM_SAMPLE)  # [N/W]
     with trainer.weights.rollout_weights():
         codes, old_logprobs = sample_codes(trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings)
-    return Rollout(
-        codes, old_logprobs, group_ids, sample_seeds, _rank_seeds(trainer, step, STREAM_DECODE), records,
-        trainer.policy.grid,
-    )
+    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid)
 
 
 def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logprobs: torch.Tensor) -> Rollout:
     """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), codes come from the file."""
-    records, group_ids = trainer.sampler.sample(step)
-    return Rollout(
-        codes, old_logprobs, group_ids, _rank_seeds(trainer, step, STREAM_SAMPLE),
-        _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
-    )
+    records, _ = trainer.sampler.sample(step)
+    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid)
 
 
 def rank_advantages(world: World, scored: ScoredBatch, weights: list[float], cfg: DictConfig):
@@ -409,7 +400,8 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
     policy.model.train()
     for epoch in range(cfg.inner_epochs):
         order = minibatch_order(  # [N/W]: this rank's rows of each global minibatch, minibatch after minibatch
-            trainer.cfg.seed, step, epoch, trainer.cfg.data.group_size, cfg.minibatches, world.rank * n, n
+            seed=trainer.cfg.seed, step=step, epoch=epoch, group_size=trainer.cfg.data.group_size,
+            minibatches=cfg.minibatches, first_row=world.rank * n, count=n,
         )
         for minibatch in order.split(size):
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -461,16 +453,9 @@ def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, floa
         metrics[f"reward/{name}/mean"] = float(valid.mean()) if valid.size else float("nan")
         metrics[f"reward/{name}/std"] = float(valid.std()) if valid.size else float("nan")
         metrics[f"reward/{name}/nan"] = int(np.isnan(column).sum())
-    total = _weighted_total(scores, weights)  # [N]
+    total = weighted_total(scores, weights)  # [N]
     metrics["reward/total/mean"] = float(np.nanmean(total)) if not np.isnan(total).all() else float("nan")
     return metrics
-
-
-def _weighted_total(scores: np.ndarray, weights: list[float]) -> np.ndarray:
-    weighted = scores * np.asarray(weights, dtype=np.float32)  # [N, K]
-    total = np.nansum(weighted, axis=1)  # [N]
-    total[np.isnan(scores).all(axis=1)] = np.nan
-    return total
 
 
 def _thumbnail_rows(cfg: DictConfig, step: int, n: int) -> list[int]:

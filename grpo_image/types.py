@@ -67,15 +67,12 @@ class Decoder(Protocol):
 class Rollout:
     """A batch of N = B * G sampled images, as codes, with everything needed to reproduce it.
 
-    Groups are explicit and contiguous: rows g*G .. g*G+G-1 share one prompt and `group_ids` g.
-    Any logged image and score can be rebuilt from (checkpoint, step, index): the codes come from
-    `sample_seeds` and the pixels from `decode_seeds`.
+    Groups are contiguous: rows g*G .. g*G+G-1 share one prompt. Any logged image and score can be rebuilt from
+    (checkpoint, step, index): the codes from the sampling seeds of (seed, step) and the pixels from `decode_seeds`.
     """
 
     codes: torch.Tensor  # int64 [N, L]
-    old_logprobs: torch.Tensor  # float32 [N, L], behaviour policy (the distribution actually sampled)
-    group_ids: torch.Tensor  # int64 [N]
-    sample_seeds: torch.Tensor  # int64 [N]
+    old_logprobs: torch.Tensor  # float32 [N, L], behaviour log-probs (see docs/algorithm.md)
     decode_seeds: torch.Tensor  # int64 [N]
     records: list[PromptRecord]  # N entries, record i belongs to row i
     grid: tuple[int, int]  # (h, w) in codes, L = h * w
@@ -103,6 +100,5 @@ class ScoredBatch:
     reward_names: list[str]  # K
     thumbnails: np.ndarray  # uint8 [T, h, w, 3]
     thumbnail_rows: list[int]  # T, indices into the N rollouts
-    nan_counts: dict[str, int] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)
     worker_seconds: float = 0.0

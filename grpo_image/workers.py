@@ -49,7 +49,6 @@ class ChunkResult:
 
     scores: np.ndarray  # float32 [n, K]
     thumbnails: np.ndarray  # uint8 [T, h, w, 3]
-    nan_counts: dict[str, int]  # reward name -> samples scored NaN
     info: dict[str, float]  # "reward/<name>/<key>" -> summed count from RewardOutput.info
     seconds: float  # decode + score wall time inside the worker
 
@@ -66,9 +65,8 @@ class RewardWorker:
         started = time.perf_counter()
         images = decode_images(self.decoder, job.codes, job.grid, job.decode_seeds, job.prompts)  # uint8 [n, H, W, 3]
         scores, info = score_images(self.specs, self.rewards, images, job.prompts, job.metadata, job.first_row)
-        nan_counts = {spec["name"]: int(np.isnan(scores[:, k]).sum()) for k, spec in enumerate(self.specs)}
         thumbs = thumbnails(images, job.thumbnail_rows)
-        return ChunkResult(scores, thumbs, nan_counts, info, time.perf_counter() - started)
+        return ChunkResult(scores, thumbs, info, time.perf_counter() - started)
 
 
 def score_images(
@@ -152,7 +150,6 @@ def merge_results(jobs: list[RewardJob], results: list[ChunkResult], names: list
     scores = np.concatenate([results[i].scores for i in order])  # [N, K]
     thumbs = [results[i].thumbnails for i in order if len(results[i].thumbnails)]
     rows = [jobs[i].first_row + row for i in order for row in jobs[i].thumbnail_rows]
-    nan_counts = {name: sum(r.nan_counts[name] for r in results) for name in names}
     info: dict[str, float] = {}
     for result in results:
         for key, value in result.info.items():
@@ -162,7 +159,6 @@ def merge_results(jobs: list[RewardJob], results: list[ChunkResult], names: list
         reward_names=names,
         thumbnails=np.concatenate(thumbs) if thumbs else np.zeros((0, 1, 1, 3), np.uint8),
         thumbnail_rows=rows,
-        nan_counts=nan_counts,
         info=info,
         worker_seconds=max(r.seconds for r in results),
     )

@@ -166,10 +166,10 @@ def test_fsdp_full_fine_tuning_trains_like_one_process_and_resumes_on_one(tmp_pa
 
 @pytest.mark.parametrize("group_size, minibatches, count", [(4, 2, 16), (3, 2, 12), (4, 4, 32)])
 def test_each_rank_holds_an_equal_share_of_every_single_process_minibatch(group_size, minibatches, count):
-    whole = minibatch_order(0, 3, 1, group_size, minibatches, 0, count).split(count // minibatches)
+    whole = minibatch_order(seed=0, step=3, epoch=1, group_size=group_size, minibatches=minibatches, first_row=0, count=count).split(count // minibatches)
     assert sorted(torch.cat(whole).tolist()) == list(range(count))
     half = count // 2
-    ranks = [minibatch_order(0, 3, 1, group_size, minibatches, first, half) + first for first in (0, half)]
+    ranks = [minibatch_order(seed=0, step=3, epoch=1, group_size=group_size, minibatches=minibatches, first_row=first, count=half) + first for first in (0, half)]
     for j, minibatch in enumerate(whole):
         joined = torch.cat([rows.split(half // minibatches)[j] for rows in ranks])
         assert sorted(joined.tolist()) == sorted(minibatch.tolist())

@@ -25,7 +25,7 @@ def batch(n=10, seed=0):
     codes = torch.randint(0, 16, (n, 4), generator=generator)  # [N, L], 2 x 2 grids of the 16 web colours
     colors = ["#FF0000", "#0000FF", "#FFFFFF"]
     records = [PromptRecord(f"p{i}", {"color": colors[i % 3]}) for i in range(n)]
-    return Rollout(codes, torch.zeros(n, 4), torch.arange(n) // 2, torch.arange(n), torch.arange(n), records, (2, 2))
+    return Rollout(codes, torch.zeros(n, 4), torch.arange(n), records, (2, 2))
 
 
 def test_chunk_bounds_are_contiguous_and_cover_every_row():

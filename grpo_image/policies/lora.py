@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file
 
+from grpo_image.checkpoint import CheckpointError, find_checkpoint
 from grpo_image.distributed import World, broadcast_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 
@@ -135,7 +136,7 @@ class FullWeights(_TrainedWeights):
         self.policy = policy
         self.compute_dtype = keep_fp32_masters(policy.model)
         if init_from:
-            load_initial_weights(policy, init_from)
+            load_saved_weights(policy, init_from, merge_adapter=True)
         broadcast_from_rank0(world, policy.model)  # replicas (and their references) start as rank 0's
         self.reference_policy = None
         if keep_reference:
@@ -190,28 +191,45 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return set(tied) if model.config.tie_word_embeddings else set()
 
 
-def load_initial_weights(policy: CausalLMPolicy, folder: str | Path) -> None:
-    """Start from a previous run's weights (`train.init_from`): a checkpoint folder, or its `policy/` folder.
+def policy_folder(path: str | Path) -> Path:
+    """The folder holding saved weights: the path itself (an adapter or a full model), a checkpoint's `policy/`, or
+    the newest complete checkpoint's of a run folder."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() or (path / FULL_WEIGHTS_FILE).is_file():
+        return path
+    if (path / "policy").is_dir():
+        return path / "policy"
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return find_checkpoint(path) / "policy"
 
-    An adapter is merged into the base weights, so that this run's reference (adapters disabled, or the frozen
-    copy) is the model it starts from, as when a Chinese RL stage continues from an English RL checkpoint. Full
-    weights are loaded in place (a sharded full checkpoint: point `policy.path` at it instead). Which parameters
-    are trainable is left as it was.
+
+def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapter: bool) -> None:
+    """A saved policy's weights into `policy` in place, whichever mode saved them (see `policy_folder` for `path`).
+
+    A peft adapter is merged into the base weights (`merge_adapter`: training from a previous stage, so that the
+    new run's reference is the model it starts from) or attached for inference (`sample`, `eval`); full weights are
+    loaded in place. Which parameters are trainable is left as it was.
     """
-    folder = Path(folder)
-    folder = folder / "policy" if (folder / "policy").is_dir() else folder
+    folder = policy_folder(path)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        if not (folder / ADAPTER_FILE).is_file():
+            raise CheckpointError(f"{folder}: adapter_config.json without {ADAPTER_FILE}")
         trainable = [p.requires_grad for p in policy.model.parameters()]
         with peft_quietly():
-            policy.model = PeftModel.from_pretrained(policy.model, folder).merge_and_unload()
+            adapted = PeftModel.from_pretrained(policy.model, str(folder), is_trainable=False)
+        if not merge_adapter:
+            policy.model = adapted
+            return
+        policy.model = adapted.merge_and_unload()
         for param, flag in zip(policy.model.parameters(), trainable):  # peft froze the base while attached
             param.requires_grad_(flag)
     elif (folder / FULL_WEIGHTS_FILE).is_file():
         load_full_weights(policy.model, folder)
     else:
-        raise FileNotFoundError(f"train.init_from: {folder} holds neither a LoRA adapter nor {FULL_WEIGHTS_FILE}")
+        raise CheckpointError(f"{folder}: holds neither a peft adapter nor {FULL_WEIGHTS_FILE}")
 
 
 def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> LoraWeights | FullWeights:
@@ -220,8 +238,8 @@ def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> L
     With several processes, every replica (base and adapters, or full weights) starts as rank 0's.
     """
     if train_cfg.mode == "lora":
-        if train_cfg.init_from:
-            load_initial_weights(policy, train_cfg.init_from)  # merged into the base, under the new adapters
+        if train_cfg.init_from:  # merged into the base, under the new adapters
+            load_saved_weights(policy, train_cfg.init_from, merge_adapter=True)
         lora = train_cfg.lora
         targets = lora.target_regex if lora.target_regex else list(lora.target_modules)
         weights = LoraWeights(policy, lora.r, lora.alpha, lora.dropout, targets)
