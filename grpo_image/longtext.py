@@ -6,11 +6,13 @@ line: `category` (sign, label, print, webpage, slide, poster, caption, dialogue)
 (`grpo_image.image_files`). A project prompt set whose records carry `metadata["text"]` is scored the same way,
 with `lang`, `category` and `length` read from its metadata where present.
 
-Score: an OCR engine (any object with `read(images) -> list[str]`, built from a component node; by default the
-OCR reward class with rapidocr, or a VLM server as the benchmark uses) reads each image; the phrases a VLM emits
-instead of text are removed; the text-accuracy metric (`rewards._text.text_accuracy_counts`, named by dotted path)
-counts matched and expected units (lower-cased words for English, characters for Chinese); a group's score is
-its matched units over its expected units (micro-average, as published).
+Score: a reader, built from a component node (by default one of `text_readers.yaml`: the OCR reward with rapidocr,
+or a VLM server as the benchmark uses), reads each image; the phrases a VLM emits instead of text are removed; the
+reader's `text_counts` counts matched and expected units with LongText-Bench's published metric (words for
+English, characters for Chinese; the OCR reward's, so that the benchmark and the reward count alike); a group's
+score is its matched units over its expected units (micro-average, as published). A LongText file is scored in one
+language, as the published scorer scores a file with one `--mode`: Chinese when any of its targets has a CJK
+character; a project prompt set's language is each prompt's `metadata["lang"]`, else its target's.
 
 Two bugs of the published scorer are not reproduced: its clean-up loop keeps only the last replacement (so
 "addCriterion" stays in the read-out), and its summary reads `results.json` while its eval writes
@@ -21,26 +23,21 @@ A prompt without any image is reported (the published scorer silently leaves it 
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from grpo_image.config import import_dotted, instantiate
+from omegaconf import OmegaConf
+
+from grpo_image.config import instantiate
 from grpo_image.data import load_prompts
 from grpo_image.image_files import folder_batches
-from grpo_image.types import PromptRecord
+from grpo_image.types import PromptRecord, text_language
 
 LONGTEXT_KEYS = ("category", "length", "prompt", "text", "text_length", "prompt_id")
-METRIC = "rewards._text.text_accuracy_counts"  # (read text, target) -> (matched units, expected units)
-# The benchmark's question to its VLM reader (Qwen2.5-VL-7B-Instruct), word for word.
-BENCH_VLM_PROMPT = (
-    "Recognize the text in the image, only reply with the text content, but avoid repeating previously mentioned "
-    "content. If no text is recognized, please reply with 'No text recognized'."
-)
+READERS = Path(__file__).with_name("text_readers.yaml")  # the readers `--ocr NAME` builds
 # What VLM readers write that is not text in the image: the benchmark's list (longest form first).
 HALLUCINATIONS = ("addCriterion", "No text recognized.", "No text recognized")
-_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 class TextBenchError(ValueError):
@@ -61,12 +58,6 @@ def is_longtext_file(path: str | Path) -> bool:
                     return False
                 return isinstance(first, dict) and set(LONGTEXT_KEYS) <= set(first)
     return False
-
-
-def language(text: list[str] | str) -> str:
-    """'zh' when the target text has a CJK character (compared as characters), else 'en' (compared as words)."""
-    joined = text if isinstance(text, str) else " ".join(text)
-    return "zh" if _CJK.search(joined) else "en"
 
 
 def read_longtext(path: str | Path) -> list[tuple[int, PromptRecord]]:
@@ -94,12 +85,13 @@ def read_longtext(path: str | Path) -> list[tuple[int, PromptRecord]]:
         if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
             raise TextBenchError(f"{where}: 'prompt' must be a non-empty string")
         seen.add(prompt_id)
-        metadata = {"text": text, "lang": language(text), "category": str(obj["category"]),
+        metadata = {"text": text, "category": str(obj["category"]),
                     "length": str(obj["length"]), "text_length": obj["text_length"], "prompt_id": prompt_id}
         items.append((prompt_id, PromptRecord(obj["prompt"], metadata)))
     if not items:
         raise TextBenchError(f"{path}: no prompts")
-    return items
+    lang = "zh" if any(text_language(r.metadata["text"]) == "zh" for _, r in items) else "en"  # one --mode a file
+    return [(prompt_id, PromptRecord(r.prompt, {**r.metadata, "lang": lang})) for prompt_id, r in items]
 
 
 def read_text_prompts(path: str | Path) -> list[tuple[int, PromptRecord]]:
@@ -114,7 +106,7 @@ def read_text_prompts(path: str | Path) -> list[tuple[int, PromptRecord]]:
         if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
             raise TextBenchError(f"{path}: prompt {index + 1} ({record.prompt!r}) has no metadata['text'] to score")
         metadata = {**record.metadata, "text": text}
-        metadata.setdefault("lang", language(text))
+        metadata.setdefault("lang", text_language(text))
         items.append((index, PromptRecord(record.prompt, metadata)))
     return items
 
@@ -127,34 +119,33 @@ def clean_reading(text: str) -> str:
 
 
 def build_reader(engine: str = "rapidocr", options: dict[str, Any] | None = None, node: dict | None = None):
-    """The OCR reader: a component node given by the user, else the OCR reward class with `engine` and options.
-
-    For `engine="vlm"` the benchmark's question and its 1024-token budget are the defaults.
-    """
+    """The reader: a component node given by the user, else `engine`'s node of text_readers.yaml with `options`
+    added to its engine options (for "vlm", the benchmark's question and 1024-token budget unless overridden)."""
     if node is None:
-        options = dict(options or {})
-        if engine == "vlm":
-            options = {"prompt": BENCH_VLM_PROMPT, "max_tokens": 1024, **options}
-        node = {"_component_": "rewards.ocr.OCR", "engine": engine, "engine_options": options}
+        readers = OmegaConf.to_container(OmegaConf.load(READERS), resolve=True)
+        if engine not in readers:
+            raise TextBenchError(f"unknown text reader {engine!r}; known: {sorted(readers)} ({READERS})")
+        node = readers[engine]
+        node["engine_options"] = {**node.get("engine_options", {}), **(options or {})}
     reader = instantiate(node)
-    if not callable(getattr(reader, "read", None)):
-        raise TextBenchError(f"{node.get('_component_')}: an OCR reader needs a read(images) -> list[str] method")
+    for method in ("read", "text_counts"):
+        if not callable(getattr(reader, method, None)):
+            raise TextBenchError(f"{node.get('_component_')}: a text reader needs read(images) -> list[str] and "
+                                 "text_counts(read, target, lang) -> (matched, expected)")
     return reader
 
 
 def score_folder(
     items: list[tuple[int, PromptRecord]], folder: str | Path, reader, batch_size: int = 8,
-    metric: Callable[[str, list[str]], tuple[int, int]] | None = None, allow_missing: bool = False,
-    label: str = "reading",
+    allow_missing: bool = False, label: str = "reading",
 ) -> list[dict[str, Any]]:
     """Read every image of every prompt in `folder` and count its matched and expected units: one row an image."""
-    metric = metric or import_dotted(METRIC)
     rows = []
     for batch, images in folder_batches(items, folder, batch_size, allow_missing, label):
         for (prompt_id, record, path), raw in zip(batch, reader.read(images)):
             reading = clean_reading(raw)
-            matched, expected = metric(reading, record.metadata["text"])
             meta = record.metadata
+            matched, expected = reader.text_counts(reading, meta["text"], meta["lang"])
             rows.append({
                 "prompt_id": prompt_id, "file": path.name, "lang": meta["lang"], "category": meta.get("category"),
                 "length": meta.get("length"), "read": reading, "matched": int(matched), "expected": int(expected),

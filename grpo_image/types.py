@@ -7,6 +7,8 @@ B prompts, G group size, N = B * G rollouts, L image codes per rollout, K reward
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +26,17 @@ class PromptRecord:
 
     prompt: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+CJK = "\u4e00-\u9fa5"  # the CJK ideographs LongText-Bench's published scorer counts as Chinese, as a regex range
+_HAS_CJK = re.compile(f"[{CJK}]")
+
+
+def text_language(text: str | Sequence[str]) -> str:
+    """'zh' when a target text has a CJK character, else 'en': the language of `metadata["lang"]` when a prompt set
+    does not say, which decides whether text is compared as characters or as words."""
+    joined = text if isinstance(text, str) else " ".join(text)
+    return "zh" if _HAS_CJK.search(joined) else "en"
 
 
 @dataclass(frozen=True)

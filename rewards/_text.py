@@ -1,16 +1,19 @@
 """Text targets and the two text metrics, shared by every reward that compares read-out text with a target.
 
-One implementation, so that the OCR reward (whatever engine reads the image) and any evaluation scoring the same
-text agree to the last digit. Both metrics first apply Unicode NFKC, which folds full-width letters, digits and
-punctuation (`Ａ`, `１`, `，`) to their ASCII forms: OCR engines and VLMs disagree on which form they emit,
-and a reward should not depend on that.
+One implementation, so that the OCR reward (whatever engine reads the image) and the LongText evaluation, which
+asks its reader for these counts, agree to the last digit.
 
-- `edit_reward`: flow_grpo's OCR reward. Both sides lower-cased with whitespace removed; 1 if the target is a
-  substring of the recognised text, else `1 - min(levenshtein, len(target)) / len(target)`. Chinese compares
-  characters (a Chinese string is a sequence of characters, so nothing else is needed).
-- `text_accuracy`: LongText-Bench-style. Keep CJK characters, latin letters, digits and spaces; a target that
-  contains CJK is compared as a multiset of characters (spaces ignored), otherwise as a multiset of lower-cased
-  words; score = matched units / expected units.
+- `edit_reward`: flow_grpo's OCR reward. Unicode NFKC first (OCR engines and VLMs disagree on whether they emit
+  full-width `Ａ`, `１`, `，` or ASCII, and a reward should not depend on that), both sides lower-cased with
+  whitespace removed; 1 if the target is a substring of the recognised text, else
+  `1 - min(levenshtein, len(target)) / len(target)`. Chinese compares characters.
+- `text_accuracy`: LongText-Bench's published metric (X-Omni `textbench/summary_scores.py`), character for character
+  and without NFKC, so that a score can be compared with the paper's table. Every character but CJK ideographs
+  (U+4E00..U+9FA5), ASCII letters and digits, whitespace and the French accented letters àâäéèêëîïôöùûüç (and
+  capitals) is deleted. English compares lower-cased words as multisets; Chinese compares the kept characters as a
+  multiset, *not* lower-cased (the published Chinese mode: "ABC" read as "abc" counts 0 of 3; `case_fold=True`
+  folds them, a variant for those who want it). The language is the target's (`grpo_image.types.text_language`)
+  unless given; score = matched units / expected units, micro-averaged over samples by whoever sums the counts.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import unicodedata
 from collections import Counter
 from typing import Any, Sequence
 
-# CJK unified ideographs (with extension A) and compatibility ideographs.
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_HAS_CJK = re.compile(f"[{_CJK}]")
-# Applied after lower-casing: deleted (not replaced by a space), as LongText-Bench's scorer does, so "Single-Use" is
-# one word; accented Latin letters (U+00C0..U+024F) are letters and stay.
-_DROP = re.compile(f"[^{_CJK}a-z0-9\u00c0-\u024f\\s]")
+from grpo_image.types import CJK, text_language
+
+_ACCENTS = "àâäéèêëîïôöùûüçÀÂÄÉÈÊËÎÏÔÖÙÛÜÇ"  # the accented letters LongText-Bench's scorer keeps
+# Deleted, not replaced by a space, as the published scorer does: "Single-Use" is one word.
+_DROP_EN = re.compile(f"[^{CJK}a-zA-Z0-9\\s{_ACCENTS}]")
+_UNIT_ZH = re.compile(f"[{CJK}a-zA-Z0-9{_ACCENTS}]")
 # Straight double quotes, curly double quotes and CJK corner brackets: how prompts mark the text to render.
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
+
 
 def normalize(text: str) -> str:
     """NFKC: full-width forms and compatibility characters to their canonical ASCII/CJK forms."""
@@ -78,19 +82,24 @@ def edit_reward(recognized: str, target: str | Sequence[str]) -> float:
     return 1.0 - distance / len(expected)
 
 
-def _units(text: str, chinese: bool) -> Counter[str]:
-    kept = _DROP.sub("", normalize(text).lower())
-    if chinese:
-        return Counter(ch for ch in kept if not ch.isspace())
-    return Counter(kept.split())
+def _units(text: str, lang: str, case_fold: bool) -> Counter[str]:
+    if lang == "en":
+        return Counter(_DROP_EN.sub("", text).lower().split())
+    kept = "".join(_UNIT_ZH.findall(text))
+    return Counter(kept.lower() if case_fold else kept)
 
 
-def text_accuracy_counts(recognized: str, target: str | Sequence[str]) -> tuple[int, int]:
-    """(matched units, expected units): the numerator and denominator of `text_accuracy`, for micro-averaging."""
+def text_accuracy_counts(
+    recognized: str, target: str | Sequence[str], lang: str | None = None, case_fold: bool = False
+) -> tuple[int, int]:
+    """(matched units, expected units) of LongText-Bench's metric: the numerator and denominator of `text_accuracy`.
+
+    `lang` ('en' words, 'zh' characters) defaults to the target's language; `case_fold` lower-cases Chinese mode too.
+    """
     expected_text = join_target(target)
-    chinese = bool(_HAS_CJK.search(normalize(expected_text)))
-    expected = _units(expected_text, chinese)
-    seen = _units(recognized, chinese)
+    lang = lang or text_language(expected_text)
+    expected = _units(expected_text, lang, case_fold)
+    seen = _units(recognized, lang, case_fold)
     matched = sum((expected & seen).values())  # multiset intersection: min count per unit
     return matched, sum(expected.values())
 

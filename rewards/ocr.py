@@ -9,9 +9,11 @@ read-out with the target text:
 - engine: "rapidocr" (default; models ship in its wheel), "easyocr" (weights from a local folder) or "vlm" (an
   OpenAI-compatible server reading the text out); `engine_options` are the engine's arguments (see
   rewards/_ocr_engines.py).
-- metric: "edit" (flow_grpo's reward: 1 if the target appears verbatim, else 1 - normalised edit distance) or
-  "accuracy" (LongText-style share of the target's words, or characters for Chinese, that were read).
-  Both are in rewards/_text.py, both normalise full-width forms (NFKC).
+- metric: "edit" (flow_grpo's reward: 1 if the target appears verbatim, else 1 - normalised edit distance, after
+  NFKC) or "accuracy" (LongText-Bench's published metric: the share of the target's words, or characters for
+  Chinese, that were read; `case_fold` also lower-cases Chinese mode). Both are in rewards/_text.py.
+- `text_counts` gives LongText-Bench's (matched, expected) counts of a read-out: `grpo-image eval --longtext` asks
+  its reader (an OCR reward, by default) for them, so the benchmark and the reward count alike.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from grpo_image.types import RewardOutput
 from rewards._image import validate_batch
 from rewards._ocr_engines import ENGINES
-from rewards._text import METRICS, target_text
+from rewards._text import METRICS, target_text, text_accuracy_counts
 
 
 class OCR:
@@ -35,6 +37,7 @@ class OCR:
         metric: str = "edit",
         metadata_key: str = "text",
         engine_options: dict[str, Any] | None = None,
+        case_fold: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"OCR: unknown engine {engine!r}; known: {sorted(ENGINES)}")
@@ -43,6 +46,7 @@ class OCR:
         self.engine_name = engine
         self.metric = metric
         self.metadata_key = metadata_key
+        self.case_fold = case_fold
         try:
             self.engine = ENGINES[engine](**(engine_options or {}))
         except TypeError as err:
@@ -62,6 +66,10 @@ class OCR:
         """The engine's read-out of each image, uint8 RGB [n, H, W, 3] -> n strings (for logging and tests)."""
         return self.engine.read(images)
 
+    def text_counts(self, recognized: str, target: str | list[str], lang: str | None = None) -> tuple[int, int]:
+        """LongText-Bench's (matched units, expected units) of a read-out against its target."""
+        return text_accuracy_counts(recognized, target, lang, self.case_fold)
+
     def __call__(
         self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
     ) -> RewardOutput:
@@ -76,6 +84,9 @@ class OCR:
         scores = np.full(len(prompts), np.nan, dtype=np.float32)  # float32 [n]
         if rows:
             texts = self.engine.read(images[rows])  # n' strings
-            metric = METRICS[self.metric]
-            scores[rows] = [metric(text, targets[i]) for i, text in zip(rows, texts)]
+            if self.metric == "accuracy":
+                counts = [self.text_counts(text, targets[i]) for i, text in zip(rows, texts)]
+                scores[rows] = [m / e if e else np.nan for m, e in counts]
+            else:
+                scores[rows] = [METRICS[self.metric](text, targets[i]) for i, text in zip(rows, texts)]
         return RewardOutput(scores=scores)

@@ -51,6 +51,12 @@ class CannedReader:
     def read(self, images: np.ndarray) -> list[str]:
         return [self.texts[int(image[0, 0, 0])] for image in images]
 
+    def text_counts(self, read: str, target, lang: str | None) -> tuple[int, int]:
+        """LongText-Bench's counts, as a reader of one's own would take them from the OCR reward's text module."""
+        from rewards._text import text_accuracy_counts
+
+        return text_accuracy_counts(read, target, lang)
+
 
 class Images(HTMLParser):
     """The src of every <img> of an HTML report, in order."""

@@ -1,8 +1,8 @@
 """LongText-Bench: the text-accuracy metric by hand, the published file format, image names, the score table.
 
-The metric is the one the OCR reward uses (`rewards._text.text_accuracy_counts`), reached the way eval reaches
-it: by the dotted path in `grpo_image.longtext.METRIC`. Images are rendered with system fonts and read for real
-by rapidocr's shipped models, or by a reader with canned answers where the test is about the arithmetic.
+The metric is the one the OCR reward uses, reached the way eval reaches it: through its reader's `text_counts`
+(the OCR reward's, built from text_readers.yaml). Images are rendered with system fonts and read for real by
+rapidocr's shipped models, or by a reader with canned answers where the test is about the arithmetic.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from grpo_image import longtext
-from grpo_image.config import import_dotted
 from grpo_image.image_files import find_images, image_name
 from tests.helpers_eval import RECIPE, SMALL, cli, write_jsonl
 
-METRIC = import_dotted(longtext.METRIC)
+READER = longtext.build_reader()  # the default reader: the OCR reward with rapidocr
+
+
+def METRIC(read: str, target, lang: str | None = None) -> tuple[int, int]:
+    return READER.text_counts(read, target, lang)
 DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 
@@ -56,7 +59,26 @@ def test_text_accuracy_chinese_compares_character_multisets():
     assert METRIC("里公2园公央中", target) == (7, 7)  # order does not matter
     assert METRIC("中央公园", target) == (4, 7)  # one 公 read: one of the two counts
     assert METRIC("公园公园", target) == (3, 7)  # 公 twice (2 of 2), 园 twice but 1 expected (1 of 1)
-    assert METRIC("中央公园２公里", target) == (7, 7)  # full-width ２ folds to 2 (NFKC)
+    assert METRIC("中央公园２公里", target) == (6, 7)  # full-width ２ is not 2: deleted, as the published scorer does
+
+
+def test_latin_letters_inside_chinese_targets_keep_their_case_as_published():
+    # Target "欢迎来到ABC咖啡馆" in Chinese mode keeps 欢 迎 来 到 A B C 咖 啡 馆: 10 units, case as written.
+    target = "欢迎来到ABC咖啡馆"
+    assert METRIC("欢迎来到ABC咖啡馆", target) == (10, 10)
+    assert METRIC("欢迎来到abc咖啡馆", target) == (7, 10)  # a, b, c are not A, B, C in Chinese mode: 7 of 10
+    assert METRIC("欢迎来到Abc咖啡馆", target) == (8, 10)
+    folded = longtext.build_reader(node={"_component_": "rewards.ocr.OCR", "case_fold": True})
+    assert folded.text_counts("欢迎来到abc咖啡馆", target, None) == (10, 10)  # the case-folded variant, an option
+    # English mode folds case: one word "abc" in both
+    assert METRIC("welcome to abc", "Welcome to ABC") == (3, 3)
+    # A LongText file is scored in one language: a Latin-only target of the Chinese file counts characters
+    assert METRIC("ABC", "ABC", "zh") == (3, 3) and METRIC("ab", "ABC", "zh") == (0, 3)
+
+
+def test_only_the_published_accented_letters_are_kept():
+    # é and ç are kept (the scorer's list), ñ and á are deleted: "niño" -> "nio", "café" stays, "ça" stays
+    assert METRIC("nio cafe ça", "niño café ça") == (2, 3)  # nio and ça match, cafe is not café
 
 
 def test_micro_average_by_language_category_and_length():
@@ -195,7 +217,9 @@ def test_vlm_reader_asks_the_benchmark_question(tmp_path):
                    "--ocr-option", f"base_url={server.base_url}",
                    "--ocr-option", "model=Qwen/Qwen2.5-VL-7B-Instruct") == 0
     assert not server.errors and len(server.seen) == 2
-    assert {seen.text for seen in server.seen} == {longtext.BENCH_VLM_PROMPT}
+    question = ("Recognize the text in the image, only reply with the text content, but avoid repeating previously "
+                "mentioned content. If no text is recognized, please reply with 'No text recognized'.")
+    assert {seen.text for seen in server.seen} == {question}  # LongText-Bench's question, word for word
     assert server.seen[0].body["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and server.seen[0].body["max_tokens"] == 1024
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [row["read"] for row in rows] == ["OPEN DAILY", ""]
