@@ -2,6 +2,7 @@
 
     grpo-image train RECIPE [key=value ...]      run (or, with resume=DIR, continue) a recipe
     grpo-image validate RECIPE [key=value ...]   check a recipe without loading any weight
+    grpo-image plan RECIPE [key=value ...] [--gpus N] [--gpu-memory GB]   memory per GPU, from the model configs
     grpo-image sample RECIPE [key=value ...] --prompts FILE --out DIR [--checkpoint CKPT] [--n 4]
     grpo-image eval [RECIPE [key=value ...]] --prompts FILE | --longtext FILE ... [--checkpoint CKPT]
                     [--compare CKPT|base] [--seeds S ...] [--images DIR ...]
@@ -22,9 +23,10 @@ from pathlib import Path
 from grpo_image.checkpoint import CheckpointError
 from grpo_image.config import RecipeError, load_recipe
 from grpo_image.data import PromptSetError
+from grpo_image.image_files import MissingImages
 from grpo_image.preflight import preflight
 
-USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError)
+USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError, MissingImages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command not in ("train", "validate"):
-            return {"sample": _sample, "eval": _eval, "ablate": _ablate}[args.command](args)
+            return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
-        checked = preflight(cfg)
+        checked = preflight(cfg, _processes(cfg) if args.command == "validate" else None)
     except (*USAGE_ERRORS, TextBenchError, AblationError) as err:
         print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
         return 2
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "validate":
         print(f"{args.recipe}: ok ({checked} components checked)")
+        _warn_if_it_does_not_fit(cfg, args.recipe)
         return 0
     return _train(cfg)
 
@@ -83,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ocr-config", metavar="FILE.yaml", help="a component node building the reader instead")
     ev.add_argument("--report-prompts", type=int, default=12, help="prompts shown with their images in the reports")
     ev.add_argument("--out", help="output folder (default: OUTPUT_DIR/eval of the recipe, or ./eval)")
+
+    plan = commands.add_parser("plan", help="memory per GPU from the model configs (no weights), and what fits")
+    _recipe_arguments(plan)
+    plan.add_argument("--gpus", type=int, metavar="N",
+                      help="training processes, one GPU each (default: hardware.gpus, else 1)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU (default: hardware.gpu_memory_gb)")
 
     ablate = commands.add_parser("ablate", help="train a grid of reward weights and compare the runs")
     _recipe_arguments(ablate)
@@ -163,6 +172,38 @@ def _ablate(args) -> int:
     result = ablate(args.recipe, args.overrides, args.grid, out)
     print(f"{len(result['runs'])} runs; table {result['table']}; plots in {out / 'plots'}")
     return 0
+
+
+def _plan(args) -> int:
+    """The plan's table; a recipe that does not fit is still a plan (exit 0), with the keys to change."""
+    from grpo_image.memory_plan import plan_recipe
+    from grpo_image.memory_report import format_plan
+
+    if args.gpus is not None and args.gpus < 1 or args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise RecipeError("--gpus must be >= 1 and --gpu-memory > 0")
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(format_plan(plan_recipe(cfg, args.recipe, args.gpus, args.gpu_memory)))
+    return 0
+
+
+def _processes(cfg) -> int:
+    """What `validate` checks the batches against: the launcher's WORLD_SIZE, else the GPUs the recipe names."""
+    return int(os.environ.get("WORLD_SIZE", "0")) or cfg.hardware.gpus or 1
+
+
+def _warn_if_it_does_not_fit(cfg, recipe: str) -> None:
+    """`validate`: one warning line when the recipe names its GPUs (hardware.gpus) and its memory plan exceeds them."""
+    if cfg.hardware.gpus < 1:
+        return
+    from grpo_image.memory_plan import plan_recipe
+    from grpo_image.memory_report import fit_warning
+
+    try:
+        warning = fit_warning(plan_recipe(cfg, recipe))
+    except (RecipeError, FileNotFoundError) as err:  # e.g. a policy named by hub id: no local config.json to read
+        warning = f"no memory plan for {recipe}: {' '.join(str(err).split())}"
+    if warning:
+        print(f"grpo-image: warning: {warning}", file=sys.stderr)
 
 
 def _options(items: list[str]) -> dict:

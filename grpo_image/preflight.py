@@ -24,8 +24,12 @@ PATH_ARGUMENT = re.compile(r"(^|_)(path|dir|file|folder)$")  # component argumen
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: fetched only when the user is online
 
 
-def preflight(cfg: DictConfig) -> int:
-    """Run every check; returns the number of components checked."""
+def preflight(cfg: DictConfig, processes: int | None = None) -> int:
+    """Run every check; returns the number of components checked.
+
+    `processes`: the training processes to check the batch shapes against (default: WORLD_SIZE, the launcher's,
+    else 1); `validate` passes the recipe's `hardware.gpus` when no launcher set WORLD_SIZE.
+    """
     for key in ("policy", "decoder", "data.prompts"):
         if OmegaConf.select(cfg, key) is None:
             raise RecipeError(f"'{key}' is not set")
@@ -36,7 +40,7 @@ def preflight(cfg: DictConfig) -> int:
     for where in ("policy", "decoder", "rewards"):
         _check_paths(OmegaConf.to_container(cfg[where], resolve=True), where)
     _check_values(cfg)
-    check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_batches(cfg, processes or int(os.environ.get("WORLD_SIZE", "1")))
     _check_run_paths(cfg)
     records = load_recipe_prompts(cfg.data)
     _check_rewards_can_score(cfg, records)

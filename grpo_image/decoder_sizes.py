@@ -1,0 +1,243 @@
+"""What a reward actor holds, read from the decoder's and rewards' configs: no weight is loaded.
+
+Each part is built on the `meta` device from its folder's config (X-Omni's FLUX transformer and projector, the FLUX
+VAE and text encoders, Janus's VQ model, the reward models); where a folder is absent, the part's published
+configuration is used and the plan says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo_image.config import COMPONENT_KEY, RecipeError
+from grpo_image.model_sizes import (
+    DTYPE_BYTES, component_args, config_json, default_of, meta_build, param_count, plain_node,
+)
+
+# FLUX.1-dev's VAE (black-forest-labs/FLUX.1-dev vae/config.json) and CLIP-L / T5-XXL text encoders
+# (text_encoder/, text_encoder_2/: openai/clip-vit-large-patch14's text tower, google/t5-v1_1-xxl's encoder)
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   projection_dim=768)  # fmt: skip
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu")  # fmt: skip
+# X-Omni's VQConvProjector defaults (modeling_siglip_tokenizer.py): SigLIP2-g features, 16,384 codes of 2,048
+XOMNI_PROJECTOR = dict(z_channels=1536, codebook_size=16384, codebook_dim=2048, conv_layers=2)
+T5_TOKENS = 512  # X-Omni-En's prompt sequence for the decoder (FluxPromptEncoder's max_sequence_length)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A frozen model a reward actor holds: its parameter count and the bytes of its dtype."""
+
+    name: str
+    params: int
+    dtype_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What a reward actor's decoder holds and what one decoder call computes on."""
+
+    name: str
+    parts: tuple[Part, ...]
+    dtype_bytes: int
+    kind: str  # "flux", "conv" or "none" (not modelled)
+    max_batch_size: int | None
+    # flux: the transformer's width and its tokens per image (image tokens + text tokens), run twice (true CFG)
+    inner: int = 0
+    tokens: int = 0
+    # the convolutional decoder (FLUX's VAE after the transformer, Janus's VQ): (input channels, output channels,
+    # pixels) of each of its up blocks, from the latent grid to the image
+    levels: tuple[tuple[int, int, int], ...] = ()
+    note: str = ""
+
+
+def decoder_shape(decoder_node, positions: int) -> DecoderShape:
+    """The recipe's decoder (`decoder` node) for images of `positions` codes."""
+    node = plain_node(decoder_node)
+    target, args = str(node[COMPONENT_KEY]), component_args(node)
+    if target == "grpo_image.decoders.xomni_flux.XOmniFluxDecoder":
+        return _xomni_flux(args, positions)
+    if target == "grpo_image.decoders.vq.JanusVQDecoder":
+        return _janus_vq(args)
+    return DecoderShape(name=target, parts=(), dtype_bytes=4, kind="none", max_batch_size=args.get("max_batch_size"),
+                        note="not modelled: its memory is not counted")  # fmt: skip
+
+
+def _xomni_flux(args: dict, positions: int) -> DecoderShape:
+    from diffusers import AutoencoderKL
+
+    from grpo_image.decoders.xomni_flux import XOmniFluxDecoder
+    from grpo_image.decoders.xomni_transformer import XOmniFluxTransformer2DModel, XOmniFluxTransformer2DModelZh
+    from grpo_image.decoders.xomni_transformer import detect_variant
+
+    xomni, flux = args.get("xomni_path"), args.get("flux_path")
+    vision = {}
+    if xomni and (Path(xomni) / "config.json").is_file():
+        vision = json.loads((Path(xomni) / "config.json").read_text()).get("vision_config", {})
+    dtype = str(args.get("dtype") or vision.get("dtype") or "bfloat16").removeprefix("torch.")
+    notes = []
+    projector_file = args.get("projector") or _join(xomni, vision.get("encoder", {}).get("projector_path"))
+    projector = _projector_params(projector_file)
+    z = projector[1]
+    if not (projector_file and str(projector_file).endswith(".safetensors") and Path(projector_file).is_file()):
+        notes.append("projector: X-Omni's published size")
+    folder = args.get("transformer") or _join(xomni, vision.get("decoder", {}).get("model_path"))
+    variant = args.get("variant", "auto")
+    if folder and (Path(folder) / "config.json").is_file():
+        saved = json.loads((Path(folder) / "config.json").read_text())
+        config = {k: v for k, v in saved.items() if not k.startswith("_")}
+        config.setdefault("siglip_channels", z)
+        if variant == "auto":
+            variant = detect_variant(folder)
+    else:
+        config = {"siglip_channels": z, "guidance_embeds": True}
+        notes.append("transformer: FLUX.1-dev's configuration (no transformer folder"
+                     + (", so the English variant" if variant == "auto" else "") + ")")
+        variant = "en" if variant == "auto" else variant
+    cls = XOmniFluxTransformer2DModelZh if variant == "zh" else XOmniFluxTransformer2DModel
+    transformer = meta_build(lambda: cls(**config))
+    vae_folder = args.get("vae") or _join(flux, "vae")
+    if vae_folder and (Path(vae_folder) / "config.json").is_file():
+        vae_config = AutoencoderKL.load_config(vae_folder)
+    else:
+        vae_config = FLUX_VAE
+        notes.append("VAE: FLUX.1-dev's configuration")
+    vae = meta_build(lambda: AutoencoderKL.from_config(vae_config))
+    b = DTYPE_BYTES[dtype]
+    parts = [Part(f"transformer (X-Omni-{variant})", param_count(transformer), b), Part("projector", projector[0], b),
+             Part("VAE", param_count(vae), b)]  # fmt: skip
+    text_tokens = 0
+    if variant == "en":
+        text_tokens = T5_TOKENS
+        encoder = args.get("text_encoder") or flux
+        if encoder and Path(str(encoder)).is_file():
+            parts.append(Part("prompt embeddings: precomputed, on the CPU", 0, 1))
+        else:
+            parts.extend(_flux_text_encoders(encoder, DTYPE_BYTES[dtype], notes))
+    latents = 4 * positions  # 2 x 2 latent pixels per code
+    return DecoderShape(
+        name=f"X-Omni FLUX decoder ({variant})", parts=tuple(parts), dtype_bytes=DTYPE_BYTES[dtype], kind="flux",
+        max_batch_size=args.get("max_batch_size", default_of(XOmniFluxDecoder, "max_batch_size")),
+        inner=transformer.inner_dim, tokens=positions + text_tokens,
+        levels=_up_levels(vae.config.block_out_channels, latents), note="; ".join(notes),
+    )  # fmt: skip
+
+
+def _flux_text_encoders(folder, dtype_bytes: int, notes: list[str]) -> list[Part]:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    parts = []
+    for sub, config_cls, model_cls, published, label in (
+        ("text_encoder", CLIPTextConfig, CLIPTextModel, CLIP_L_TEXT, "CLIP-L text encoder"),
+        ("text_encoder_2", T5Config, T5EncoderModel, T5_XXL, "T5-XXL text encoder"),
+    ):
+        path = Path(str(folder)) / sub if folder else None
+        if path is not None and (path / "config.json").is_file():
+            config = config_cls.from_pretrained(path)
+        else:
+            config = config_cls(**published)
+            notes.append(f"{label}: published configuration")
+        parts.append(Part(label, param_count(meta_build(lambda: model_cls(config))), dtype_bytes))
+    return parts
+
+
+def _projector_params(path) -> tuple[int, int]:
+    """(parameters, feature width z) of X-Omni's projector: from its safetensors header, else its published size."""
+    if path and Path(path).is_file() and str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        return sum(math.prod(shape) for shape in shapes.values()), int(shapes["post_quant_conv.weight"][0])
+    from grpo_image.decoders.xomni_projector import XOmniProjector
+
+    return param_count(meta_build(lambda: XOmniProjector(**XOMNI_PROJECTOR))), XOMNI_PROJECTOR["z_channels"]
+
+
+def _janus_vq(args: dict) -> DecoderShape:
+    from transformers import JanusConfig, JanusVQVAE
+
+    from grpo_image.decoders.vq import JanusVQDecoder
+
+    source = args["path_or_model"]
+    path = config_json(source, "decoder.path_or_model")
+    vq_config = JanusConfig.from_pretrained(path.parent).vq_config
+    vq = meta_build(lambda: JanusVQVAE(vq_config))
+    dtype = str(args.get("dtype") or "bfloat16").removeprefix("torch.")
+    channels = [vq_config.base_channels * m for m in vq_config.channel_multiplier]
+    return DecoderShape(
+        name="Janus VQ decoder", parts=(Part("VQ model", param_count(vq), DTYPE_BYTES[dtype]),),
+        dtype_bytes=DTYPE_BYTES[dtype], kind="conv",
+        max_batch_size=args.get("max_batch_size", default_of(JanusVQDecoder, "max_batch_size")),
+        levels=_up_levels(channels, int(vq_config.num_patches) ** 2),
+    )  # fmt: skip
+
+
+def _up_levels(block_channels, latent_pixels: int) -> tuple[tuple[int, int, int], ...]:
+    """(in, out, pixels) of each up block of a VAE-style decoder: the channels of the encoder's blocks reversed,
+    the resolution doubling after every block but the last (diffusers' and Janus's decoders alike)."""
+    channels = list(reversed(block_channels))
+    levels, previous = [], channels[0]  # the mid block runs at the deepest width
+    for index, width in enumerate(channels):
+        levels.append((previous, width, latent_pixels * 4**index))
+        previous = width
+    return tuple(levels)
+
+
+def _join(folder, relative) -> str | None:
+    return str(Path(folder) / relative) if folder and relative else None
+
+
+def _open_clip_params(model_name: str) -> int:
+    """Parameters of an open_clip model by name (or "local-dir:FOLDER" with an open_clip_config.json)."""
+    import open_clip
+
+    if model_name.startswith("local-dir:"):
+        config = json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+        config = config["model_cfg"]
+    else:
+        config = open_clip.get_model_config(model_name)
+        if config is None:
+            raise RecipeError(f"HPSv2 model_name {model_name!r}: not an open_clip model name")
+    return param_count(meta_build(lambda: open_clip.CLIP(**config)))
+
+
+def reward_parts(reward_specs: list[dict]) -> tuple[list[Part], list[str]]:
+    """The GPU models the recipe's rewards hold in each actor, and the rewards whose memory is not modelled.
+
+    Rewards served over HTTP (UnifiedReward, the VLM judges) and those run on the CPU (OCR with rapidocr, colour,
+    JPEG) hold nothing on the actor's GPU. Known models are counted in bf16, as they run on a GPU.
+    """
+    parts, unknown = [], []
+    for spec in reward_specs:
+        scorer = dict(spec["scorer"])
+        target = str(scorer.pop(COMPONENT_KEY))
+        name = target.rsplit(".", 1)[-1]
+        if target == "rewards.hpsv2.HPSv2":
+            model_name = scorer.get("model_name", "ViT-H-14")
+            parts.append(Part(f"{spec['name']}: HPSv2 ({model_name})", _open_clip_params(model_name), 2))
+        elif target in ("rewards.pickscore.PickScore", "rewards.clip_score.CLIPScore", "rewards.aesthetic.Aesthetic"):
+            from transformers import CLIPConfig, CLIPModel
+
+            path = config_json(scorer["model_path"], f"rewards.{spec['name']}.scorer.model_path")
+            config = CLIPConfig.from_pretrained(path.parent)
+            parts.append(Part(f"{spec['name']}: {name} (CLIP)", param_count(meta_build(lambda: CLIPModel(config))), 2))
+        elif target in ("rewards.unified_reward.UnifiedReward", "rewards.vlm_alignment.VLMAlignment",
+                        "rewards.color.ColorAdherence", "rewards.jpeg.JPEGCompressibility") or (
+            target == "rewards.ocr.OCR" and scorer.get("engine", "rapidocr") in ("rapidocr", "vlm")
+        ):  # fmt: skip
+            continue
+        else:
+            unknown.append(spec["name"])
+    return parts, unknown
