@@ -116,9 +116,11 @@ def _check_run_paths(cfg: DictConfig) -> None:
         find_checkpoint(cfg.resume)
 
 
-def check_batches(cfg: DictConfig, world_size: int) -> None:
+def check_batches(cfg: DictConfig, world_size: int, process_group: bool | None = None) -> None:
     """Minibatches that divide the batch, whole groups and whole minibatch shares on every rank (see
-    grpo_image/distributed.py), and what FSDP needs."""
+    grpo_image/distributed.py), and what FSDP needs: full fine-tuning and a process group to shard over (by
+    default: when there are 2 or more processes; a group of one, as the GPU check makes, shards too)."""
+    process_group = world_size > 1 if process_group is None else process_group
     b, n, m = cfg.data.batch_size, cfg.data.batch_size * cfg.data.group_size, cfg.train.minibatches
     if n % m:
         raise RecipeError(f"train.minibatches ({m}) must divide N = B * G = {n}")
@@ -128,7 +130,7 @@ def check_batches(cfg: DictConfig, world_size: int) -> None:
         raise RecipeError(
             f"train.minibatches ({m}) must divide the {n // world_size} rollouts of each of the {world_size} processes"
         )
-    if cfg.train.fsdp and (cfg.train.mode != "full" or world_size < 2):
+    if cfg.train.fsdp and (cfg.train.mode != "full" or not process_group):
         raise RecipeError(
             f"train.fsdp shards full fine-tuning over several processes: it needs train.mode: full (got "
             f"{cfg.train.mode}) and a launch with 2 or more processes (got {world_size}); LoRA uses DDP without it"

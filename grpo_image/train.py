@@ -71,7 +71,7 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
 
     records = load_recipe_prompts(cfg.data)
     sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed, world.rank, world.size)
-    check_batches(cfg, world.size)  # also when train() is called without the CLI's preflight
+    check_batches(cfg, world.size, world.distributed)  # also when train() is called without the CLI's preflight
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
     policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
