@@ -59,7 +59,8 @@ def build(text_vocab: int, length: int, hidden: int, layers: int, seed: int = 0)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_image.policies.causal_lm import CausalLMPolicy
-    from grpo_image.policies.tiny import XOMNI_TEMPLATE, _code_range, build_tiny_tokenizer
+    from grpo_image.policies.tiny import _code_range, build_tiny_tokenizer
+    from grpo_image.policies.xomni import XOMNI_TEMPLATE
 
     tokenizer = build_tiny_tokenizer(NUM_CODES)
     extra = text_vocab - TINY_TEXT

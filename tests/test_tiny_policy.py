@@ -2,7 +2,8 @@
 
 import torch
 
-from grpo_image.policies.tiny import EOM, IMAGE, SOM, build_tiny_tokenizer, tiny_policy
+from grpo_image.policies.tiny import build_tiny_tokenizer, tiny_policy
+from grpo_image.policies.xomni import EOM, IMAGE, SOM
 
 
 def test_vocabulary_layout_is_text_then_codes_then_specials():

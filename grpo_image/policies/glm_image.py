@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.policies.tokenizers import byte_alphabet, byte_level_tokenizer
 
 AR_FOLDER, PROCESSOR_FOLDER = "vision_language_encoder", "processor"  # the GLM-Image repository's layout
 GRID_FACTOR = 32  # pixels per large-grid code side (processing_glm_image.py l.245)
@@ -201,20 +202,14 @@ def build_tiny_glm_image_processor(num_codes: int, vision_vocab_size: int):
     Ids 0..vision_vocab_size-1 are `<|dit_token_k|>` (codes, then the image start k = V and end k = V+1), then the
     256 byte-level tokens, then GLM's special tokens: text ids start after the vision rows, as GLM-Image's do.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GlmImageImageProcessor, GlmImageProcessor, PreTrainedTokenizerFast
+    from transformers import GlmImageImageProcessor, GlmImageProcessor
 
     if vision_vocab_size < num_codes + 2:
         raise ValueError(f"tiny GLM-Image: vision_vocab_size {vision_vocab_size} has no room for {num_codes} codes + 2")
     vision = [f"<|dit_token_{k}|>" for k in range(vision_vocab_size)]
-    tokens = vision + sorted(pre_tokenizers.ByteLevel.alphabet()) + TINY_SPECIALS
-    core = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(vision + TINY_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=vision[num_codes], eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        padding_side="left",
+    tokenizer = byte_level_tokenizer(
+        vision + byte_alphabet() + TINY_SPECIALS, vision + TINY_SPECIALS, bos_token=vision[num_codes],
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
     )  # fmt: skip
     return GlmImageProcessor(

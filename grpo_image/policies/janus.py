@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.policies.tokenizers import byte_alphabet, byte_level_tokenizer
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
@@ -171,20 +172,11 @@ def janus_policy(
 
 def build_tiny_janus_tokenizer():
     """A byte-level fast tokenizer with Janus's special tokens, built offline; it adds BOS as Janus's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [BOS, EOS, PAD, USER, ASSISTANT, IMAGE_TOKEN, BOI, EOI]
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + specials  # ids 0..255 bytes, then the specials
-    core = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 256)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    specials = [BOS, EOS, PAD, USER, ASSISTANT, IMAGE_TOKEN, BOI, EOI]  # ids 256.. after the bytes
+    return byte_level_tokenizer(
+        byte_alphabet() + specials, specials, prepend_bos=BOS, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI, "eoi_token": EOI},
-    )  # fmt: skip
+    )
 
 
 def tiny_janus_policy(

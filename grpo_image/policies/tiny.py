@@ -15,38 +15,18 @@ from pathlib import Path
 import torch
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
-
-PAD, EOS = "<pad>", "<eos>"
-SOM, EOM, IMAGE = "<SOM>", "<EOM>", "<IMAGE>"
-XOMNI_TEMPLATE = "{prompt}" + SOM + "{h} {w}" + IMAGE
-BYTE_TOKENS = 256
+from grpo_image.policies.tokenizers import EOS, PAD, byte_alphabet, byte_level_tokenizer
+from grpo_image.policies.xomni import EOM, IMAGE, SOM, XOMNI_TEMPLATE
 
 
 def image_code_token(code: int) -> str:
     return f"<img_{code}>"
 
 
-def byte_level_tokenizer(tokens: list[str], special_tokens: list[str]):
-    """A fast tokenizer built offline: the 256 byte-level tokens (ids 0..255), then `tokens` in order.
-
-    With no merges every byte is a token, so any text (Chinese included) encodes; `special_tokens` (a subset of
-    `tokens`) are never split. It saves and loads like any tokenizer (`save_pretrained` / `AutoTokenizer`).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(byte_tokens + tokens)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(special_tokens)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
-
-
 def build_tiny_tokenizer(num_codes: int):
     """256 byte tokens, pad, eos, then V image codes, then SOM, EOM, IMAGE."""
     specials = [PAD, EOS, *(image_code_token(c) for c in range(num_codes)), SOM, EOM, IMAGE]
-    return byte_level_tokenizer(specials, special_tokens=specials)
+    return byte_level_tokenizer(byte_alphabet() + specials, specials, pad_token=PAD, eos_token=EOS)
 
 
 def _code_range(tokenizer) -> tuple[int, int]:

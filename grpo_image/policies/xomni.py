@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
-from grpo_image.policies.tiny import BYTE_TOKENS, EOM, EOS, IMAGE, PAD, SOM, XOMNI_TEMPLATE, byte_level_tokenizer
+from grpo_image.policies.tokenizers import BYTE_TOKENS, EOS, PAD, byte_alphabet, byte_level_tokenizer
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 
 DOWNSAMPLE = 16  # pixels per code side (SigLIP-VQ encoder, and the decoder's output per code)
+SOM, EOM, IMAGE = "<SOM>", "<EOM>", "<IMAGE>"  # X-Omni's image delimiters (config.mm_special_tokens)
+XOMNI_TEMPLATE = "{prompt}" + SOM + "{h} {w}" + IMAGE  # a prompt row, right before the first image code
 
 
 def mm_code_token(code: int) -> str:
@@ -126,7 +128,7 @@ def build_tiny_xomni_tokenizer(vocab_size: int, image_vocab_size: int, mm_vocab_
     codes = [mm_code_token(code) for code in range(image_vocab_size)]
     text = [PAD, EOS] + [f"<|text_filler_{i}|>" for i in range(vocab_size - BYTE_TOKENS - 2)]
     mm = codes + specials + [f"<|mm_filler_{i}|>" for i in range(mm_vocab_size - image_vocab_size - len(specials))]
-    return byte_level_tokenizer(text + mm, special_tokens=[PAD, EOS, *codes, *specials])
+    return byte_level_tokenizer(byte_alphabet() + text + mm, [PAD, EOS, *codes, *specials], pad_token=PAD, eos_token=EOS)
 
 
 def tiny_xomni_policy(
