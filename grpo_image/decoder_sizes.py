@@ -1,8 +1,8 @@
 """What a reward actor holds, read from the decoder's and rewards' configs: no weight is loaded.
 
 Each part is built on the `meta` device from its folder's config (X-Omni's FLUX transformer and projector, the FLUX
-VAE and text encoders, Janus's VQ model, the reward models); where a folder is absent, the part's published
-configuration is used and the plan says so.
+VAE and text encoders, GLM-Image's DiT, VAE and ByT5 glyph encoder, Janus's VQ model, the reward models); where a
+folder is absent, the part's published configuration is used and the plan says so.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vo
 # X-Omni's VQConvProjector defaults (modeling_siglip_tokenizer.py): SigLIP2-g features, 16,384 codes of 2,048
 XOMNI_PROJECTOR = dict(z_channels=1536, codebook_size=16384, codebook_dim=2048, conv_layers=2)
 T5_TOKENS = 512  # X-Omni-En's prompt sequence for the decoder (FluxPromptEncoder's max_sequence_length)
+# GLM-Image's DiT (zai-org/GLM-Image transformer/config.json: diffusers' own defaults are a smaller model) and its
+# glyph encoder, a T5 encoder of google/byt5-small's shape (text_encoder/; the DiT's text_embed_dim is its width)
+GLM_IMAGE_DIT = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=30, attention_head_dim=128,
+                     num_attention_heads=32, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
+                     prior_vq_quantizer_codebook_size=16384)  # fmt: skip
+BYT5_SMALL = dict(vocab_size=384, d_model=1472, d_ff=3584, d_kv=64, num_layers=12, num_heads=6,
+                  feed_forward_proj="gated-gelu")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,23 +58,29 @@ class DecoderShape:
     name: str
     parts: tuple[Part, ...]
     dtype_bytes: int
-    kind: str  # "flux", "conv" or "none" (not modelled)
+    kind: str  # "dit" (a diffusion transformer, then its VAE), "conv" or "none" (not modelled)
     max_batch_size: int | None
-    # flux: the transformer's width and its tokens per image (image tokens + text tokens), run twice (true CFG)
+    # dit: the transformer's width, its tokens per image (image tokens + text tokens), the rows per image of one of
+    # its calls (2: true CFG in one batch; 1: conditional and unconditional passes in turn), and whether the VAE
+    # decodes the whole call at once (else one image at a time)
     inner: int = 0
     tokens: int = 0
+    rows_per_image: int = 0
+    vae_batched: bool = False
     # the convolutional decoder (FLUX's VAE after the transformer, Janus's VQ): (input channels, output channels,
     # pixels) of each of its up blocks, from the latent grid to the image
     levels: tuple[tuple[int, int, int], ...] = ()
     note: str = ""
 
 
-def decoder_shape(decoder_node, positions: int) -> DecoderShape:
-    """The recipe's decoder (`decoder` node) for images of `positions` codes."""
+def decoder_shape(decoder_node, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
+    """The recipe's decoder (`decoder` node) for images of an h x w `grid` of codes and the prompt set's `prompts`."""
     node = plain_node(decoder_node)
     target, args = str(node[COMPONENT_KEY]), component_args(node)
     if target == "grpo_image.decoders.xomni_flux.XOmniFluxDecoder":
-        return _xomni_flux(args, positions)
+        return _xomni_flux(args, grid[0] * grid[1])
+    if target == "grpo_image.decoders.glm_image.GlmImageDecoder":
+        return _glm_image(args, grid, prompts)
     if target == "grpo_image.decoders.vq.JanusVQDecoder":
         return _janus_vq(args)
     return DecoderShape(name=target, parts=(), dtype_bytes=4, kind="none", max_batch_size=args.get("max_batch_size"),
@@ -127,11 +140,76 @@ def _xomni_flux(args: dict, positions: int) -> DecoderShape:
             parts.extend(_flux_text_encoders(encoder, DTYPE_BYTES[dtype], notes))
     latents = 4 * positions  # 2 x 2 latent pixels per code
     return DecoderShape(
-        name=f"X-Omni FLUX decoder ({variant})", parts=tuple(parts), dtype_bytes=DTYPE_BYTES[dtype], kind="flux",
+        name=f"X-Omni FLUX decoder ({variant})", parts=tuple(parts), dtype_bytes=DTYPE_BYTES[dtype], kind="dit",
         max_batch_size=args.get("max_batch_size", default_of(XOmniFluxDecoder, "max_batch_size")),
-        inner=transformer.inner_dim, tokens=positions + text_tokens,
+        inner=transformer.inner_dim, tokens=positions + text_tokens, rows_per_image=2,
         levels=_up_levels(vae.config.block_out_channels, latents), note="; ".join(notes),
     )  # fmt: skip
+
+
+def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
+    """GLM-Image's decoder as GlmImageDecoder loads it: the DiT, the VAE and the ByT5 glyph encoder from `path`.
+
+    The DiT sees one token per prior code after the 2 x 2 upsampling (4hw) and the glyph tokens of the prompt;
+    the pipeline runs its two guidance passes one after the other and the VAE on the whole call.
+    """
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from grpo_image.decoders.glm_image import GlmImageDecoder
+
+    root, notes = Path(str(args["path"])), []
+    if (root / "transformer" / "config.json").is_file():
+        dit_config = GlmImageTransformer2DModel.load_config(root / "transformer")
+    else:
+        dit_config = GLM_IMAGE_DIT
+        notes.append("transformer: GLM-Image's published configuration")
+    transformer = meta_build(lambda: GlmImageTransformer2DModel.from_config(dit_config))
+    if (root / "vae" / "config.json").is_file():
+        vae_config = AutoencoderKL.load_config(root / "vae")
+    else:
+        vae_config = FLUX_VAE
+        notes.append("VAE: FLUX.1-dev's configuration (16 latent channels, 8 px per latent, as GLM-Image's)")
+    vae = meta_build(lambda: AutoencoderKL.from_config(vae_config))
+    if (root / "text_encoder" / "config.json").is_file():
+        encoder_config = T5Config.from_pretrained(root / "text_encoder")
+    else:
+        encoder_config = T5Config(**BYT5_SMALL)
+        notes.append("glyph encoder: ByT5-small's configuration")
+    encoder = meta_build(lambda: T5EncoderModel(encoder_config))
+    dtype = str(args.get("dtype") or "bfloat16").removeprefix("torch.")  # the decoder's default on a GPU
+    b = DTYPE_BYTES[dtype]
+    parts = (Part("transformer (GLM-Image DiT)", param_count(transformer), b), Part("VAE", param_count(vae), b),
+             Part("glyph encoder (ByT5)", param_count(encoder), b))  # fmt: skip
+    config = transformer.config
+    image_tokens = 4 * grid[0] * grid[1]  # each large-grid code repeated over 2 x 2 DiT patches (upsample_codes)
+    return DecoderShape(
+        name="GLM-Image DiT decoder", parts=parts, dtype_bytes=b, kind="dit",
+        max_batch_size=args.get("max_batch_size", default_of(GlmImageDecoder, "max_batch_size")),
+        inner=config.num_attention_heads * config.attention_head_dim, tokens=image_tokens + glyph_tokens(prompts),
+        rows_per_image=1, vae_batched=True,
+        levels=_up_levels(vae.config.block_out_channels, image_tokens * config.patch_size**2), note="; ".join(notes),
+    )  # fmt: skip
+
+
+def glyph_tokens(prompts: list[str]) -> int:
+    """The most glyph tokens one prompt gives GLM-Image's DiT: ByT5's ids of its quoted texts, as the pipeline makes
+    them (`get_glyph_texts`, `_get_glyph_embeds`: one id per UTF-8 byte and an end id per text, the empty text when
+    a prompt quotes none, and one more pad id per text when they are even in number)."""
+    from diffusers import GlmImagePipeline
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    # the pipeline's own glyph rules, which need none of its models
+    pipe = GlmImagePipeline(tokenizer=tokenizer, processor=None, text_encoder=None, vision_language_encoder=None,
+                            vae=None, transformer=None, scheduler=None)  # fmt: skip
+    longest = default_of(GlmImagePipeline.__call__, "max_sequence_length")
+    most = 1  # the empty text: the unconditional pass's, and a prompt set's without quotes
+    for texts in pipe.get_glyph_texts(prompts) if prompts else []:
+        texts = texts or [""]
+        ids = tokenizer(texts, max_length=longest, truncation=True).input_ids
+        most = max(most, sum(len(row) for row in ids) + len(texts) * ((len(texts) + 1) % 2))
+    return most
 
 
 def _flux_text_encoders(folder, dtype_bytes: int, notes: list[str]) -> list[Part]:

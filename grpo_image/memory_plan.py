@@ -25,6 +25,10 @@ T tokens, b bytes of the compute dtype); each term was checked against the tenso
 - the gated MLP: gate and up projections and SiLU's output (3 x b x I);
 - trained Linears keep their input: the normed states for q/k/v and gate/up, the gated product for down (autocast
   casts the input once per Linear); LoRA keeps each adapter's input in fp32 (peft casts it) and the rank-r output.
+GLM-4's layer (GLM-Image) differs in two ways, both read from the model: a fused gate_up projection (one Linear of
+2I outputs reading the normed states: one cast fewer under autocast, a [T, 2I] gradient and no-grad temporary), and
+two more RMSNorms, on the attention's and the MLP's outputs before each residual add: each keeps the fp32 copy of
+its low-precision input (4H) and, when its weight trains, its normalised output in the input's dtype (b x H).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ GIB = 2**30
 USABLE = 0.9  # of a GPU's memory: the rest is the CUDA context, library workspaces and allocator fragmentation
 SAMPLER_TEMPORARIES = 8  # [rows, V] fp32 tensors alive in one sampling step (logits, mixture, filters, log-softmax)
 HEAD_NOGRAD, HEAD_GRAD = 10, 12  # bytes per logit of the image head per chunk: forward only / recomputed in backward
-FLUX_WIDTHS = 20  # hidden-width tensors per row and token alive at once in a FLUX block (qkv, RoPE, 4x MLP, concat)
+FLUX_WIDTHS = 20  # hidden-width tensors per row and token alive at once in a FLUX-like DiT block (qkv, RoPE, 4x MLP)
 
 
 @dataclass(frozen=True)
@@ -142,17 +146,17 @@ def layer_bytes_per_token(p: PolicyShape, mode: str, tokens_per_row: int) -> int
     """What one decoder layer keeps for backward per token (see the module docstring for each term)."""
     b, h, i, width = p.dtype_bytes, p.hidden, p.intermediate, p.heads * p.head_dim
     full, autocast = mode == "full", _autocast(p, mode)
-    norms = 2 * (4 * h + (4 * h if full else 0))
+    norms = 2 * (4 * h + (4 * h if full else 0)) + p.post_norms * (4 * h + (b * h if full else 0))
     attention = 4 * b * width + 4 * p.heads + b * tokens_per_row
     mlp = 3 * b * i
     if full:
-        inputs = b * ((5 * h if autocast else 2 * h) + i)
+        inputs = b * ((p.norm_readers * h if autocast else 2 * h) + i)
     else:
         cast = b < 4  # adapters in fp32 over a low-precision base: each adapter casts its own input
         groups = {} if cast else {g: w for g, w in p.lora_inputs if g != "attn_out"}  # attn_out: SDPA's output
         inputs = 4 * (sum(w for _, w in p.lora_inputs) if cast else sum(groups.values()))
         inputs += 4 * p.lora_rank * len(p.lora_inputs)
-    return norms + attention + mlp + inputs + 8  # + the two norms' rsqrt
+    return norms + attention + mlp + inputs + 4 * (2 + p.post_norms)  # + each norm's fp32 rsqrt
 
 
 def activation_bytes(
@@ -170,7 +174,7 @@ def activation_bytes(
     residual = 4 if _autocast(p, mode) else b
     layer = layer_bytes_per_token(p, mode, tokens_per_row) * tokens
     kept = p.layers * (residual * p.hidden * tokens if checkpointing else layer)
-    in_backward = b * p.intermediate + (4 * p.intermediate if not full and b < 4 else 0)  # fp32 adapter gradients
+    in_backward = p.mlp_up_width * (b + (4 if not full and b < 4 else 0))  # + fp32 adapter gradients
     outside = p.final_norms * (8 if full else 4) * p.hidden + 3 * residual * p.hidden + in_backward
     if p.embeds_codes:
         outside += 4 * b * p.hidden
@@ -183,13 +187,14 @@ def nograd_bytes(p: PolicyShape, mode: str, rows: int, tokens_per_row: int) -> f
     Alive at once inside a layer: its input, the residual and the normed states (in the residual dtype: fp32 under
     autocast) with RMSNorm's fp32 copy of a low-precision input, then either the attention's (K and V repeated to
     every head, in the residual dtype under autocast since RoPE's output is, the query, the output, SDPA's casts)
-    or the MLP's (SiLU's output, up, their product); after the last layer, the final hidden states.
+    or the MLP's (SiLU's output, up, their product; GLM-4's fused gate_up keeps the gate half alive too); after the
+    last layer, the final hidden states.
     """
     tokens = rows * tokens_per_row
     b = p.dtype_bytes
     r = 4 if _autocast(p, mode) else b
     attention = 3 * r * p.hidden + (2 * r + 4 * b) * p.heads * p.head_dim
-    mlp = 2 * r * p.hidden + 3 * b * p.intermediate
+    mlp = 2 * r * p.hidden + b * (p.mlp_up_width + 2 * p.intermediate)
     norm_copy = 4 * p.hidden if r < 4 else 0
     return (norm_copy + max(attention, mlp) + 2 * r * p.hidden) * tokens + rows * tokens_per_row**2 * (1 + b)
 
@@ -260,15 +265,18 @@ def update_bytes(p: PolicyShape, s: Setup, micro: int, checkpointing: bool) -> f
 
 
 def decode_bytes(d: DecoderShape, images: int) -> float:
-    """One decoder call of `images` images: FLUX's transformer on 2 rows per image (true CFG) or the conv decoder.
+    """One decoder call of `images` images: a DiT's passes, then its VAE, or a conv decoder alone.
 
-    FLUX's VAE decodes one image at a time (sliced), after the transformer; Janus's VQ decodes the whole call. A conv
-    decoder's worst moment is the first block at a resolution: about 3 x (in + out) channels of that size alive
-    (the upsampled input, GroupNorm's output, the conv and shortcut outputs; measured on diffusers' VAE).
+    X-Omni's FLUX transformer runs 2 rows per image (true CFG in one batched call) and its VAE decodes one image at a
+    time (sliced); GLM-Image's DiT runs its conditional and unconditional passes one after the other (1 row per image
+    each) and its VAE decodes the whole call at once, as Janus's VQ does. A conv decoder's worst moment is the first
+    block at a resolution: about 3 x (in + out) channels of that size alive (the upsampled input, GroupNorm's output,
+    the conv and shortcut outputs; measured on diffusers' VAE).
     """
     conv = max((3 * (c_in + c_out) * pixels for c_in, c_out, pixels in d.levels), default=0) * d.dtype_bytes
-    if d.kind == "flux":
-        return max(2 * images * d.tokens * d.inner * FLUX_WIDTHS * d.dtype_bytes, conv)
+    if d.kind == "dit":
+        transformer = d.rows_per_image * images * d.tokens * d.inner * FLUX_WIDTHS * d.dtype_bytes
+        return max(transformer, conv * (images if d.vae_batched else 1))
     return images * conv
 
 
@@ -312,7 +320,7 @@ def plan_recipe(
 
     largest_micro = {c: _largest(lambda m, c=c: micro_fits(m, c), s.minibatch) for c in (False, True)}
     plan = Plan(recipe, s, p, rows, resident, phases, largest_sampler, largest_micro,
-                decoder_shape(cfg.decoder, p.positions))
+                decoder_shape(cfg.decoder, p.grid, prompts))
     _workers(plan, cfg)
     return plan
 
