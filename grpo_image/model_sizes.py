@@ -180,7 +180,7 @@ def _glm_image(args: dict, function) -> Built:
     """
     from transformers import AutoProcessor, GlmImageConfig, GlmImageForConditionalGeneration
 
-    from grpo_image.policies.glm_image import _processor_call, build_tiny_glm_image_processor
+    from grpo_image.policies.glm_image import pipeline_processor_call, build_tiny_glm_image_processor
     from grpo_image.policies.glm_image import glm_image_folders, glm_image_grids
 
     model_dir, processor_dir = glm_image_folders(args["path"])
@@ -201,7 +201,7 @@ def _glm_image(args: dict, function) -> Built:
     if processor is not None:
 
         def rows(texts: list[str]) -> list[int]:  # the pipeline's own processor call, as GlmImagePolicy.encode makes it
-            return [len(row) for row in _processor_call(processor, texts, height, width)["input_ids"]]
+            return [len(row) for row in pipeline_processor_call(processor, texts, height, width)["input_ids"]]
 
         encode = (rows, "with the checkpoint's processor")
     trainable = [p for p in model.parameters() if id(p) not in frozen]

@@ -54,13 +54,13 @@ def glm_image_grids(processor, height: int, width: int) -> tuple[tuple[int, int]
             f"GLM-Image image size {height}x{width} (height x width) must be positive multiples of {GRID_FACTOR} px "
             f"(the processor floors other sizes and the decoder would not return the size asked for)"
         )
-    grids = _processor_call(processor, [""], height, width)["image_grid_thw"].tolist()  # [[1, h, w], [1, ph, pw]]
+    grids = pipeline_processor_call(processor, [""], height, width)["image_grid_thw"].tolist()  # [[1, h, w], [1, ph, pw]]
     if len(grids) != 2 or grids[0][0] != 1 or grids[1][0] != 1:
         raise ValueError(f"GLM-Image processor: expected a large and a preview grid for text-to-image, got {grids}")
     return (grids[0][1], grids[0][2]), (grids[1][1], grids[1][2])
 
 
-def _processor_call(processor, prompts: list[str], height: int, width: int):
+def pipeline_processor_call(processor, prompts: list[str], height: int, width: int):
     """The pipeline's own processor call (pipeline_glm_image.py l.359-376), one user message per prompt, unpadded."""
     messages = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in prompts]
     return processor.apply_chat_template(
@@ -126,7 +126,7 @@ class GlmImagePolicy(CausalLMPolicy):
 
     def encode(self, prompts: list[str], unconditional: bool = False) -> list[list[int]]:
         """The pipeline's prefix ids of each prompt (empty prompts when unconditional), ending in the image start."""
-        rows = _processor_call(self.processor, ["" if unconditional else p for p in prompts], self.height, self.width)
+        rows = pipeline_processor_call(self.processor, ["" if unconditional else p for p in prompts], self.height, self.width)
         ids = [list(row) for row in rows["input_ids"]]
         for prompt, row in zip(prompts, ids):
             if not row or row[-1] != self.image_start_token_id:
