@@ -59,7 +59,7 @@ def build(text_vocab: int, length: int, hidden: int, layers: int, seed: int = 0)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_image.policies.causal_lm import CausalLMPolicy
-    from grpo_image.policies.tiny import _code_range, build_tiny_tokenizer
+    from grpo_image.policies.tiny import code_range, build_tiny_tokenizer
     from grpo_image.policies.xomni import XOMNI_TEMPLATE
 
     tokenizer = build_tiny_tokenizer(NUM_CODES)
@@ -77,7 +77,7 @@ def build(text_vocab: int, length: int, hidden: int, layers: int, seed: int = 0)
     model = Qwen2ForCausalLM(config).float()
     model.get_input_embeddings().weight.requires_grad_(False)
     model.get_output_embeddings().weight.requires_grad_(False)
-    offset, codes = _code_range(tokenizer)
+    offset, codes = code_range(tokenizer)
     side = int(round(length ** 0.5))
     grid = (side, length // side)
     if grid[0] * grid[1] != length:

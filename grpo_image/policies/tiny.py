@@ -29,7 +29,7 @@ def build_tiny_tokenizer(num_codes: int):
     return byte_level_tokenizer(byte_alphabet() + specials, specials, pad_token=PAD, eos_token=EOS)
 
 
-def _code_range(tokenizer) -> tuple[int, int]:
+def code_range(tokenizer) -> tuple[int, int]:
     """(offset, V) of the image codes, read from the tokenizer's `<img_k>` tokens."""
     vocab = tokenizer.get_vocab()
     num_codes = sum(1 for token in vocab if token.startswith("<img_") and token.endswith(">"))
@@ -79,5 +79,5 @@ def tiny_policy(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config)
-    offset, codes = _code_range(tokenizer)
+    offset, codes = code_range(tokenizer)
     return CausalLMPolicy(model.to(getattr(torch, dtype)), tokenizer, offset, codes, tuple(grid), XOMNI_TEMPLATE)
