@@ -55,7 +55,7 @@ class FluxPromptEncoder:
             raise FileNotFoundError(f"FluxPromptEncoder: {path} is not a FLUX.1-dev folder (missing {missing})")
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length
-        self.pipe = FluxPipeline.from_pretrained(path, transformer=None, vae=None, torch_dtype=dtype).to(self.device)
+        self.pipe = FluxPipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype).to(self.device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +244,7 @@ class XOmniFluxDecoder:
             transformer, variant, self.projector.z_channels, self.dtype
         ).to(self.device)
         self.variant = "zh" if hasattr(self.transformer, "pooled_embeds") else "en"
-        self.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=self.dtype).to(self.device).eval()
+        self.vae = AutoencoderKL.from_pretrained(vae, dtype=self.dtype).to(self.device).eval()
         self.vae.enable_slicing()  # one image at a time: bounded memory at 1152 px, and batch-independent pixels
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # 8 for FLUX's VAE

@@ -250,7 +250,7 @@ def load_xomni_transformer(
     folder: str | Path,
     variant: str = "auto",
     siglip_channels: int | None = None,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
 ) -> XOmniFluxTransformer2DModel:
     """Load an X-Omni transformer folder as saved, failing on any missing or unexpected weight.
 
@@ -272,7 +272,7 @@ def load_xomni_transformer(
         )
     overrides = {} if saved is not None or siglip_channels is None else {"siglip_channels": siglip_channels}
     cls = XOmniFluxTransformer2DModelZh if variant == "zh" else XOmniFluxTransformer2DModel
-    model, info = cls.from_pretrained(folder, torch_dtype=torch_dtype, output_loading_info=True, **overrides)
+    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **overrides)
     kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
     bad = {k: sorted(map(str, v)) for k, v in info.items() if v and k in kinds}
     bad = {k: v[:4] + ([f"... {len(v) - 4} more"] if len(v) > 4 else []) for k, v in bad.items()}
