@@ -33,13 +33,15 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int,
     prefetched: dict[str, torch.Tensor] | None = None, writer: bool = True, rng_state: torch.Tensor | None = None,
+    loop_state: dict | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all).
 
     `prefetched` holds rollouts already sampled for the next step (workers.prefetch): they were drawn from the
     weights before this step's update, which the checkpoint no longer has, so they are saved to resume exactly.
     With several processes every rank calls this (sharded weights are gathered) and only the `writer` writes.
-    `rng_state`: torch's RNG as it was after `step` (default: as it is now).
+    `rng_state`: torch's RNG as it was after `step` (default: as it is now); `loop_state`: what else the loop
+    remembers across steps (JSON: the health checks' streaks), restored by `load_checkpoint`.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{PREFIX}{step:06d}"
@@ -56,7 +58,7 @@ def save_checkpoint(
     torch.save({"torch": torch.get_rng_state() if rng_state is None else rng_state}, tmp / "rng.pt")
     if prefetched is not None:
         save_file({key: value.contiguous() for key, value in prefetched.items()}, str(tmp / PREFETCH))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "loop": loop_state or {}}))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(config))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:
@@ -107,18 +109,19 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def load_checkpoint(folder: Path, weights, optimizer, scheduler) -> tuple[int, dict[str, torch.Tensor] | None]:
+def load_checkpoint(folder: Path, weights, optimizer, scheduler) -> tuple[int, dict[str, torch.Tensor] | None, dict]:
     """Restore weights, optimizer, scheduler and RNG in place.
 
-    Returns the step the checkpoint was taken after and the prefetched rollout tensors, if it holds any.
+    Returns the step the checkpoint was taken after, the prefetched rollout tensors (if it holds any) and the loop's
+    own state.
     """
     weights.load(folder / "policy")
     weights.load_optimizer_state(optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
-    step = int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    state = json.loads((folder / "trainer_state.json").read_text())
     prefetched = load_file(folder / PREFETCH) if (folder / PREFETCH).is_file() else None
-    return step, prefetched
+    return int(state["step"]), prefetched, state.get("loop", {})
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -1,7 +1,10 @@
-"""Run logging: metrics JSONL (always), TensorBoard, W&B (when asked), sample grids, progress, summary.
+"""Run logging: metrics JSONL (always), TensorBoard, W&B (when asked), sample grids, progress, warnings, summary.
 
 metrics.jsonl is the source of truth: one flushed line per step, so a killed run loses at most the line
-being written and every other sink (TensorBoard, W&B, the reward curve) can be rebuilt from it.
+being written and every other sink (TensorBoard, W&B, the reward curve) can be rebuilt from it. Health
+warnings (a run that cannot learn, see grpo_image/health.py) go to the console above the progress bar,
+to warnings.jsonl (flushed, like the metrics), as a `health/<check>` flag in their step's metrics row and
+into the summary, so that a run that looks healthy but is not says so wherever the user looks.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from functools import lru_cache
@@ -25,6 +29,8 @@ PAD = 4  # px of white around each image inside its grid cell
 FONT_SIZE = 13
 LINE_HEIGHT = FONT_SIZE + 4  # ascent 13 + descent 3 of Pillow's default font at size 13, plus 1 px
 MAX_WRAPPED_LINES = 3  # per caption line, so that a long prompt cannot push the reward scores out
+CJK = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")  # CJK, kana, hangul, full-width
+CJK_FAMILIES = ("WenQuanYi Micro Hei", "Noto Sans CJK SC", "Source Han Sans SC")  # tried in order for such lines
 
 
 def _json_value(key: str, value: Any) -> int | float | None:
@@ -60,6 +66,25 @@ def read_metrics(path: str | Path) -> list[dict]:
 @lru_cache(maxsize=1)
 def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=FONT_SIZE)
+
+
+@lru_cache(maxsize=1)
+def _cjk_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """An installed font with CJK glyphs (Pillow's default has none: a Chinese prompt would show as boxes), else
+    the default font."""
+    from matplotlib import font_manager
+
+    for family in CJK_FAMILIES:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        except ValueError:
+            continue
+        return ImageFont.truetype(path, FONT_SIZE)
+    return _font()
+
+
+def _caption_font(line: str) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return _cjk_font() if CJK.search(line) else _font()
 
 
 def _wrap(line: str, font, width: int) -> list[str]:
@@ -99,8 +124,8 @@ def make_grid(images: np.ndarray, captions: list[str], columns: int = 8) -> Imag
         raise ValueError(f"need at least one image and one column, got {len(images)} images, {columns} columns")
     t, h, w, _ = images.shape
     scale = max(1, math.ceil(MIN_CELL_PX / max(h, w)))
-    font = _font()
-    wrapped = [[part for line in caption.split("\n") for part in _wrap(line, font, w * scale)] for caption in captions]
+    wrapped = [[(part, _caption_font(line)) for line in caption.split("\n") for part in
+                _wrap(line, _caption_font(line), w * scale)] for caption in captions]  # (text, font) per drawn line
     n_lines = max(len(lines) for lines in wrapped)
     cell_w, cell_h = w * scale + 2 * PAD, h * scale + 2 * PAD + n_lines * LINE_HEIGHT
     cols = min(columns, t)
@@ -110,7 +135,7 @@ def make_grid(images: np.ndarray, captions: list[str], columns: int = 8) -> Imag
         x0, y0 = (i % cols) * cell_w, (i // cols) * cell_h
         upscaled = image.repeat(scale, axis=0).repeat(scale, axis=1)  # uint8 [H*s, W*s, 3]
         grid.paste(Image.fromarray(upscaled), (x0 + PAD, y0 + PAD))
-        for j, line in enumerate(lines):
+        for j, (line, font) in enumerate(lines):
             draw.text((x0 + PAD, y0 + h * scale + 2 * PAD + j * LINE_HEIGHT), line, fill="black", font=font)
     return grid
 
@@ -127,11 +152,16 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.total_steps, self.start_step = total_steps, start_step
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.warnings_path = self.run_dir / "warnings.jsonl"
         self.samples_dir = self.run_dir / "samples"
         self.tensorboard_dir = self.run_dir / "tensorboard" if tensorboard else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._keep_metrics_up_to(start_step)
+        self._keep_rows_up_to(self.metrics_path, start_step)
+        self._keep_rows_up_to(self.warnings_path, start_step)
         self._file = self.metrics_path.open("a", encoding="utf-8")
+        self._warnings_file = self.warnings_path.open("a", encoding="utf-8")
+        self._warning_count = len(_parse_jsonl(self.warnings_path))  # a resumed run's earlier warnings count too
+        self._flags: dict[int, dict[str, float]] = {}  # step -> health flags to add to that step's metrics row
         self._tb = None
         if self.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # imported here: pulls in tensorboard
@@ -152,33 +182,36 @@ class RunLogger:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _keep_metrics_up_to(self, step: int) -> None:
+    @staticmethod
+    def _keep_rows_up_to(path: Path, step: int) -> None:
         """Drop lines after `step` (all lines for a fresh run); temp file + os.replace so a crash here
         leaves either the old file or the new one, never half of one."""
-        if not self.metrics_path.exists():
+        if not path.exists():
             return
-        kept = [row for row in _parse_jsonl(self.metrics_path) if step > 0 and row["step"] <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        kept = [row for row in _parse_jsonl(path) if step > 0 and row["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        os.replace(tmp, path)
 
     def _start_bar(self) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
         self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                  TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(),
-                                  TextColumn("eta"), TimeRemainingColumn())
+                                  TextColumn("reward {task.fields[reward]}"), TextColumn("{task.fields[warnings]}"),
+                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
         self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step,
-                                             reward="-")
+                                             reward="-", warnings=self._warnings_field())
         self._progress.start()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Append {"step": step, **metrics} to metrics.jsonl and every other sink.
 
         NaN and +-inf are written as null in the JSONL (JSON has no token for them; read_metrics returns
-        None) and as the float itself to TensorBoard and W&B, which can display them.
+        None) and as the float itself to TensorBoard and W&B, which can display them. The flags of warnings
+        raised for this step (`warn` before `log_metrics`) join the row.
         """
+        metrics = {**metrics, **self._flags.pop(int(step), {})}
         row = {"step": int(step), **{key: _json_value(key, value) for key, value in metrics.items()}}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
@@ -193,12 +226,37 @@ class RunLogger:
     def _show_progress(self, step: int, row: dict) -> None:
         reward = "-" if row.get(REWARD_KEY) is None else f"{row[REWARD_KEY]:.3f}"
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, reward=reward)
+            self._progress.update(self._task, completed=step, reward=reward, warnings=self._warnings_field())
         elif step % self._status_every == 0 or step == self.total_steps:
             done = max(1, step - self.start_step)
             loss = f"  loss {row[LOSS_KEY]:.3f}" if row.get(LOSS_KEY) is not None else ""
             seconds = (time.perf_counter() - self._t0) / done
-            print(f"step {step}/{self.total_steps}  reward {reward}{loss}  {seconds:.1f} s/step", flush=True)
+            warned = f"  {self._warnings_field()}" if self._warning_count else ""
+            print(f"step {step}/{self.total_steps}  reward {reward}{loss}  {seconds:.1f} s/step{warned}", flush=True)
+
+    def _warnings_field(self) -> str:
+        count = self._warning_count
+        return "" if not count else f"{count} warning{'s' if count > 1 else ''}"
+
+    def warn(self, step: int, metric: str, message: str, flag: str | None = None) -> None:
+        """Report a problem with the run: a console line, a line of warnings.jsonl, the summary's "warnings".
+
+        `flag` (e.g. "health/zero_spread") is set to 1 in step `step`'s metrics row, so call this before that
+        step's `log_metrics`. The console line is `warning: step S: METRIC: MESSAGE`, printed above a live
+        bar, or on stderr when there is none.
+        """
+        record = {"step": int(step), "metric": str(metric), "message": str(message)}
+        self._warnings_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._warnings_file.flush()
+        self._warning_count += 1
+        if flag is not None:
+            self._flags.setdefault(int(step), {})[flag] = 1.0
+        line = f"warning: step {step}: {metric}: {message}"
+        if self._progress is not None:
+            self._progress.console.print(line, style="yellow", markup=False, highlight=False)
+            self._progress.update(self._task, warnings=self._warnings_field())
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def log_images(self, step: int, images: np.ndarray, captions: list[str]) -> Path:
         """Save a captioned grid of uint8 [T, H, W, 3] images as samples/step_XXXXXX.png (and to TB/W&B)."""
@@ -220,6 +278,7 @@ class RunLogger:
         if self._progress is not None:
             self._progress.stop()
         self._file.close()
+        self._warnings_file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -230,7 +289,9 @@ class RunLogger:
 
         The summary reads metrics.jsonl back, so a resumed run reports its reward since step 1; start and
         end are means of reward/total/mean over the first and last min(5, n) steps (None where no finite
-        reward was logged). Paths are strings so the dict can be dumped as JSON.
+        reward was logged). `warnings` lists every warning of the run ({step, metric, message}, read back
+        from warnings.jsonl, so a resumed run keeps those before the resume). Paths are strings so the dict
+        can be dumped as JSON.
         """
         self.close()
         rows = read_metrics(self.metrics_path)
@@ -244,6 +305,7 @@ class RunLogger:
             "metrics": str(self.metrics_path), "reward_curve": str(curve),
             "samples": str(self.samples_dir) if self.samples_dir.is_dir() else None,
             "tensorboard": str(self.tensorboard_dir) if self.tensorboard_dir is not None else None,
+            "warnings": _parse_jsonl(self.warnings_path),
         }
         _print_summary(summary)
         return summary
@@ -306,6 +368,9 @@ def _print_summary(summary: dict) -> None:
     for key in ("run_dir", "metrics", "reward_curve", "samples", "tensorboard"):
         if summary[key] is not None:
             console.print(f"  {key:<12} {summary[key]}", highlight=False)
+    for warning in summary["warnings"]:
+        console.print(f"  warning: step {warning['step']}: {warning['metric']}: {warning['message']}",
+                      style="yellow", markup=False, highlight=False)
 
 
 class SilentLogger:
@@ -321,6 +386,9 @@ class SilentLogger:
         return None
 
     def log_images(self, *args) -> None:
+        return None
+
+    def warn(self, step: int, metric: str, message: str, flag: str | None = None) -> None:
         return None
 
     def finish(self, seconds: float) -> dict:

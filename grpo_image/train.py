@@ -33,6 +33,7 @@ from grpo_image.distributed import (
     World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
+from grpo_image.health import HealthMonitor
 from grpo_image.logging import RunLogger, SilentLogger
 from grpo_image.logprobs import teacher_forced_logprobs
 from grpo_image.loss import grpo_loss
@@ -64,6 +65,8 @@ class Trainer:
     prefetched: tuple[int, Rollout, object] | None = None  # (step, rollout, pending rewards) sampled a step early
     phase: str | None = None  # the phase of the step running now (named in failure messages)
     moved_in_step: int = 0  # the last step whose update has begun changing the weights
+    health: HealthMonitor | None = None  # the run-health checks, fed every step; their memory is checkpointed
+    last_scores: np.ndarray | None = None  # the last step's whole-batch scores [N, K], for the health checks
 
 
 def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
@@ -88,9 +91,11 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     scheduler = get_scheduler(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
     )
-    start_step, prefetched_codes = 0, None
+    start_step, prefetched_codes, loop_state = 0, None, {}
     if cfg.resume:
-        start_step, prefetched_codes = load_checkpoint(find_checkpoint(cfg.resume), weights, optimizer, scheduler)
+        start_step, prefetched_codes, loop_state = load_checkpoint(
+            find_checkpoint(cfg.resume), weights, optimizer, scheduler
+        )
     specs = reward_specs(cfg)
     trainer = Trainer(
         cfg=cfg,
@@ -105,7 +110,10 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
         reward_weights=[spec["weight"] for spec in specs],
         start_step=start_step,
         world=world,
+        health=HealthMonitor(cfg.health, [spec["name"] for spec in specs], cfg.data.group_size),
     )
+    if "health" in loop_state:
+        trainer.health.restore(loop_state["health"])
     if prefetched_codes is not None:  # the checkpoint holds rollouts sampled for the next step: score them again
         step = start_step + 1
         mine = world.rows(len(prefetched_codes["codes"]))  # saved whole; this rank's rows
@@ -155,6 +163,8 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
                 _stop(trainer, run_dir, step, before, f"step {step} failed: {err}")
             except Exception as err:
                 _crash(trainer, run_dir, step, before, err)
+            for warning in trainer.health.observe(step, metrics, trainer.last_scores):
+                log.warn(warning.step, warning.metric, warning.message, warning.flag)
             log.log_metrics(step, metrics)
             if samples is not None:
                 log.log_images(step, *samples)
@@ -189,7 +199,7 @@ def _save(trainer: Trainer, run_dir: Path, step: int, state: StepStart) -> Path:
     return save_checkpoint(
         run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
         trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, state.prefetched, step + 1),
-        writer=trainer.world.is_main, rng_state=state.rng_state,
+        writer=trainer.world.is_main, rng_state=state.rng_state, loop_state={"health": trainer.health.state()},
     )
 
 
@@ -287,6 +297,7 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         scored = _gather_or_fail(trainer, pending)
     # 6. advantages [N/W] of this rank's rows, from every rank's scores [N, K], the weights and the groups
     scored, advantages, mine, adv_stats = rank_advantages(trainer.world, scored, trainer.reward_weights, cfg)
+    trainer.last_scores = scored.scores  # [N, K]
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
         train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine)

@@ -35,7 +35,7 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path, m
     expected_draw = torch.rand(3)
     fresh_weights, fresh_opt, fresh_sched = trained(mode, seed=1)  # different init: everything must be overwritten
     torch.manual_seed(999)
-    assert load_checkpoint(folder, fresh_weights, fresh_opt, fresh_sched) == (2, None)
+    assert load_checkpoint(folder, fresh_weights, fresh_opt, fresh_sched) == (2, None, {})
     for ours, theirs in zip(weights.trainable_parameters(), fresh_weights.trainable_parameters()):
         assert torch.equal(ours, theirs)
     assert fresh_sched.get_last_lr() == scheduler.get_last_lr() == [0.1 / 3]  # lambda(2) = 1/3
