@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_image.config import COMPONENT_KEY, RecipeError
+from grpo_image.config import COMPONENT_KEY, import_dotted
 from grpo_image.model_sizes import (
     DTYPE_BYTES, component_args, config_json, default_of, meta_build, param_count, plain_node,
 )
@@ -277,45 +277,22 @@ def _join(folder, relative) -> str | None:
     return str(Path(folder) / relative) if folder and relative else None
 
 
-def _open_clip_params(model_name: str) -> int:
-    """Parameters of an open_clip model by name (or "local-dir:FOLDER" with an open_clip_config.json)."""
-    import open_clip
-
-    if model_name.startswith("local-dir:"):
-        config = json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
-        config = config["model_cfg"]
-    else:
-        config = open_clip.get_model_config(model_name)
-        if config is None:
-            raise RecipeError(f"HPSv2 model_name {model_name!r}: not an open_clip model name")
-    return param_count(meta_build(lambda: open_clip.CLIP(**config)))
-
-
 def reward_parts(reward_specs: list[dict]) -> tuple[list[Part], list[str]]:
     """The GPU models the recipe's rewards hold in each actor, and the rewards whose memory is not modelled.
 
-    Rewards served over HTTP (UnifiedReward, the VLM judges) and those run on the CPU (OCR with rapidocr, colour,
-    JPEG) hold nothing on the actor's GPU. Known models are counted in bf16, as they run on a GPU.
+    Each reward class says what it holds: `gpu_parameters(**its arguments)` counts its models from their configs
+    (0 for a reward served over HTTP or run on the CPU; None, or no such method, for one it cannot count). The
+    class is the one the recipe names, so the library itself names no reward. Models are counted in bf16, as
+    they run on a GPU.
     """
     parts, unknown = [], []
     for spec in reward_specs:
         scorer = dict(spec["scorer"])
         target = str(scorer.pop(COMPONENT_KEY))
-        name = target.rsplit(".", 1)[-1]
-        if target == "rewards.hpsv2.HPSv2":
-            model_name = scorer.get("model_name", "ViT-H-14")
-            parts.append(Part(f"{spec['name']}: HPSv2 ({model_name})", _open_clip_params(model_name), 2))
-        elif target in ("rewards.pickscore.PickScore", "rewards.clip_score.CLIPScore", "rewards.aesthetic.Aesthetic"):
-            from transformers import CLIPConfig, CLIPModel
-
-            path = config_json(scorer["model_path"], f"rewards.{spec['name']}.scorer.model_path")
-            config = CLIPConfig.from_pretrained(path.parent)
-            parts.append(Part(f"{spec['name']}: {name} (CLIP)", param_count(meta_build(lambda: CLIPModel(config))), 2))
-        elif target in ("rewards.unified_reward.UnifiedReward", "rewards.vlm_alignment.VLMAlignment",
-                        "rewards.color.ColorAdherence", "rewards.jpeg.JPEGCompressibility") or (
-            target == "rewards.ocr.OCR" and scorer.get("engine", "rapidocr") in ("rapidocr", "vlm")
-        ):  # fmt: skip
-            continue
-        else:
+        count = getattr(import_dotted(target), "gpu_parameters", None)
+        parameters = count(**scorer) if count is not None else None
+        if parameters is None:
             unknown.append(spec["name"])
+        elif parameters:
+            parts.append(Part(f"{spec['name']}: {target.rsplit('.', 1)[-1]}", parameters, 2))
     return parts, unknown

@@ -26,6 +26,16 @@ def features(output: Any) -> Any:
     return output if hasattr(output, "dim") else output.pooler_output
 
 
+def clip_parameters(model_path: str) -> int:
+    """Parameters of the transformers CLIP model in `model_path`, counted from its config alone (meta device)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        return sum(p.numel() for p in CLIPModel(config).parameters())
+
+
 class CLIPEncoder(RebuildOnUnpickle):
     """CLIPModel + processor from `model_path` (a local folder, or a hub id when online); processor from
     `processor_path` when the model folder has none (PickScore's weights use the LAION ViT-H-14 processor)."""

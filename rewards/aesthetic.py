@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from grpo_image.types import RewardOutput
-from rewards._clip import CLIPEncoder
+from rewards._clip import clip_parameters, CLIPEncoder
 from rewards._image import validate_batch
 from rewards._rebuild import RebuildOnUnpickle
 
@@ -51,6 +51,11 @@ class Aesthetic(RebuildOnUnpickle):
 
     model_path: a local copy of openai/clip-vit-large-patch14 (or a hub id when online). head_path: the head file.
     """
+
+    @staticmethod
+    def gpu_parameters(model_path: str, **_: Any) -> int:
+        """Parameters this reward holds on its worker's GPU (for `grpo-image plan`), from the model's config."""
+        return clip_parameters(model_path)
 
     def __init__(self, model_path: str, head_path: str, device: str | None = None, batch_size: int = 32) -> None:
         self._init_args = dict(model_path=model_path, head_path=head_path, device=device, batch_size=batch_size)

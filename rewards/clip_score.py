@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from grpo_image.types import RewardOutput
-from rewards._clip import CLIPEncoder
+from rewards._clip import clip_parameters, CLIPEncoder
 from rewards._image import validate_batch
 
 
@@ -23,6 +23,11 @@ class CLIPScore:
     model_path: a local CLIPModel folder (e.g. a copy of openai/clip-vit-large-patch14), or a hub id when online.
     processor_path: where the processor lives when the model folder has none.
     """
+
+    @staticmethod
+    def gpu_parameters(model_path: str, **_: Any) -> int:
+        """Parameters this reward holds on its worker's GPU (for `grpo-image plan`), from the model's config."""
+        return clip_parameters(model_path)
 
     def __init__(
         self,

@@ -23,6 +23,11 @@ class ColorAdherence:
     applicable); a present but malformed colour is an error naming the sample.
     """
 
+    @staticmethod
+    def gpu_parameters(**_: Any) -> int:
+        """Nothing on the worker's GPU (it computes on the CPU)."""
+        return 0
+
     def __init__(self, tolerance: float = 60.0, metadata_key: str = "color") -> None:
         if not tolerance >= 0:
             raise ValueError(f"ColorAdherence: tolerance must be >= 0, got {tolerance}")

@@ -48,6 +48,27 @@ def find_checkpoint(version: str, checkpoint: str | None) -> Path:
 class HPSv2(RebuildOnUnpickle):
     """HPS score (cosine) of each image against its prompt; see the module docstring."""
 
+    @staticmethod
+    def gpu_parameters(model_name: str = "ViT-H-14", **_: Any) -> int:
+        """Parameters of the open_clip model on the worker's GPU (for `grpo-image plan`), from its config alone.
+
+        `model_name` may be "local-dir:FOLDER" (an open_clip_config.json, as the tests use).
+        """
+        import json
+
+        import open_clip
+        import torch
+
+        if model_name.startswith("local-dir:"):
+            config = json.loads((Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())
+            config = config["model_cfg"]
+        else:
+            config = open_clip.get_model_config(model_name)
+            if config is None:
+                raise ValueError(f"HPSv2: model_name {model_name!r} is not an open_clip model")
+        with torch.device("meta"):
+            return sum(p.numel() for p in open_clip.CLIP(**config).parameters())
+
     def __init__(
         self,
         version: str = "v2.1",

@@ -20,6 +20,11 @@ from rewards._image import as_uint8_images, to_pil
 class JPEGCompressibility:
     """1 - (JPEG size at `quality`) / (raw RGB size), clipped to [0, 1]; higher = more compressible."""
 
+    @staticmethod
+    def gpu_parameters(**_: Any) -> int:
+        """Nothing on the worker's GPU (it computes on the CPU)."""
+        return 0
+
     def __init__(self, quality: int = 75) -> None:
         if not 1 <= quality <= 100:
             raise ValueError(f"JPEGCompressibility: quality must be in 1..100, got {quality}")

@@ -56,6 +56,11 @@ class OCR:
         return f"OCR(engine={self.engine_name!r}, metric={self.metric!r}, metadata_key={self.metadata_key!r})"
 
     @staticmethod
+    def gpu_parameters(engine: str = "rapidocr", **_: Any) -> int | None:
+        """Nothing on the worker's GPU for rapidocr (ONNX on the CPU) or a VLM server; easyocr's is not counted."""
+        return 0 if engine in ("rapidocr", "vlm") else None
+
+    @staticmethod
     def missing_inputs(prompt: str, metadata: dict[str, Any], metadata_key: str = "text", **_: Any) -> str | None:
         """Why a prompt cannot be scored (checked before training when the reward is required), or None."""
         if target_text(prompt, metadata, metadata_key) is None:

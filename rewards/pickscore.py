@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from grpo_image.types import RewardOutput
-from rewards._clip import CLIPEncoder
+from rewards._clip import clip_parameters, CLIPEncoder
 from rewards._image import validate_batch
 
 
@@ -22,6 +22,11 @@ class PickScore:
     model_path: a local copy of yuvalkirstain/PickScore_v1 (or a hub id when online). processor_path: its
     processor, laion/CLIP-ViT-H-14-laion2B-s32B-b79K in the original code; defaults to model_path.
     """
+
+    @staticmethod
+    def gpu_parameters(model_path: str, **_: Any) -> int:
+        """Parameters this reward holds on its worker's GPU (for `grpo-image plan`), from the model's config."""
+        return clip_parameters(model_path)
 
     def __init__(
         self,

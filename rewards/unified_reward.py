@@ -114,6 +114,11 @@ class UnifiedReward:
     configure the shared chat client (see rewards/_chat.py); max_tokens bounds the judge's reply.
     """
 
+    @staticmethod
+    def gpu_parameters(**_: Any) -> int:
+        """Nothing on the worker's GPU (a server the user runs)."""
+        return 0
+
     def __init__(
         self,
         base_url: str,

@@ -46,6 +46,11 @@ class VLMAlignment:
     default). The other arguments configure the shared chat client (see rewards/_chat.py).
     """
 
+    @staticmethod
+    def gpu_parameters(**_: Any) -> int:
+        """Nothing on the worker's GPU (a server the user runs)."""
+        return 0
+
     def __init__(
         self,
         base_url: str,

@@ -55,7 +55,7 @@ def sharded_policy_on_rank(rank: int, port: int, out: str) -> None:
 
     world = join(rank, port)
     policy = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0)
-    weights = ShardedFullWeights(policy, keep_reference=True)
+    weights = ShardedFullWeights(policy, keep_reference=True, world=world)
     layer_params = [p for layer in weights.layers for p in layer.parameters()]
     shards = {
         "all_dtensor": all(isinstance(p, DTensor) for p in layer_params),

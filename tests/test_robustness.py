@@ -1,8 +1,6 @@
 """Nothing lost, nothing let in: refused input, numeric faults, failing rewards, kills, a soak run."""
 
-import json
 import math
-import os
 import random
 import signal
 import subprocess

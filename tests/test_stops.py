@@ -75,7 +75,7 @@ def test_a_reward_failure_before_the_update_checkpoints_the_step_before(straight
     monkeypatch.setattr(train_module, "_gather_or_fail", fails_on_the_fourth_gather)
     out = tmp_path / "run"
     assert train(out, "steps=4", f"workers.prefetch={prefetch}") == 1
-    assert f"step 4 failed: required reward 'color' failed on sample 0" in capsys.readouterr().err
+    assert "step 4 failed: required reward 'color' failed on sample 0" in capsys.readouterr().err
     assert checkpoints(out) == ["step_000002", "step_000003"]
     saved_prefetch = (out / "checkpoints" / "step_000003" / "prefetched_rollout.safetensors").is_file()
     assert saved_prefetch == (prefetch == "true")
