@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from grpo_image.ablate import AblationError
     from grpo_image.longtext import TextBenchError
-    from grpo_image.workers import RewardFailure
+    from grpo_image.score import RewardFailure
 
     try:
         if args.command not in ("train", "validate"):

@@ -31,7 +31,7 @@ from grpo_image.advantages import weighted_total
 from grpo_image.image_files import folder_batches
 from grpo_image.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
 from grpo_image.types import PromptRecord
-from grpo_image.workers import score_images  # the trainer's reward rules
+from grpo_image.score import score_images  # the trainer's reward rules
 
 
 @dataclass

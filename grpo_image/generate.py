@@ -20,7 +20,8 @@ from grpo_image.config import instantiate
 from grpo_image.data import load_prompts
 from grpo_image.decoders import decode_images
 from grpo_image.distributed import training_device
-from grpo_image.image_files import image_name, progress, save_images
+from grpo_image.image_files import image_name, save_images
+from grpo_image.progress import progress
 from grpo_image.longtext import is_longtext_file, read_longtext
 from grpo_image.policies.lora import load_saved_weights, policy_folder
 from grpo_image.sampling import SamplingSettings, sample_codes

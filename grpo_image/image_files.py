@@ -1,4 +1,4 @@
-"""Folders of generated images: how they are named, found, read and written, and a progress bar for the work.
+"""Folders of generated images: how they are named, found, read and written.
 
 One naming scheme for every folder this project writes or reads: image k (1-based) of prompt `id` is
 `{id:04d}_{k}.png`, LongText-Bench's layout (`0000_1.png` ... `0199_4.png`). A prompt's id is its `prompt_id` in
@@ -10,15 +10,13 @@ other tools are read leniently, as the benchmark's own scorer reads them: `<int>
 from __future__ import annotations
 
 import re
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from grpo_image.progress import progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _NAME = re.compile(r"^(\d+)(?:_(.*))?$")
@@ -112,29 +110,3 @@ def save_images(images: np.ndarray, paths: list[Path]) -> None:
     """Write uint8 RGB [n, H, W, 3] as PNG files (lossless: a saved image scores as the one in memory)."""
     for image, path in zip(images, paths):
         Image.fromarray(image).save(path)
-
-
-@contextmanager
-def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar for `total` items: a live bar on a terminal, a plain line every 10% otherwise.
-
-    Yields `advance(k)`, to call as items complete.
-    """
-    if sys.stdout.isatty():
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        with Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn()) as bar:
-            task = bar.add_task(label, total=total)
-            yield lambda k: bar.advance(task, k)
-        return
-    started, done, every = time.perf_counter(), 0, max(1, total // 10)
-
-    def advance(k: int) -> None:
-        nonlocal done
-        before, done = done, done + k
-        if done // every != before // every or done == total:
-            print(f"{label}: {done}/{total} ({time.perf_counter() - started:.1f} s)", flush=True)
-
-    yield advance

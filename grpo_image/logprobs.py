@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.types import Policy
 from grpo_image.sampling import SamplingSettings, code_logprobs, left_pad, policy_rows
 
 
 def teacher_forced_logprobs(
-    policy: CausalLMPolicy,
+    policy: Policy,
     prompts: list[str],
     codes: torch.Tensor,  # [N, L]
     settings: SamplingSettings,

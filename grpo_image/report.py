@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from grpo_image.image_files import find_images
-from grpo_image.logging import make_grid
+from grpo_image.grids import make_grid
 from grpo_image.longtext import table as text_table
 
 THUMB_PX = 192  # longest side of an image in the Markdown grids

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.types import Policy
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def policy_rows(policy: CausalLMPolicy, prompts: list[str], with_uncond: bool) -> list[list[int]]:
+def policy_rows(policy: Policy, prompts: list[str], with_uncond: bool) -> list[list[int]]:
     """The prefix of every row the policy runs: N conditional rows, then N unconditional ones under CFG."""
     rows = policy.encode(prompts)
     return rows + policy.encode(prompts, unconditional=True) if with_uncond else rows
@@ -173,7 +173,7 @@ def draw_codes(
 
 @torch.no_grad()
 def sample_codes(
-    policy: CausalLMPolicy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample N code grids, `settings.batch_size` rows per call: codes int64 [N, L], behaviour log-probs fp32 [N, L].
 
@@ -191,7 +191,7 @@ def sample_codes(
 
 
 def _sample_call(
-    policy: CausalLMPolicy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps."""
     n, length, device = len(prompts), policy.num_positions, policy.device
@@ -216,7 +216,7 @@ def _sample_call(
     return codes, logprobs
 
 
-def _decode_step(policy: CausalLMPolicy, compile_step: bool):
+def _decode_step(policy: Policy, compile_step: bool):
     """The one-token forward and image head: (ids [R, 1], mask, positions, cache) -> logits [R, V].
 
     Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU); the static cache and the

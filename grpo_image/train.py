@@ -43,7 +43,8 @@ from grpo_image.sampling import SamplingSettings, sample_codes
 from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.types import Rollout, ScoredBatch
 from grpo_image.ray_pool import RayRewardPool
-from grpo_image.workers import InProcessRewardPool, RewardFailure
+from grpo_image.score import RewardFailure
+from grpo_image.workers import InProcessRewardPool
 
 
 @dataclass

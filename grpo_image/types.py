@@ -69,10 +69,67 @@ class Reward(Protocol):
 
 
 class Decoder(Protocol):
-    """Turns image codes into pixels; stochastic decoders draw only from the given per-sample seeds."""
+    """Turns image codes into pixels; stochastic decoders draw only from the given per-sample seeds.
+
+    A decoder whose images depend on the prompt (X-Omni's English one) takes `prompts=` as well; a policy may put
+    codes before the grid's (GLM-Image's preview), which its decoder skips: L >= h * w.
+    """
 
     def __call__(self, codes: np.ndarray, grid: tuple[int, int], seeds: np.ndarray) -> np.ndarray:
-        """codes: int64 [n, L] with L = h * w; seeds: int64 [n]; returns uint8 RGB [n, H, W, 3]."""
+        """codes: int64 [n, L]; grid (h, w); seeds: int64 [n]; returns uint8 RGB [n, H, W, 3]."""
+        ...
+
+
+class Policy(Protocol):
+    """What the sampler and the teacher-forced pass need of a model family (`grpo_image.policies` implements it
+    for causal LMs with a code id range, X-Omni, Janus-Pro and GLM-Image).
+
+    R rows (2N under classifier-free guidance), P prefix tokens (left-padded), L codes, H hidden, V codes. Positions
+    are [R, T] for 1-D RoPE or [3, R, T] for 3-axis RoPE; they are concatenated along the last dimension.
+    """
+
+    model: Any  # the torch module the optimizer trains (peft-wrapped for LoRA)
+    grid: tuple[int, int]  # (h, w) of the decoded image grid
+    num_codes: int  # V
+    pad_token_id: int
+
+    @property
+    def num_positions(self) -> int:
+        """L: codes sampled per rollout."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, prompts: list[str], unconditional: bool = False) -> list[list[int]]:
+        """Each row's prefix ids, ending right before code 0 (the empty prompt's row when unconditional)."""
+        ...
+
+    def prefix_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Positions of left-padded prefixes: mask [R, P] -> [R, P] or [3, R, P]."""
+        ...
+
+    def code_positions(self, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Positions of codes start..stop-1 after each row's prefix: [R, stop - start] or [3, R, stop - start]."""
+        ...
+
+    def new_cache(self, rows: int, max_tokens: int) -> Any:
+        """A KV cache allocated once for `max_tokens` tokens per row."""
+        ...
+
+    def forward_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """ids [R, T], mask [R, past + T] (or the call's full width), positions -> final hidden [R, T, H], cache."""
+        ...
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The V code rows of the head only: [..., H] -> [..., V]."""
+        ...
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """The input ids the model embeds for codes (same shape)."""
         ...
 
 

@@ -8,7 +8,8 @@ from grpo_image.cli import main
 from grpo_image.logging import read_metrics
 from grpo_image.ray_pool import RayRewardPool, chunk_bounds
 from grpo_image.types import PromptRecord, Rollout
-from grpo_image.workers import InProcessRewardPool, RewardFailure
+from grpo_image.score import RewardFailure
+from grpo_image.workers import InProcessRewardPool
 from tests.test_cli_train import RECIPE, SMALL, comparable
 
 PALETTE = {"_component_": "grpo_image.decoders.palette.PaletteDecoder", "patch_size": 2}

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import grpo_image.train as train_module
 from grpo_image.cli import main
 from grpo_image.logging import read_metrics
-from grpo_image.workers import RewardFailure
+from grpo_image.score import RewardFailure
 from tests.test_cli_train import RECIPE, SMALL, comparable
 
 # SMALL: 2 minibatches a step, a checkpoint every 2 steps

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from grpo_image.types import PromptRecord, Rollout
-from grpo_image.workers import InProcessRewardPool, RewardFailure, make_job
+from grpo_image.score import RewardFailure
+from grpo_image.workers import InProcessRewardPool, make_job
 
 PALETTE = {"_component_": "grpo_image.decoders.palette.PaletteDecoder", "patch_size": 4}  # black, silver, ... (web colours)
 
