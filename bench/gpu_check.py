@@ -5,7 +5,7 @@
 
 Checks (each passes or fails; the script exits 1 if any fails):
 - collectives: a process group of one (NCCL on a GPU, gloo in the smoke run) and every collective helper of
-  grpo_image.distributed called through it with tensors on the world's device;
+  grpo_image.training.distributed called through it with tensors on the world's device;
 - training: X-Omni's native model at its real width (hidden 3,584, 28 / 4 heads, MLP 18,944, text vocabulary
   152,064, 16,384 codes) with `--layers` layers, through `build_trainer` and `grpo_step` with the X-Omni recipes'
   settings (bf16, min-p 0.03, temperature 1, clip 0.2 / 0.28, KL 0.01, 8 minibatches, G = 16, 1024 px): LoRA, and
@@ -101,7 +101,7 @@ def join_group_of_one(device: torch.device):
     """A process group of one rank (NCCL on a GPU), and the World the library's collectives run through."""
     import torch.distributed as dist
 
-    from grpo_image.distributed import World
+    from grpo_image.training.distributed import World
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -114,8 +114,8 @@ def check_collectives(world) -> dict:
     """Every collective helper through the process group, on the world's device; values a group of one keeps."""
     import numpy as np
 
-    from grpo_image import distributed as d
-    from grpo_image.types import ScoredBatch
+    from grpo_image.training import distributed as d
+    from grpo_image.core.types import ScoredBatch
 
     params = [torch.nn.Parameter(torch.ones(5, device=world.device)) for _ in range(2)]
     for param in params:
@@ -153,9 +153,9 @@ def recipe_overrides(args, shape: dict, mode: str, run_dir: Path) -> list[str]:
 
 
 def check_training(args, shape: dict, world, mode: str) -> dict:
-    from grpo_image.config import load_recipe
-    from grpo_image.memory_plan import plan_recipe
-    from grpo_image.train import build_trainer, grpo_step
+    from grpo_image.base.config import load_recipe
+    from grpo_image.planning.memory_plan import plan_recipe
+    from grpo_image.training.train import build_trainer, grpo_step
 
     recipe = REPO / "recipes" / ("xomni_en_full.yaml" if mode == "full" else "xomni_en_lora.yaml")
     with tempfile.TemporaryDirectory() as run_dir:
@@ -194,7 +194,7 @@ def bandwidth_floor(policy, rows: int, prompt_tokens: int, bandwidth: float) -> 
 
 
 def check_sampler(args, shape: dict, device: torch.device, bandwidth: float | None) -> dict:
-    from grpo_image.sampling import SamplingSettings, sample_codes
+    from grpo_image.core.sampling import SamplingSettings, sample_codes
 
     policy = xomni_at_width(args.layers, shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"],
                             shape["vocab"], shape["codes"], shape["side"], "bfloat16")
@@ -223,8 +223,8 @@ def check_sampler(args, shape: dict, device: torch.device, bandwidth: float | No
 
 def check_update_mfu(args, shape: dict, device: torch.device, peak_flops: float | None) -> dict:
     """Model FLOPs of the teacher-forced pass with backward (x3 of the forward) over its time."""
-    from grpo_image.logprobs import teacher_forced_logprobs
-    from grpo_image.sampling import SamplingSettings
+    from grpo_image.core.logprobs import teacher_forced_logprobs
+    from grpo_image.core.sampling import SamplingSettings
 
     policy = xomni_at_width(args.layers, shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"],
                             shape["vocab"], shape["codes"], shape["side"], "bfloat16")

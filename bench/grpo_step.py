@@ -101,8 +101,8 @@ def grad_phase(with_grad: str, without_grad: str):
 def build_ours(model_dir: Path, args, clock: PhaseClock):
     from omegaconf import OmegaConf, open_dict
 
-    import grpo_image.train as train_mod
-    from grpo_image.config import load_recipe
+    import grpo_image.training.train as train_mod
+    from grpo_image.base.config import load_recipe
 
     cfg = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu.yaml", [
         f"data.prompts={PROMPTS_FILE}", f"data.batch_size={args.batch}", f"data.group_size={args.group}",
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                 if self.profiler is not None:
                     self.profiler.__exit__(None, None, None)
                     profiles["TRL"] = top_operators(self.profiler)
-                    from grpo_image.train import grpo_step
+                    from grpo_image.training.train import grpo_step
 
                     with operator_profiler() as prof:
                         grpo_step(ours, step)
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
                 records["trl"].append(finish_trl(clock, wall, cpu))
                 ours_clock.reset()
                 c0, w0 = time.process_time(), time.perf_counter()
-                from grpo_image.train import grpo_step
+                from grpo_image.training.train import grpo_step
 
                 metrics, _ = grpo_step(ours, step)
                 wall_o, cpu_o = time.perf_counter() - w0, time.process_time() - c0

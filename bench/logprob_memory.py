@@ -7,7 +7,7 @@ The model is a Qwen2ForCausalLM with a small backbone (hidden 256, 2 layers) so 
 image codes, and a text vocabulary of T ids (the head has T + 16,384 rows; T = 261 is the tiny policy's byte
 tokens and specials, 152,064 is Qwen2.5's). R rows of L codes each are scored. Methods:
 
-  ours chunked   grpo_image.logprobs.teacher_forced_logprobs, chunk = 1024 positions (the recipes' default):
+  ours chunked   grpo_image.core.logprobs.teacher_forced_logprobs, chunk = 1024 positions (the recipes' default):
                  the backbone, then the image head ([.., H] x [H, 16384]) over chunks, recomputed in backward
   ours 1 chunk   the same with chunk = L (image head only, no chunking)
   full vocab     model(...).logits ([R, P+L, T+16384], what transformers returns), then log_softmax over the
@@ -87,8 +87,8 @@ def build(text_vocab: int, length: int, hidden: int, layers: int, seed: int = 0)
 
 def make_pass(method: str, policy, rows: int, mode: str):
     """A callable that runs one pass of `method` (and backward in grad mode)."""
-    from grpo_image.logprobs import teacher_forced_logprobs
-    from grpo_image.sampling import SamplingSettings, left_pad
+    from grpo_image.core.logprobs import teacher_forced_logprobs
+    from grpo_image.core.sampling import SamplingSettings, left_pad
 
     length = policy.num_positions
     prompts = ["a red square"] * rows

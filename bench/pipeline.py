@@ -48,8 +48,8 @@ VARIANTS = ("inprocess", "ray", "ray+prefetch")
 def build(variant: str, args, reward_seconds: float):
     from omegaconf import OmegaConf, open_dict
 
-    from grpo_image.config import load_recipe
-    from grpo_image.train import build_trainer
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training.train import build_trainer
 
     overrides = [
         f"data.prompts={PROMPTS_FILE}", f"data.batch_size={args.batch}", f"data.group_size={args.group}",
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     print_header("pipeline: Ray reward overlap vs in-process", vars(args))
 
-    from grpo_image.train import grpo_step, sample_rollout
+    from grpo_image.training.train import grpo_step, sample_rollout
 
     reward_seconds = args.reward_seconds
     if reward_seconds is None:  # as slow as the rollout: time the rollout alone first

@@ -34,8 +34,8 @@ from _common import (
 
 def growing_cache_sampler(policy, prompts, seeds, settings, filtered_logprobs: bool):
     """The sampler before the static cache, optionally with its filtered behaviour log-probs: codes, log-probs."""
-    from grpo_image.sampling import draw_codes, filter_logits, guided_logits, left_pad, policy_rows, sample_uniforms
-    from grpo_image.sampling import inverse_cdf_sample, tempered
+    from grpo_image.core.sampling import draw_codes, filter_logits, guided_logits, left_pad, policy_rows, sample_uniforms
+    from grpo_image.core.sampling import inverse_cdf_sample, tempered
 
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, policy.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -64,7 +64,7 @@ def growing_cache_sampler(policy, prompts, seeds, settings, filtered_logprobs: b
 
 
 def sampling_variants(policy, prompts, seeds, settings):
-    from grpo_image.sampling import left_pad, sample_codes
+    from grpo_image.core.sampling import left_pad, sample_codes
 
     floor_codes = torch.randint(0, policy.num_codes, (len(prompts), policy.num_positions),
                                 generator=torch.Generator().manual_seed(0))  # [N, L]
@@ -96,8 +96,8 @@ def filtered_training_logprobs():
     """The training log-probs as they were: the filters re-applied to the current logits (-inf outside them).
 
     Patched for a whole step, backward included: the image head's chunks are recomputed in the backward pass."""
-    import grpo_image.logprobs as logprobs_module
-    from grpo_image.sampling import code_logprobs, filter_logits
+    import grpo_image.core.logprobs as logprobs_module
+    from grpo_image.core.sampling import code_logprobs, filter_logits
 
     def filtered(raw, s, mix):
         logits = code_logprobs(raw, s, mix)  # normalised, so filtering it equals filtering the logits
@@ -112,8 +112,8 @@ def filtered_training_logprobs():
 
 
 def step_variants(policy, prompts, codes, old, settings, lr: float):
-    from grpo_image.logprobs import teacher_forced_logprobs
-    from grpo_image.loss import grpo_loss
+    from grpo_image.core.logprobs import teacher_forced_logprobs
+    from grpo_image.core.loss import grpo_loss
 
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=lr)
     advantages = torch.randn(len(prompts), generator=torch.Generator().manual_seed(1))
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     add_round_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
 
-    from grpo_image.sampling import SamplingSettings
+    from grpo_image.core.sampling import SamplingSettings
 
     set_threads(args.threads)
     side = grid_side(parser, args.length)

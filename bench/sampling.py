@@ -52,7 +52,7 @@ def make_variants(policy, prompts, settings, seeds):
     """The three callables measured for one (model, CFG) setting."""
     from transformers import LogitsProcessorList
 
-    from grpo_image.sampling import left_pad, sample_codes
+    from grpo_image.core.sampling import left_pad, sample_codes
 
     n, length = len(prompts), policy.num_positions
     model = policy.model
@@ -79,7 +79,7 @@ def make_variants(policy, prompts, settings, seeds):
     floor_codes = floor_codes.to(policy.device)  # [N, L]
     floor_prefix = None
     if settings.uses_cfg:
-        from grpo_image.sampling import policy_rows
+        from grpo_image.core.sampling import policy_rows
 
         floor_prefix = left_pad(policy_rows(policy, prompts, True), policy.pad_token_id, policy.device)
     else:
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     add_round_arguments(parser, repeats=3, text_vocab=True)
     args = parser.parse_args(argv)
 
-    from grpo_image.sampling import SamplingSettings
+    from grpo_image.core.sampling import SamplingSettings
 
     set_threads(args.threads)
     side = grid_side(parser, args.length)

@@ -12,7 +12,7 @@ asks its reader for these counts, agree to the last digit.
   (U+4E00..U+9FA5), ASCII letters and digits, whitespace and the French accented letters àâäéèêëîïôöùûüç (and
   capitals) is deleted. English compares lower-cased words as multisets; Chinese compares the kept characters as a
   multiset, *not* lower-cased (the published Chinese mode: "ABC" read as "abc" counts 0 of 3; `case_fold=True`
-  folds them, a variant for those who want it). The language is the target's (`grpo_image.types.text_language`)
+  folds them, a variant for those who want it). The language is the target's (`grpo_image.core.types.text_language`)
   unless given; score = matched units / expected units, micro-averaged over samples by whoever sums the counts.
 """
 
@@ -23,7 +23,7 @@ import unicodedata
 from collections import Counter
 from typing import Any, Sequence
 
-from grpo_image.types import CJK, text_language
+from grpo_image.core.types import CJK, text_language
 
 _ACCENTS = "àâäéèêëîïôöùûüçÀÂÄÉÈÊËÎÏÔÖÙÛÜÇ"  # the accented letters LongText-Bench's scorer keeps
 # Deleted, not replaced by a space, as the published scorer does: "Single-Use" is one word.

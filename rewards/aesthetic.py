@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 from rewards._clip import clip_parameters, CLIPEncoder
 from rewards._image import validate_batch
 from rewards._rebuild import RebuildOnUnpickle

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 from rewards._image import as_uint8_images, parse_rgb
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 from rewards._image import to_pil, validate_batch
 from rewards._rebuild import RebuildOnUnpickle
 

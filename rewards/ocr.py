@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 from rewards._image import validate_batch
 from rewards._ocr_engines import ENGINES
 from rewards._text import METRICS, target_text, text_accuracy_counts

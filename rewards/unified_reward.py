@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 from rewards._chat import ChatClient, message_text
 from rewards._image import validate_batch
 

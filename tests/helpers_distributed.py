@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from grpo_image.distributed import World
-from grpo_image.types import ScoredBatch
+from grpo_image.training.distributed import World
+from grpo_image.core.types import ScoredBatch
 
 LOOPBACK = "lo"  # gloo talks over the loopback interface: the test needs no network and no resolvable hostname
 GROUP_SIZE = 3
@@ -29,8 +29,8 @@ def join(rank: int, port: int) -> World:
 
 def collectives_on_rank(rank: int, port: int, out: str) -> None:
     """Advantages from this rank's scores only, and gradients averaged over ranks in several small buckets."""
-    from grpo_image import distributed
-    from grpo_image.train import rank_advantages
+    from grpo_image.training import distributed
+    from grpo_image.training.train import rank_advantages
 
     world = join(rank, port)
     rows = world.rows(len(SCORES))
@@ -49,9 +49,9 @@ def sharded_policy_on_rank(rank: int, port: int, out: str) -> None:
     """Shard a tiny policy's layers with FSDP; record the shard sizes and the codes sampled with whole weights."""
     from torch.distributed.tensor import DTensor
 
-    from grpo_image.fsdp import ShardedFullWeights
+    from grpo_image.training.fsdp import ShardedFullWeights
     from grpo_image.policies.tiny import tiny_policy
-    from grpo_image.sampling import SamplingSettings, sample_codes
+    from grpo_image.core.sampling import SamplingSettings, sample_codes
 
     world = join(rank, port)
     policy = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0)
@@ -84,8 +84,8 @@ def whole_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def replicas_on_rank(rank: int, port: int, out: str) -> None:
     """Each rank builds its policy from another seed; after start every replica must be rank 0's (LoRA, FSDP)."""
-    from grpo_image.config import load_recipe
-    from grpo_image.train import build_trainer
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training.train import build_trainer
 
     world = join(rank, port)
     result = {}
@@ -106,8 +106,8 @@ def bf16_fsdp_step_on_rank(rank: int, port: int, out: str) -> None:
     """One bf16 FSDP step at lr 1e-6: count the master-weight elements that have a gradient and those that moved."""
     from torch.distributed.tensor import DTensor
 
-    from grpo_image.config import load_recipe
-    from grpo_image.train import build_trainer, grpo_step
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training.train import build_trainer, grpo_step
 
     world = join(rank, port)
     cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, "policy.dtype=bfloat16", "train.mode=full",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grpo_image.cli import main
+from grpo_image.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 
 
 class MeanRed:

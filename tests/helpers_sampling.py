@@ -2,7 +2,7 @@
 
 import torch
 
-from grpo_image.sampling import SamplingSettings, guided_logits, left_pad, policy_rows, tempered
+from grpo_image.core.sampling import SamplingSettings, guided_logits, left_pad, policy_rows, tempered
 
 
 @torch.no_grad()

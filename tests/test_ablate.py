@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grpo_image.logging import read_metrics
+from grpo_image.base.logging import read_metrics
 from tests.helpers_eval import RECIPE, SMALL, cli
 
 GRID = """\

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_image.advantages import group_advantages
+from grpo_image.core.advantages import group_advantages
 
 NAN = float("nan")
 

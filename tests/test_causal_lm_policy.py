@@ -2,12 +2,12 @@
 
 import torch
 
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
-from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
+from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.causal_lm import causal_lm_policy
 from grpo_image.policies.tiny import tiny_policy
-from grpo_image.sampling import SamplingSettings, sample_codes
+from grpo_image.core.sampling import SamplingSettings, sample_codes
 from tests.test_cli_train import RECIPE, SMALL
 
 TEMPLATE = "<|user|>{prompt}<|image {h}x{w}|>"  # a template of the user's own, with the grid in it

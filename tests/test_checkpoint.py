@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_image.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from grpo_image.policies.lora import FullWeights, LoraWeights
+from grpo_image.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from grpo_image.training.weights import FullWeights, LoraWeights
 from grpo_image.policies.tiny import tiny_policy
 
 CONFIG = OmegaConf.create({"seed": 0})

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
 from grpo_image.policies.tiny import tiny_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,8 +119,8 @@ def test_the_demo_recipe_learns(tmp_path):
 
 
 def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path):
-    from grpo_image.config import load_recipe
-    from grpo_image.policies.lora import LoraWeights, load_saved_weights
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training.weights import LoraWeights, load_saved_weights
 
     assert run(tmp_path / "en", "steps=1", "train.mode=lora", "train.lr=5e-2") == 0
     checkpoint = tmp_path / "en" / "checkpoints" / "step_000001"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_image.config import RecipeError, instantiate, load_recipe, reward_specs, validate_components
-from grpo_image.preflight import preflight
+from grpo_image.base.config import RecipeError, instantiate, load_recipe, reward_specs, validate_components
+from grpo_image.training.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_image.data import GroupSampler, PromptSetError, load_prompts
-from grpo_image.types import PromptRecord
+from grpo_image.training.data import GroupSampler, PromptSetError, load_prompts
+from grpo_image.core.types import PromptRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,8 +200,8 @@ def test_jsonl_metadata_is_kept_as_written(tmp_path):
 def test_a_parquet_prompt_set_read_through_datasets_trains_like_the_same_prompts_in_jsonl(tmp_path):
     from datasets import Dataset
 
-    from grpo_image.cli import main
-    from grpo_image.logging import read_metrics
+    from grpo_image.app.cli import main
+    from grpo_image.base.logging import read_metrics
     from tests.test_cli_train import RECIPE, SMALL, comparable
 
     jsonl = Path(__file__).resolve().parents[1] / "prompts" / "tiny_colors.jsonl"

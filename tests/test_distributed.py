@@ -14,12 +14,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from grpo_image.advantages import group_advantages
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
+from grpo_image.core.advantages import group_advantages
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
 from grpo_image.policies.tiny import tiny_policy
-from grpo_image.sampling import SamplingSettings, sample_codes
-from grpo_image.seeding import minibatch_order
+from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.core.seeding import minibatch_order
 from tests import helpers_distributed as helpers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_a_collective_refuses_a_tensor_off_the_process_groups_device():
 
 
 def test_the_world_trains_on_the_local_gpu_when_there_is_one(monkeypatch):
-    from grpo_image import distributed
+    from grpo_image.training import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
@@ -118,7 +118,7 @@ def test_the_world_trains_on_the_local_gpu_when_there_is_one(monkeypatch):
 def train(out: Path, processes: int, *overrides: str) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(free_port())] if processes > 1 else [sys.executable]
-    command = [*launcher, "-m", "grpo_image.cli", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *SMALL,
+    command = [*launcher, "-m", "grpo_image", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *SMALL,
                f"output_dir={out}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": helpers.LOOPBACK}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

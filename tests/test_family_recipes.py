@@ -15,8 +15,8 @@ import open_clip
 import pytest
 import torch
 
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
 from tests.data import DATA
 from tests.rewards_servers import ChatServer, Reply, completion
 
@@ -44,7 +44,7 @@ def assets(tmp_path_factory):
     prompts.write_text("".join(json.dumps({"prompt": p, "metadata": {"text": t}}, ensure_ascii=False) + "\n"
                                for p, t in PROMPTS))
     from grpo_image.policies.janus import tiny_janus_policy
-    from grpo_image.policies.lora import LoraWeights
+    from grpo_image.training.weights import LoraWeights
     from grpo_image.policies.xomni import tiny_xomni_policy
 
     xomni = tiny_xomni_policy(grid=(2, 3), image_vocab_size=64, dtype="bfloat16")  # the decoder parts: 64 codes

@@ -15,12 +15,12 @@ import open_clip
 import pytest
 import torch
 
-from grpo_image.cli import main
+from grpo_image.app.cli import main
 from grpo_image.decoders.glm_image import GlmImageDecoder, prompt_runs, upsample_codes
-from grpo_image.logging import read_metrics
-from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.base.logging import read_metrics
+from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
-from grpo_image.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
+from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
 from tests.rewards_servers import ChatServer, Reply, completion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +35,7 @@ TINY_OPEN_CLIP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and on a busy machine spinning threads make each op 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +170,7 @@ def test_sampled_codes_are_what_generate_samples_held_to_the_code_rows(policy):
 
 
 def test_lora_regex_of_the_recipe_adapts_the_language_model_only(policy):
-    from grpo_image.config import load_recipe
+    from grpo_image.base.config import load_recipe
 
     regex = load_recipe(str(REPO / "recipes" / "glm_image_lora.yaml"), []).train.lora.target_regex
     names = [name for name, module in policy.model.named_modules()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_image.config import instantiate, load_recipe
+from grpo_image.base.config import instantiate, load_recipe
 from grpo_image.decoders.glyph import GlyphDecoder
 from rewards.ocr import OCR
 

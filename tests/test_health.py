@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_image.cli import main
-from grpo_image.health import HealthMonitor, HealthSettings
-from grpo_image.logging import RunLogger, read_metrics
-from grpo_image.types import RewardOutput
+from grpo_image.app.cli import main
+from grpo_image.training.health import HealthMonitor, HealthSettings
+from grpo_image.base.logging import RunLogger, read_metrics
+from grpo_image.core.types import RewardOutput
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")

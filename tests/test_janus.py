@@ -14,10 +14,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
 
 from grpo_image.decoders.vq import JanusVQDecoder, to_uint8
-from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.janus import BOI, BOS, JanusPolicy, janus_policy, tiny_janus_policy
-from grpo_image.policies.lora import LoraWeights
-from grpo_image.sampling import SamplingSettings, left_pad, policy_rows, sample_codes
+from grpo_image.training.weights import LoraWeights
+from grpo_image.core.sampling import SamplingSettings, left_pad, policy_rows, sample_codes
 
 PROMPTS = ["a red square", "x", "  a cat on a mat, seen from above "]  # unequal lengths: left padding; one stripped
 SEEDS = torch.tensor([5, 6, 7])

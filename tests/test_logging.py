@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grpo_image.grids import make_grid
-from grpo_image.logging import RunLogger, read_metrics
+from grpo_image.base.grids import make_grid
+from grpo_image.base.logging import RunLogger, read_metrics
 
 WHITE, RED, GRAY, BLUE = (255, 255, 255), (255, 0, 0), (128, 128, 128), (0, 0, 255)
 

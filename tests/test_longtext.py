@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from grpo_image import longtext
-from grpo_image.image_files import find_images, image_name
+from grpo_image.evaluation import longtext
+from grpo_image.base.image_files import find_images, image_name
 from tests.helpers_eval import RECIPE, SMALL, cli, write_jsonl
 
 READER = longtext.build_reader()  # the default reader: the OCR reward with rapidocr

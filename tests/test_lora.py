@@ -2,10 +2,10 @@
 
 from omegaconf import OmegaConf
 
-from grpo_image.policies.lora import make_weights
+from grpo_image.training.weights import make_weights
 from grpo_image.policies.tiny import tiny_policy
 
-DEFAULTS = OmegaConf.load("grpo_image/defaults.yaml").train
+DEFAULTS = OmegaConf.load("grpo_image/base/defaults.yaml").train
 
 
 def lora_modules(**lora) -> set[str]:

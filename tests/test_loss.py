@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_image.loss import grpo_loss
+from grpo_image.core.loss import grpo_loss
 
 LOG2 = math.log(2.0)
 

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_image.cli import main
-from grpo_image.config import instantiate, load_recipe
-from grpo_image.data import load_prompts
-from grpo_image.decoder_sizes import decoder_shape
-from grpo_image.logprobs import teacher_forced_logprobs
-from grpo_image.loss import grpo_loss
-from grpo_image.memory_plan import decode_bytes, kv_bytes_per_token, plan_recipe, rollout_bytes, update_bytes
-from grpo_image.policies.lora import make_weights
-from grpo_image.sampling import SamplingSettings, sample_codes
+from grpo_image.app.cli import main
+from grpo_image.base.config import instantiate, load_recipe
+from grpo_image.training.data import load_prompts
+from grpo_image.planning.decoder_sizes import decoder_shape
+from grpo_image.core.logprobs import teacher_forced_logprobs
+from grpo_image.core.loss import grpo_loss
+from grpo_image.planning.memory_plan import decode_bytes, kv_bytes_per_token, plan_recipe, rollout_bytes, update_bytes
+from grpo_image.training.weights import make_weights
+from grpo_image.core.sampling import SamplingSettings, sample_codes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny_cpu.yaml")

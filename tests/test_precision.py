@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from grpo_image.config import load_recipe
-from grpo_image.policies.lora import LoraWeights, keep_fp32_masters
+from grpo_image.base.config import load_recipe
+from grpo_image.training.weights import LoraWeights, keep_fp32_masters
 from grpo_image.policies.tiny import tiny_policy
-from grpo_image.train import build_trainer, grpo_step
+from grpo_image.training.train import build_trainer, grpo_step
 from tests.test_cli_train import RECIPE, SMALL
 
 BF16_FULL = [*SMALL, "policy.dtype=bfloat16", "train.mode=full", "train.lr=1e-6", "train.minibatches=1", "steps=1"]

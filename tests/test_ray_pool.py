@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
-from grpo_image.ray_pool import RayRewardPool, chunk_bounds
-from grpo_image.types import PromptRecord, Rollout
-from grpo_image.score import RewardFailure
-from grpo_image.workers import InProcessRewardPool
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
+from grpo_image.scoring.ray_pool import RayRewardPool, chunk_bounds
+from grpo_image.core.types import PromptRecord, Rollout
+from grpo_image.scoring.score import RewardFailure
+from grpo_image.scoring.workers import InProcessRewardPool
 from tests.test_cli_train import RECIPE, SMALL, comparable
 
 PALETTE = {"_component_": "grpo_image.decoders.palette.PaletteDecoder", "patch_size": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_image.config import RecipeError, validate_components
+from grpo_image.base.config import RecipeError, validate_components
 
 REWARD_NODES = {
     "hpsv2": {"_component_": "rewards.hpsv2.HPSv2", "version": "v2.1", "checkpoint": "/w/HPS_v2.1_compressed.pt"},

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grpo_image.train as train_module
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
+import grpo_image.training.train as train_module
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
 from tests.test_cli_train import RECIPE, REPO, SMALL, comparable
 
 PROMPTS = REPO / "prompts" / "tiny_colors.jsonl"
@@ -91,7 +91,7 @@ def test_bad_input_is_refused_with_one_line_and_no_run_folder(tmp_path, capsys, 
 
 
 def test_every_documented_key_of_a_reward_entry_can_be_set_by_override():
-    from grpo_image.config import load_recipe, reward_specs
+    from grpo_image.base.config import load_recipe, reward_specs
 
     cfg = load_recipe(RECIPE, ["rewards.0.required=false", "rewards.1.weight=0.5"])
     specs = reward_specs(cfg)
@@ -155,7 +155,7 @@ def test_a_failing_required_reward_stops_the_run_cleanly_with_a_checkpoint(tmp_p
 
 
 def cli(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "grpo_image.cli", "train", RECIPE, *SMALL, f"output_dir={out}", *overrides]
+    return [sys.executable, "-m", "grpo_image", "train", RECIPE, *SMALL, f"output_dir={out}", *overrides]
 
 
 def logged_steps(run: Path) -> int:

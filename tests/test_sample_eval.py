@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_image.config import load_recipe
-from grpo_image.generate import load_policy
+from grpo_image.base.config import load_recipe
+from grpo_image.evaluation.generate import load_policy
 from tests.helpers_eval import COLORS, RECIPE, SMALL, Images, cli, train_tiny, write_jsonl
 
 

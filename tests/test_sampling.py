@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from grpo_image.logprobs import teacher_forced_logprobs
+from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.tiny import tiny_policy
-from grpo_image.sampling import SamplingSettings, filter_logits, inverse_cdf_sample, sample_codes
+from grpo_image.core.sampling import SamplingSettings, filter_logits, inverse_cdf_sample, sample_codes
 from tests.helpers_sampling import position_logits
 
 # probabilities 0.5, 0.25, 0.15, 0.1 (already sorted, so kept sets read left to right)
@@ -183,7 +183,7 @@ def test_batched_sampling_equals_one_call(policy, cfg_scale, batch_size):
 
 def _growing_cache_sampler(policy, prompts, seeds, settings):
     """The sampler as it was before the static cache: a DynamicCache grown by concatenation, a mask grown per step."""
-    from grpo_image.sampling import draw_codes, left_pad, policy_rows, sample_uniforms
+    from grpo_image.core.sampling import draw_codes, left_pad, policy_rows, sample_uniforms
 
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, policy.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)

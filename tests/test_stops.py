@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import grpo_image.train as train_module
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
-from grpo_image.score import RewardFailure
+import grpo_image.training.train as train_module
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
+from grpo_image.scoring.score import RewardFailure
 from tests.test_cli_train import RECIPE, SMALL, comparable
 
 # SMALL: 2 minibatches a step, a checkpoint every 2 steps

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_image.cli import main
-from grpo_image.logging import read_metrics
+from grpo_image.app.cli import main
+from grpo_image.base.logging import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 WQY = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
@@ -74,7 +74,7 @@ def test_chinese_captions_are_drawn_with_a_cjk_font():
     """Pillow's default font has no CJK glyphs: the Chinese stage's sample grids would caption every prompt with boxes."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from grpo_image.grids import FONT_SIZE, PAD, make_grid
+    from grpo_image.base.grids import FONT_SIZE, PAD, make_grid
 
     grid = np.asarray(make_grid(np.full((1, 56, 96, 3), 255, np.uint8), ["山水"]))  # uint8 [137, 200, 3]
     # Scale ceil(128 / 96) = 2: the image is 112 x 192 px at (PAD, PAD); the caption starts at y = 112 + 2 * PAD.

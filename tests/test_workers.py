@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_image.types import PromptRecord, Rollout
-from grpo_image.score import RewardFailure
-from grpo_image.workers import InProcessRewardPool, make_job
+from grpo_image.core.types import PromptRecord, Rollout
+from grpo_image.scoring.score import RewardFailure
+from grpo_image.scoring.workers import InProcessRewardPool, make_job
 
 PALETTE = {"_component_": "grpo_image.decoders.palette.PaletteDecoder", "patch_size": 4}  # black, silver, ... (web colours)
 

@@ -48,13 +48,7 @@ def maxdiff(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The parts are tiny: a second thread only adds sync cost, and on a busy 2-core box makes calls 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.cache_utils import DynamicCache
 
-from grpo_image.logprobs import teacher_forced_logprobs
-from grpo_image.policies.lora import LoraWeights
+from grpo_image.core.logprobs import teacher_forced_logprobs
+from grpo_image.training.weights import LoraWeights
 from grpo_image.policies.xomni import (
     XOmniPolicy,
     build_tiny_xomni_tokenizer,
@@ -20,7 +20,7 @@ from grpo_image.policies.xomni import (
     xomni_policy,
 )
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
-from grpo_image.sampling import SamplingSettings, sample_codes
+from grpo_image.core.sampling import SamplingSettings, sample_codes
 from tests.data import DATA
 from tests.helpers_sampling import position_logits
 

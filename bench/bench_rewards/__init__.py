@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from grpo_image.types import RewardOutput
+from grpo_image.core.types import RewardOutput
 
 
 class FixedTimeReward:

@@ -6,7 +6,7 @@ A run of eval is models x seeds x prompt sets. Each (model, seed, set) gets a fo
 
 - `reward/<name>`: the mean raw score of a recipe reward over the images of the `--prompts` set (NaN left out),
   `reward/<name>/nan` how many were NaN, `reward/total` the mean weighted total (as in training's metrics);
-- `text_accuracy/<group>`: LongText-style text accuracy of the `--longtext` sets (`grpo_image.longtext`).
+- `text_accuracy/<group>`: LongText-style text accuracy of the `--longtext` sets (`grpo_image.evaluation.longtext`).
 
 The summary is each metric's mean over seeds with its spread (sample std, ddof=1, with 2+ seeds). Comparing two
 models (`--compare`) pairs them seed by seed (same seeds, same prompts: the same sampling uniforms), so the delta
@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from grpo_image.config import RecipeError, instantiate, reward_specs, validate_components
-from grpo_image.generate import generate_images, load_policy, load_prompt_set
-from grpo_image.advantages import weighted_total
-from grpo_image.image_files import folder_batches
-from grpo_image.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
-from grpo_image.types import PromptRecord
-from grpo_image.score import score_images  # the trainer's reward rules
+from grpo_image.base.config import RecipeError, instantiate, reward_specs, validate_components
+from grpo_image.evaluation.generate import generate_images, load_policy, load_prompt_set
+from grpo_image.core.advantages import weighted_total
+from grpo_image.base.image_files import folder_batches
+from grpo_image.evaluation.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
+from grpo_image.core.types import PromptRecord
+from grpo_image.scoring.score import score_images  # the trainer's reward rules
 
 
 @dataclass
@@ -58,7 +58,7 @@ def prompt_sets(prompts: str | None, longtext: list[str]) -> list[PromptSet]:
 
 def select_rewards(cfg: DictConfig, choice: list[str] | None) -> list[dict]:
     """The recipe's rewards, a subset of them by name, or the `rewards:` list of a YAML file (a recipe fragment)."""
-    from grpo_image.config import load_recipe
+    from grpo_image.base.config import load_recipe
 
     if choice and len(choice) == 1 and choice[0].endswith((".yaml", ".yml")):
         return reward_specs(load_recipe(choice[0]))
@@ -133,7 +133,7 @@ def evaluate(cfg: DictConfig | None, sets: list[PromptSet], out: str | Path, che
              rewards: list[str] | None = None, images: list[str] | None = None, reader=None,
              allow_missing: bool = False, report_prompts: int = 12, recipe_path: str | None = None) -> dict:
     """Generate (unless `images` gives the folders), score, summarise; write every output into `out`."""
-    from grpo_image.report import write_reports
+    from grpo_image.evaluation.report import write_reports
 
     out = Path(out)
     seeds = list(seeds) if seeds else [cfg.seed if cfg is not None else 0]
@@ -217,7 +217,7 @@ def _models(checkpoint: str | None, compare_to: str | None, images: list[str] | 
 
 def _generate(cfg, sets, models, seeds, n, batch_size, out: Path) -> None:
     decoder = instantiate(cfg.decoder)
-    from grpo_image.sampling import SamplingSettings
+    from grpo_image.core.sampling import SamplingSettings
 
     settings = SamplingSettings.from_config(cfg.sampling)
     for label, checkpoint in models:

@@ -1,7 +1,7 @@
 """A memory plan per GPU, computed from the recipe and its models' configs before anything is downloaded or run.
 
 It answers "does this recipe fit the GPUs it names, and if not, which keys to change" from what the code holds at
-each moment of a step, term by term (grpo_image.model_sizes and decoder_sizes read the counts; no weight is loaded):
+each moment of a step, term by term (grpo_image.planning.model_sizes and decoder_sizes read the counts; no weight is loaded):
 
 - resident all run long: the weights (LoRA: the base in the policy's dtype, frozen; full: fp32, the master
   weights), fp32 master copies of what trains (LoRA's adapters), fp32 gradients (kept from one update to the
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from grpo_image.config import reward_specs
-from grpo_image.decoder_sizes import DecoderShape, decoder_shape, reward_parts
-from grpo_image.model_sizes import PolicyShape, policy_shape
+from grpo_image.base.config import reward_specs
+from grpo_image.planning.decoder_sizes import DecoderShape, decoder_shape, reward_parts
+from grpo_image.planning.model_sizes import PolicyShape, policy_shape
 
 GIB = 2**30
 USABLE = 0.9  # of a GPU's memory: the rest is the CUDA context, library workspaces and allocator fragmentation
@@ -284,7 +284,7 @@ def plan_recipe(
     cfg: DictConfig, recipe: str = "", gpus: int | None = None, gpu_memory_gb: float | None = None
 ) -> Plan:
     """The plan of a loaded recipe for `gpus` training processes of `gpu_memory_gb` each (default: `hardware`)."""
-    from grpo_image.data import load_prompts
+    from grpo_image.training.data import load_prompts
 
     s = setup_of(cfg, gpus, gpu_memory_gb)
     prompts = [r.prompt for r in load_prompts(cfg.data.prompts)] if cfg.data.prompts else []

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from grpo_image.types import ScoredBatch
+from grpo_image.core.types import ScoredBatch
 
 
 BUCKET_ELEMENTS = 1 << 26  # gradients per all-reduce: 256 MB in fp32

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from safetensors.torch import load_file
 
-from grpo_image.distributed import World
+from grpo_image.training.distributed import World
 from grpo_image.policies.causal_lm import CausalLMPolicy
-from grpo_image.policies.lora import FULL_WEIGHTS_FILE, FullWeights, whole_state_options
+from grpo_image.training.weights import FULL_WEIGHTS_FILE, FullWeights, whole_state_options
 
 
 def shard_layers(model: nn.Module, compute_dtype: torch.dtype | None = None) -> list[nn.Module]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 
-from grpo_image.memory_plan import GIB, USABLE, Plan, count, resident_rows, rollout_bytes, update_bytes
+from grpo_image.planning.memory_plan import GIB, USABLE, Plan, count, resident_rows, rollout_bytes, update_bytes
 
 LABEL = 72  # width of the label column
 LINE = 118

@@ -1,6 +1,6 @@
 """Teacher-forced log-probs of given image codes under the policy, the training side of the sampler.
 
-The distribution is the one the sampler's behaviour log-probs are of (`grpo_image.sampling.code_logprobs`): the same
+The distribution is the one the sampler's behaviour log-probs are of (`grpo_image.core.sampling.code_logprobs`): the same
 guidance mixture (or the conditional policy alone when the recipe says so) and temperature, and no filter, so that
 on-policy ratios start at 1 and every code has a finite log-prob after any update. Positions come from the policy
 (1-D, or 3-axis RoPE), exactly as the sampler feeds them. Memory does not grow with the text vocabulary: only the
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from grpo_image.types import Policy
-from grpo_image.sampling import SamplingSettings, code_logprobs, left_pad, policy_rows
+from grpo_image.core.types import Policy
+from grpo_image.core.sampling import SamplingSettings, code_logprobs, left_pad, policy_rows
 
 
 def teacher_forced_logprobs(

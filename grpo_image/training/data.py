@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_image.types import PromptRecord
+from grpo_image.core.types import PromptRecord
 
 _JSONL_KEYS = ("prompt", "metadata")
 DATASETS_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}

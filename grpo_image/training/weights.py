@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file
 
-from grpo_image.checkpoint import CheckpointError, find_checkpoint
-from grpo_image.distributed import World, broadcast_from_rank0
+from grpo_image.training.checkpoint import CheckpointError, find_checkpoint
+from grpo_image.training.distributed import World, broadcast_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -249,7 +249,7 @@ def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> L
         raise ValueError(f"train.mode must be lora or full, got {train_cfg.mode!r}")
     keep_reference = train_cfg.beta > 0
     if train_cfg.fsdp:
-        from grpo_image.fsdp import ShardedFullWeights
+        from grpo_image.training.fsdp import ShardedFullWeights
 
         return ShardedFullWeights(policy, keep_reference, train_cfg.init_from, world)
     return FullWeights(policy, keep_reference, train_cfg.init_from, world)

@@ -4,7 +4,7 @@ Every count comes from the real model class built on the `meta` device (shapes w
 for the architecture the code runs: from the checkpoint's `config.json` for the families loaded from a folder
 (X-Omni, Janus-Pro, GLM-Image, any HF causal LM), or from calling the recipe's own policy component under the meta
 device for components built from arguments (the tiny policies, a user's own). The decoder and the rewards are read
-the same way in grpo_image.decoder_sizes.
+the same way in grpo_image.planning.decoder_sizes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from grpo_image.config import COMPONENT_KEY, RecipeError, import_dotted, instantiate
-from grpo_image.preflight import PATH_ARGUMENT
+from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, instantiate
+from grpo_image.training.preflight import PATH_ARGUMENT
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Linears of a Qwen2 / LLaMA / GLM-4 layer that take the same input (q/k/v the normed states, gate/up or GLM-4's fused
@@ -261,7 +261,7 @@ def _janus_trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers FSDP shards: the children of every ModuleList named `layers` (as grpo_image.fsdp does)."""
+    """The layers FSDP shards: the children of every ModuleList named `layers` (as grpo_image.training.fsdp does)."""
     return [layer for name, module in model.named_modules()
             if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" for layer in module]  # fmt: skip
 

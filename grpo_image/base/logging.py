@@ -2,7 +2,7 @@
 
 metrics.jsonl is the source of truth: one flushed line per step, so a killed run loses at most the line
 being written and every other sink (TensorBoard, W&B, the reward curve) can be rebuilt from it. Health
-warnings (a run that cannot learn, see grpo_image/health.py) go to the console above the progress bar,
+warnings (a run that cannot learn, see grpo_image/training/health.py) go to the console above the progress bar,
 to warnings.jsonl (flushed, like the metrics), as a `health/<check>` flag in their step's metrics row and
 into the summary, so that a run that looks healthy but is not says so wherever the user looks.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.grids import make_grid
+from grpo_image.base.grids import make_grid
 
 REWARD_KEY = "reward/total/mean"  # the live reward shown by the progress bar and the summary
 LOSS_KEY = "train/loss"  # shown in the plain status line when the step logged it

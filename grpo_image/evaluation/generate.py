@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.config import instantiate
-from grpo_image.data import load_prompts
+from grpo_image.base.config import instantiate
+from grpo_image.training.data import load_prompts
 from grpo_image.decoders import decode_images
-from grpo_image.distributed import training_device
-from grpo_image.image_files import image_name, save_images
-from grpo_image.progress import progress
-from grpo_image.longtext import is_longtext_file, read_longtext
-from grpo_image.policies.lora import load_saved_weights, policy_folder
-from grpo_image.sampling import SamplingSettings, sample_codes
-from grpo_image.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
-from grpo_image.types import PromptRecord
+from grpo_image.training.distributed import training_device
+from grpo_image.base.image_files import image_name, save_images
+from grpo_image.base.progress import progress
+from grpo_image.evaluation.longtext import is_longtext_file, read_longtext
+from grpo_image.training.weights import load_saved_weights, policy_folder
+from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.core.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
+from grpo_image.core.types import PromptRecord
 
 MANIFEST = "samples.jsonl"
 

@@ -11,7 +11,7 @@ Choices that make the rollouts cheap, bounded and their log-probs exact:
 
 Two distributions are involved (docs/algorithm.md, "Which distribution the log-probs are of"): codes are drawn from
 the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p), while the behaviour log-probs
-returned, like the training and reference log-probs of `grpo_image.logprobs`, are those of the *tempered,
+returned, like the training and reference log-probs of `grpo_image.core.logprobs`, are those of the *tempered,
 unfiltered* distribution (guided when `cfg_logprobs` is mixture, the conditional policy's when it is conditional).
 A softmax over finite logits gives every code a finite log-prob, so no sampled code can score -inf in the ratio or
 the KL, however far the policy moves.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_image.types import Policy
+from grpo_image.core.types import Policy
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_image.config import COMPONENT_KEY, import_dotted
-from grpo_image.model_sizes import (
+from grpo_image.base.config import COMPONENT_KEY, import_dotted
+from grpo_image.planning.model_sizes import (
     DTYPE_BYTES, component_args, config_json, default_of, meta_build, param_count, plain_node,
 )
 
@@ -159,23 +159,22 @@ def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> Decoder
     from grpo_image.decoders.glm_image import GlmImageDecoder
 
     root, notes = Path(str(args["path"])), []
-    if (root / "transformer" / "config.json").is_file():
-        dit_config = GlmImageTransformer2DModel.load_config(root / "transformer")
-    else:
-        dit_config = GLM_IMAGE_DIT
-        notes.append("transformer: GLM-Image's published configuration")
+
+    def config_of(folder: str, load, published, note: str):
+        """The part's saved config, else its published one (said in the plan's notes)."""
+        if (root / folder / "config.json").is_file():
+            return load(root / folder)
+        notes.append(note)
+        return published
+
+    dit_config = config_of("transformer", GlmImageTransformer2DModel.load_config, GLM_IMAGE_DIT,
+                           "transformer: GLM-Image's published configuration")
+    vae_config = config_of("vae", AutoencoderKL.load_config, FLUX_VAE,
+                           "VAE: FLUX.1-dev's configuration (16 latent channels, 8 px per latent, as GLM-Image's)")
+    encoder_config = config_of("text_encoder", T5Config.from_pretrained, T5Config(**BYT5_SMALL),
+                               "glyph encoder: ByT5-small's configuration")
     transformer = meta_build(lambda: GlmImageTransformer2DModel.from_config(dit_config))
-    if (root / "vae" / "config.json").is_file():
-        vae_config = AutoencoderKL.load_config(root / "vae")
-    else:
-        vae_config = FLUX_VAE
-        notes.append("VAE: FLUX.1-dev's configuration (16 latent channels, 8 px per latent, as GLM-Image's)")
     vae = meta_build(lambda: AutoencoderKL.from_config(vae_config))
-    if (root / "text_encoder" / "config.json").is_file():
-        encoder_config = T5Config.from_pretrained(root / "text_encoder")
-    else:
-        encoder_config = T5Config(**BYT5_SMALL)
-        notes.append("glyph encoder: ByT5-small's configuration")
     encoder = meta_build(lambda: T5EncoderModel(encoder_config))
     dtype = str(args.get("dtype") or "bfloat16").removeprefix("torch.")  # the decoder's default on a GPU
     b = DTYPE_BYTES[dtype]

@@ -20,11 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from grpo_image.checkpoint import CheckpointError
-from grpo_image.config import RecipeError, load_recipe
-from grpo_image.data import PromptSetError
-from grpo_image.image_files import MissingImages
-from grpo_image.preflight import preflight
+from grpo_image.training.checkpoint import CheckpointError
+from grpo_image.base.config import RecipeError, load_recipe
+from grpo_image.training.data import PromptSetError
+from grpo_image.base.image_files import MissingImages
+from grpo_image.training.preflight import preflight
 
 USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError, MissingImages)
 
@@ -32,9 +32,9 @@ USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError,
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from grpo_image.ablate import AblationError
-    from grpo_image.longtext import TextBenchError
-    from grpo_image.score import RewardFailure
+    from grpo_image.evaluation.ablate import AblationError
+    from grpo_image.evaluation.longtext import TextBenchError
+    from grpo_image.scoring.score import RewardFailure
 
     try:
         if args.command not in ("train", "validate"):
@@ -113,7 +113,7 @@ def _model_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _train(cfg) -> int:
-    from grpo_image.train import TrainingStopped, train
+    from grpo_image.training.train import TrainingStopped, train
 
     try:
         train(cfg)
@@ -124,8 +124,8 @@ def _train(cfg) -> int:
 
 
 def _sample(args) -> int:
-    from grpo_image.config import validate_components
-    from grpo_image.generate import sample
+    from grpo_image.base.config import validate_components
+    from grpo_image.evaluation.generate import sample
 
     cfg = load_recipe(args.recipe, args.overrides)
     validate_components(cfg.policy, "policy")
@@ -136,8 +136,8 @@ def _sample(args) -> int:
 
 
 def _eval(args) -> int:
-    from grpo_image.evaluate import evaluate, prompt_sets
-    from grpo_image.longtext import build_reader
+    from grpo_image.evaluation.evaluate import evaluate, prompt_sets
+    from grpo_image.evaluation.longtext import build_reader
 
     if args.recipe is None and args.overrides:
         raise RecipeError(f"overrides {args.overrides} given without a recipe")
@@ -165,7 +165,7 @@ def _eval(args) -> int:
 
 
 def _ablate(args) -> int:
-    from grpo_image.ablate import ablate
+    from grpo_image.evaluation.ablate import ablate
 
     cfg = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or f"{cfg.output_dir}_ablation")
@@ -176,8 +176,8 @@ def _ablate(args) -> int:
 
 def _plan(args) -> int:
     """The plan's table; a recipe that does not fit is still a plan (exit 0), with the keys to change."""
-    from grpo_image.memory_plan import plan_recipe
-    from grpo_image.memory_report import format_plan
+    from grpo_image.planning.memory_plan import plan_recipe
+    from grpo_image.planning.memory_report import format_plan
 
     if args.gpus is not None and args.gpus < 1 or args.gpu_memory is not None and args.gpu_memory <= 0:
         raise RecipeError("--gpus must be >= 1 and --gpu-memory > 0")
@@ -195,8 +195,8 @@ def _warn_if_it_does_not_fit(cfg, recipe: str) -> None:
     """`validate`: one warning line when the recipe names its GPUs (hardware.gpus) and its memory plan exceeds them."""
     if cfg.hardware.gpus < 1:
         return
-    from grpo_image.memory_plan import plan_recipe
-    from grpo_image.memory_report import fit_warning
+    from grpo_image.planning.memory_plan import plan_recipe
+    from grpo_image.planning.memory_report import fit_warning
 
     try:
         warning = fit_warning(plan_recipe(cfg, recipe))
@@ -233,7 +233,3 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from grpo_image.image_files import find_images
-from grpo_image.grids import make_grid
-from grpo_image.longtext import table as text_table
+from grpo_image.base.image_files import find_images
+from grpo_image.base.grids import make_grid
+from grpo_image.evaluation.longtext import table as text_table
 
 THUMB_PX = 192  # longest side of an image in the Markdown grids
 SMALL_PX = 128  # images narrower than this are shown enlarged, pixel for pixel

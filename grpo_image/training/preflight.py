@@ -14,11 +14,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.advantages import AGGREGATIONS, SCALES
-from grpo_image.checkpoint import find_checkpoint
-from grpo_image.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
-from grpo_image.data import load_recipe_prompts
-from grpo_image.sampling import SamplingSettings
+from grpo_image.core.advantages import AGGREGATIONS, SCALES
+from grpo_image.training.checkpoint import find_checkpoint
+from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
+from grpo_image.training.data import load_recipe_prompts
+from grpo_image.core.sampling import SamplingSettings
 
 PATH_ARGUMENT = re.compile(r"(^|_)(path|dir|file|folder)$")  # component arguments that name local files
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: fetched only when the user is online
@@ -118,7 +118,7 @@ def _check_run_paths(cfg: DictConfig) -> None:
 
 def check_batches(cfg: DictConfig, world_size: int, process_group: bool | None = None) -> None:
     """Minibatches that divide the batch, whole groups and whole minibatch shares on every rank (see
-    grpo_image/distributed.py), and what FSDP needs: full fine-tuning and a process group to shard over (by
+    grpo_image/training/distributed.py), and what FSDP needs: full fine-tuning and a process group to shard over (by
     default: when there are 2 or more processes; a group of one, as the GPU check makes, shards too)."""
     process_group = world_size > 1 if process_group is None else process_group
     b, n, m = cfg.data.batch_size, cfg.data.batch_size * cfg.data.group_size, cfg.train.minibatches

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from grpo_image.config import instantiate
+from grpo_image.base.config import instantiate
 from grpo_image.decoders import decode_images
-from grpo_image.score import score_images
-from grpo_image.types import Rollout, ScoredBatch
+from grpo_image.scoring.score import score_images
+from grpo_image.core.types import Rollout, ScoredBatch
 
 THUMBNAIL_PX = 128  # longest side of a logged thumbnail: enough for a caption grid, small to ship between processes
 

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo_image.types import Rollout, ScoredBatch
-from grpo_image.score import RewardFailure
-from grpo_image.workers import ChunkResult, RewardJob, RewardWorker, make_job, merge_results
+from grpo_image.core.types import Rollout, ScoredBatch
+from grpo_image.scoring.score import RewardFailure
+from grpo_image.scoring.workers import ChunkResult, RewardJob, RewardWorker, make_job, merge_results
 
 
 RESTART_TIMEOUT_S = 300.0  # a restarted actor re-imports its libraries and reloads its models before it answers

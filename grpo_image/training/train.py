@@ -23,28 +23,28 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.advantages import group_advantages, weighted_total
-from grpo_image.checkpoint import (
+from grpo_image.core.advantages import group_advantages, weighted_total
+from grpo_image.training.checkpoint import (
     CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
 )
-from grpo_image.config import instantiate, reward_specs
-from grpo_image.data import GroupSampler, load_recipe_prompts
-from grpo_image.distributed import (
+from grpo_image.base.config import instantiate, reward_specs
+from grpo_image.training.data import GroupSampler, load_recipe_prompts
+from grpo_image.training.distributed import (
     World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
-from grpo_image.health import HealthMonitor
-from grpo_image.logging import RunLogger, SilentLogger
-from grpo_image.logprobs import teacher_forced_logprobs
-from grpo_image.loss import grpo_loss
-from grpo_image.policies.lora import make_weights
-from grpo_image.preflight import check_batches
-from grpo_image.sampling import SamplingSettings, sample_codes
-from grpo_image.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
-from grpo_image.types import Rollout, ScoredBatch
-from grpo_image.ray_pool import RayRewardPool
-from grpo_image.score import RewardFailure
-from grpo_image.workers import InProcessRewardPool
+from grpo_image.training.health import HealthMonitor
+from grpo_image.base.logging import RunLogger, SilentLogger
+from grpo_image.core.logprobs import teacher_forced_logprobs
+from grpo_image.core.loss import grpo_loss
+from grpo_image.training.weights import make_weights
+from grpo_image.training.preflight import check_batches
+from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
+from grpo_image.core.types import Rollout, ScoredBatch
+from grpo_image.scoring.ray_pool import RayRewardPool
+from grpo_image.scoring.score import RewardFailure
+from grpo_image.scoring.workers import InProcessRewardPool
 
 
 @dataclass

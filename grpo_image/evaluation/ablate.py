@@ -30,9 +30,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from grpo_image.config import load_recipe, reward_specs
-from grpo_image.logging import read_metrics
-from grpo_image.preflight import preflight
+from grpo_image.base.config import load_recipe, reward_specs
+from grpo_image.base.logging import read_metrics
+from grpo_image.training.preflight import preflight
 
 GRID_KEYS = {"weights", "runs", "overrides"}
 RUN_KEYS = {"name", "weights", "overrides"}
@@ -114,7 +114,7 @@ def run_configs(recipe: str, overrides: list[str], grid: str, out: str | Path):
 
 def ablate(recipe: str, overrides: list[str], grid: str, out: str | Path) -> dict:
     """Train every run of the grid (reusing finished ones), then write the comparison table and plots."""
-    from grpo_image.train import TrainingStopped, train
+    from grpo_image.training.train import TrainingStopped, train
 
     out = Path(out)
     configs = run_configs(recipe, overrides, grid, out)

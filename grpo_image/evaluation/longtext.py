@@ -3,7 +3,7 @@
 The published files (X-Omni's `textbench/text_prompts.jsonl` and `text_prompts_zh.jsonl`) hold one JSON object a
 line: `category` (sign, label, print, webpage, slide, poster, caption, dialogue), `length` (short / long), `prompt`,
 `text` (the strings the image must show), `text_length` and `prompt_id`. Images are `{prompt_id:04d}_{k}.png`
-(`grpo_image.image_files`). A project prompt set whose records carry `metadata["text"]` is scored the same way,
+(`grpo_image.base.image_files`). A project prompt set whose records carry `metadata["text"]` is scored the same way,
 with `lang`, `category` and `length` read from its metadata where present.
 
 Score: a reader, built from a component node (by default one of `text_readers.yaml`: the OCR reward with rapidocr,
@@ -29,10 +29,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from grpo_image.config import instantiate
-from grpo_image.data import load_prompts
-from grpo_image.image_files import folder_batches
-from grpo_image.types import PromptRecord, text_language
+from grpo_image.base.config import instantiate
+from grpo_image.training.data import load_prompts
+from grpo_image.base.image_files import folder_batches
+from grpo_image.core.types import PromptRecord, text_language
 
 LONGTEXT_KEYS = ("category", "length", "prompt", "text", "text_length", "prompt_id")
 READERS = Path(__file__).with_name("text_readers.yaml")  # the readers `--ocr NAME` builds

@@ -1,0 +1,1 @@
+"""The ground floor: recipes and their defaults, run logging, image folders. Imports nothing of the package."""

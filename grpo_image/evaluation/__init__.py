@@ -1,0 +1,1 @@
+"""Sampling from checkpoints, reward and LongText evaluation, reports, ablations."""
