@@ -123,7 +123,7 @@ def step_variants(policy, prompts, codes, old, settings, lr: float):
             with context():
                 optimizer.zero_grad(set_to_none=True)
                 logp = teacher_forced_logprobs(policy, prompts, codes, settings)
-                loss, _ = grpo_loss(logp, old, old.detach(), advantages, 0.2, 0.28, 0.01)
+                loss, _ = grpo_loss(logp, old, old.detach(), advantages, clip_eps_low=0.2, clip_eps_high=0.28, beta=0.01)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
                 optimizer.step()

@@ -15,7 +15,7 @@ CONFIG = OmegaConf.create({"seed": 0})
 
 def trained(mode: str, seed: int = 0):
     policy = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=seed)
-    weights = LoraWeights(policy, 4, 8, 0.0, ["q_proj", "v_proj"]) if mode == "lora" else FullWeights(policy, False)
+    weights = LoraWeights(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]) if mode == "lora" else FullWeights(policy, False)
     params = weights.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))

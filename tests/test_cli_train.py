@@ -127,7 +127,7 @@ def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path)
     # the adapter-enabled model of the first run ...
     cfg = load_recipe(RECIPE, [*SMALL, "train.mode=lora"])
     trained = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0)
-    weights = LoraWeights(trained, 16, 32, 0.0, list(cfg.train.lora.target_modules))
+    weights = LoraWeights(trained, r=16, alpha=32, dropout=0.0, target_modules=list(cfg.train.lora.target_modules))
     weights.load(checkpoint / "policy")
     # ... equals the merged starting point of the next one
     merged = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0)

@@ -168,7 +168,7 @@ def test_each_epoch_visits_every_prompt_once_when_b_divides_the_count():
 def test_rank_slices_concatenate_to_the_single_process_batch():
     records = _records(10)
     full, full_ids = GroupSampler(records, batch_size=4, group_size=3, seed=5).sample(7)
-    parts = [GroupSampler(records, 4, 3, seed=5, rank=r, world_size=2).sample(7) for r in range(2)]
+    parts = [GroupSampler(records, batch_size=4, group_size=3, seed=5, rank=r, world_size=2).sample(7) for r in range(2)]
     assert len(parts[0][0]) == 6  # B/W * G = 2 * 3 records per rank
     assert parts[0][0] + parts[1][0] == full
     assert parts[1][1].tolist() == [2, 2, 2, 3, 3, 3]  # rank 1 holds global groups 2 and 3

@@ -51,12 +51,12 @@ def test_advantages_across_ranks_equal_the_single_process_values(collectives):
     # Hand-derived, scale "batch": the std is over all six raw scores [1,2,3,0,0,3]: mean 1.5, variance 9.5/6.
     std = np.sqrt(9.5 / 6)
     expected = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]) / (std + 1e-6)
-    single, _ = group_advantages(helpers.SCORES, [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
+    single, _ = group_advantages(helpers.SCORES, [1.0], group_size=helpers.GROUP_SIZE, scale="batch", eps=1e-6)
     torch.testing.assert_close(single, expected.float())
     ranks = [rank["advantages"] for rank in collectives]
     torch.testing.assert_close(torch.cat(ranks), single, rtol=0, atol=0)
     # Rank 1 alone would divide by the std of [0, 0, 3] (sqrt 2): gathering the scores is what makes them equal.
-    alone, _ = group_advantages(helpers.SCORES[3:], [1.0], helpers.GROUP_SIZE, "batch", "sum_then_normalize", 1e-6)
+    alone, _ = group_advantages(helpers.SCORES[3:], [1.0], group_size=helpers.GROUP_SIZE, scale="batch", eps=1e-6)
     assert not torch.allclose(alone, ranks[1])
 
 

@@ -51,7 +51,8 @@ def assets(tmp_path_factory):
     with torch.no_grad():  # a head as peaked as a trained model's: min-p 0.03 keeps a few codes of the 64
         xomni.model.mm_head.weight.mul_(PEAKED_HEAD)
     xomni.save_pretrained(root / "xomni")
-    adapter = LoraWeights(tiny_xomni_policy(grid=(2, 3), image_vocab_size=64), 4, 8, 0.0, ["q_proj", "v_proj"])
+    adapter = LoraWeights(tiny_xomni_policy(grid=(2, 3), image_vocab_size=64), r=4, alpha=8, dropout=0.0,
+                          target_modules=["q_proj", "v_proj"])
     for name, param in adapter.policy.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)  # a non-trivial English-stage adapter to continue from

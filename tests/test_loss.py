@@ -23,7 +23,7 @@ def logps(log_ratios: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
 def test_ratio_one_gives_minus_mean_advantage():
     # ratio 1 everywhere, so both terms equal A; N=2, L=2: loss = -(1 + 1 - 3 - 3) / 4 = 1
     logp, old = logps([[0.0, 0.0], [0.0, 0.0]])
-    loss, stats = grpo_loss(logp, old, None, torch.tensor([1.0, -3.0]), 0.2, 0.2, beta=0.0)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor([1.0, -3.0]), clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0)
     assert loss.item() == pytest.approx(1.0, abs=1e-12)
     assert stats == {
         "loss": pytest.approx(1.0, abs=1e-12),
@@ -46,7 +46,7 @@ HIGH = ([[LOG2, 0.0], [math.log(1.1), math.log(1.5)], [LOG2, math.log(0.9)]], [1
 
 def test_clip_high_side_positive_advantage():
     logp, old = logps(HIGH[0])
-    loss, stats = grpo_loss(logp, old, None, torch.tensor(HIGH[1]), 0.2, 0.28, beta=0.0)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor(HIGH[1]), clip_eps_low=0.2, clip_eps_high=0.28, beta=0.0)
     assert loss.item() == pytest.approx(-4.14 / 6, abs=1e-12)
     assert stats["clip_frac"] == pytest.approx(2 / 6, abs=1e-7)
     # ratios [2, 1, 1.1, 1.5, 2, 0.9]: sum 8.5 -> mean 8.5 / 6, max 2
@@ -64,7 +64,7 @@ LOW = ([[-LOG2, math.log(0.9)], [-LOG2, LOG2], [-LOG2, 0.0]], [-1.0, -2.0, 1.0])
 
 def test_clip_low_side_negative_advantage():
     logp, old = logps(LOW[0])
-    loss, stats = grpo_loss(logp, old, None, torch.tensor(LOW[1]), 0.2, 0.28, beta=0.0)
+    loss, stats = grpo_loss(logp, old, None, torch.tensor(LOW[1]), clip_eps_low=0.2, clip_eps_high=0.28, beta=0.0)
     assert loss.item() == pytest.approx(5.8 / 6, abs=1e-12)
     assert stats["policy_loss"] == pytest.approx(5.8 / 6, abs=1e-12)
     assert stats["clip_frac"] == pytest.approx(2 / 6, abs=1e-7)
@@ -81,7 +81,7 @@ def test_gradient_zero_when_clipped_else_minus_a_ratio_over_tokens(case, clipped
     # d/dlogp of -(ratio * A) / (N * L) is -A * ratio / (N * L), N * L = 6; clipped tokens: 0
     log_ratios, adv = case
     logp, old = logps(log_ratios)
-    loss, _ = grpo_loss(logp, old, None, torch.tensor(adv), 0.2, 0.28, beta=0.0)
+    loss, _ = grpo_loss(logp, old, None, torch.tensor(adv), clip_eps_low=0.2, clip_eps_high=0.28, beta=0.0)
     loss.backward()
     ratio = torch.tensor(log_ratios, dtype=torch.float64).exp()
     expected = -torch.tensor(adv, dtype=torch.float64)[:, None] * ratio / 6
@@ -94,7 +94,7 @@ def test_k3_kl_value():
     # A = 0 and ratio 1: policy loss 0, so loss = beta * 0.25 = 0.025
     logp, old = logps([[0.0, 0.0]])
     ref = logp.detach() + torch.tensor([[LOG2, -LOG2]], dtype=torch.float64)
-    loss, stats = grpo_loss(logp, old, ref, torch.tensor([0.0]), 0.2, 0.2, beta=0.1)
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([0.0]), clip_eps_low=0.2, clip_eps_high=0.2, beta=0.1)
     assert stats["kl"] == pytest.approx(0.25, abs=1e-12)
     assert loss.item() == pytest.approx(0.025, abs=1e-12)
 
@@ -105,7 +105,7 @@ def test_beta_weighting_and_kl_gradient():
     # grad = (-A * ratio + beta * [-1, 0.5]) / 2 = [(-1 - 0.04) / 2, (-1 + 0.02) / 2] = [-0.52, -0.49]
     logp, old = logps([[0.0, 0.0]])
     ref = logp.detach() + torch.tensor([[LOG2, -LOG2]], dtype=torch.float64)
-    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), 0.2, 0.2, beta=0.04)
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), clip_eps_low=0.2, clip_eps_high=0.2, beta=0.04)
     assert loss.item() == pytest.approx(-0.99, abs=1e-12)
     assert stats["policy_loss"] == pytest.approx(-1.0, abs=1e-12)
     loss.backward()
@@ -116,7 +116,7 @@ def test_beta_weighting_and_kl_gradient():
 def test_beta_zero_reports_kl_but_does_not_add_it():
     logp, old = logps([[0.0, 0.0]])
     ref = logp.detach() + torch.tensor([[LOG2, -LOG2]], dtype=torch.float64)
-    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), 0.2, 0.2, beta=0.0)
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0)
     assert loss.item() == pytest.approx(-1.0, abs=1e-12)
     assert stats["kl"] == pytest.approx(0.25, abs=1e-12)
 

@@ -167,7 +167,8 @@ def test_plan_is_within_25_percent_of_the_measured_peaks(case, request, one_thre
         policy.model.train()
         with weights.compute():
             logprobs = teacher_forced_logprobs(policy, prompts, codes, settings, cfg.train.logprob_chunk)  # [N, L]
-        loss, _ = grpo_loss(logprobs, logprobs.detach(), None, torch.ones(ROWS), 0.2, 0.2, 0.0)
+        loss, _ = grpo_loss(logprobs, logprobs.detach(), None, torch.ones(ROWS), clip_eps_low=0.2, clip_eps_high=0.2,
+                             beta=0.0)
         loss.backward()
 
     measured_rollout = peak_bytes(rollout)

@@ -54,5 +54,5 @@ def test_full_fine_tuning_in_fp16_is_refused():
 
 def test_lora_weights_load_into_a_bf16_base():
     policy = tiny_policy(hidden_size=16, num_layers=1, dtype="bfloat16")
-    weights = LoraWeights(policy, 4, 8, 0.0, ["q_proj"])
+    weights = LoraWeights(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
     assert {p.dtype for p in weights.trainable_parameters()} == {torch.float32}

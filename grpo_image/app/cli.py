@@ -130,7 +130,8 @@ def _sample(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     validate_components(cfg.policy, "policy")
     validate_components(cfg.decoder, "decoder")
-    rows = sample(cfg, args.prompts, args.out, args.checkpoint, args.n, args.seed, args.batch_size)
+    rows = sample(cfg, args.prompts, args.out, checkpoint=args.checkpoint, n=args.n, seed=args.seed,
+                  batch_size=args.batch_size)
     print(f"{len(rows)} images in {args.out} (seeds in {Path(args.out) / 'samples.jsonl'})")
     return 0
 
@@ -149,8 +150,9 @@ def _eval(args) -> int:
         node = _yaml_node(args.ocr_config) if args.ocr_config else None
         reader = build_reader(args.ocr, _options(args.ocr_option), node)
     result = evaluate(
-        cfg, sets, out, args.checkpoint, args.compare, args.n, args.seeds, args.batch_size, args.rewards,
-        args.images, reader, args.allow_missing, args.report_prompts, args.recipe,
+        cfg, sets, out, checkpoint=args.checkpoint, compare_to=args.compare, n=args.n, seeds=args.seeds,
+        batch_size=args.batch_size, rewards=args.rewards, images=args.images, reader=reader,
+        allow_missing=args.allow_missing, report_prompts=args.report_prompts, recipe_path=args.recipe,
     )
     for label, summary in result["summary"].items():
         shown = "  ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items()

@@ -60,7 +60,7 @@ class RunLogger:
     and TensorBoard run, so the curves of a killed-and-resumed run have no duplicated steps.
     """
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
+    def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0,
                  tensorboard: bool = True, wandb: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.total_steps, self.start_step = total_steps, start_step

@@ -65,6 +65,7 @@ def _normalize(x: torch.Tensor, mask: torch.Tensor, scale: str, eps: float) -> t
 def group_advantages(
     scores: np.ndarray | torch.Tensor,
     weights: Sequence[float] | np.ndarray | torch.Tensor,
+    *,
     group_size: int,
     scale: str = "group",
     aggregation: str = "sum_then_normalize",

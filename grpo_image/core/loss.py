@@ -42,6 +42,7 @@ def grpo_loss(
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
+    *,
     clip_eps_low: float,
     clip_eps_high: float,
     beta: float,

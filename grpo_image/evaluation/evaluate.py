@@ -71,7 +71,7 @@ def select_rewards(cfg: DictConfig, choice: list[str] | None) -> list[dict]:
     return [spec for spec in specs if spec["name"] in choice]
 
 
-def score_rewards(specs: list[dict], rewards: list, items, folder: Path, batch_size: int, allow_missing: bool,
+def score_rewards(specs: list[dict], rewards: list, items, folder: Path, *, batch_size: int, allow_missing: bool,
                   label: str) -> list[dict[str, Any]]:
     """Score every image of a folder with each reward; required/optional/NaN exactly as in training's workers."""
     weights = [spec["weight"] for spec in specs]
@@ -128,7 +128,7 @@ def compare(runs: dict[str, dict[int, dict]], seeds: list[int], before: str, aft
     return out
 
 
-def evaluate(cfg: DictConfig | None, sets: list[PromptSet], out: str | Path, checkpoint: str | None = None,
+def evaluate(cfg: DictConfig | None, sets: list[PromptSet], out: str | Path, *, checkpoint: str | None = None,
              compare_to: str | None = None, n: int = 4, seeds: list[int] | None = None, batch_size: int = 16,
              rewards: list[str] | None = None, images: list[str] | None = None, reader=None,
              allow_missing: bool = False, report_prompts: int = 12, recipe_path: str | None = None) -> dict:
@@ -189,7 +189,8 @@ def _score(sets, labels, seeds, specs, scorers, reader, batch_size, allow_missin
             for s in sets:
                 folder, tag = s.images[(label, seed)], f"scoring {label} seed {seed} {s.name}"
                 if s.kind == "rewards":
-                    got = score_rewards(specs, scorers, s.items, folder, batch_size, allow_missing, tag)
+                    got = score_rewards(specs, scorers, s.items, folder, batch_size=batch_size,
+                                        allow_missing=allow_missing, label=tag)
                     metrics.update(reward_metrics(got, [spec["name"] for spec in specs]))
                 else:
                     got = score_folder(s.items, folder, reader, batch_size, allow_missing=allow_missing, label=tag)
@@ -225,8 +226,8 @@ def _generate(cfg, sets, models, seeds, n, batch_size, out: Path) -> None:
         for seed in seeds:
             for s in sets:
                 folder = out / "images" / label / f"seed_{seed}" / s.name
-                generate_images(policy, decoder, settings, s.items, folder, n, seed, batch_size,
-                                f"sampling {label} seed {seed} {s.name}", {"checkpoint": checkpoint})
+                generate_images(policy, decoder, settings, s.items, folder, n=n, seed=seed, batch_size=batch_size,
+                                label=f"sampling {label} seed {seed} {s.name}", extra={"checkpoint": checkpoint})
                 s.images[(label, seed)] = folder
         del policy
 

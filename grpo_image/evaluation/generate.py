@@ -82,7 +82,7 @@ def image_seeds(seed: int, prompt_id: int, n: int) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def generate_images(
-    policy, decoder, settings: SamplingSettings, items: list[tuple[int, PromptRecord]], out: str | Path,
+    policy, decoder, settings: SamplingSettings, items: list[tuple[int, PromptRecord]], out: str | Path, *,
     n: int = 4, seed: int = 0, batch_size: int = 16, label: str = "sampling", extra: dict | None = None,
 ) -> list[dict]:
     """Sample n images per prompt into `out` as {id:04d}_{k}.png, write `samples.jsonl`, return its rows.
@@ -120,7 +120,7 @@ def generate_images(
     return rows
 
 
-def sample(cfg: DictConfig, prompts: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+def sample(cfg: DictConfig, prompts: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
            n: int = 4, seed: int | None = None, batch_size: int = 16) -> list[dict]:
     """`grpo-image sample`: the recipe's policy (or a checkpoint's) draws n images per prompt into `out`."""
     items = load_prompt_set(prompts)
@@ -129,4 +129,5 @@ def sample(cfg: DictConfig, prompts: str | Path, out: str | Path, checkpoint: st
     settings = SamplingSettings.from_config(cfg.sampling)
     seed = cfg.seed if seed is None else seed
     extra = {"checkpoint": None if checkpoint is None else str(checkpoint)}
-    return generate_images(policy, decoder, settings, items, out, n, seed, batch_size, "sampling", extra)
+    return generate_images(policy, decoder, settings, items, out, n=n, seed=seed, batch_size=batch_size,
+                           label="sampling", extra=extra)

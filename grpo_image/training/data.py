@@ -148,6 +148,7 @@ class GroupSampler:
     def __init__(
         self,
         records: Sequence[PromptRecord],
+        *,
         batch_size: int,
         group_size: int,
         seed: int,

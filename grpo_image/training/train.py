@@ -74,7 +74,8 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     from transformers import get_scheduler
 
     records = load_recipe_prompts(cfg.data)
-    sampler = GroupSampler(records, cfg.data.batch_size, cfg.data.group_size, cfg.seed, world.rank, world.size)
+    sampler = GroupSampler(records, batch_size=cfg.data.batch_size, group_size=cfg.data.group_size, seed=cfg.seed,
+                           rank=world.rank, world_size=world.size)
     check_batches(cfg, world.size, world.distributed)  # also when train() is called without the CLI's preflight
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
@@ -153,7 +154,8 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     bad_steps = 0  # steps in a row with a skipped (non-finite) update
-    logger = RunLogger(run_dir, cfg.steps, trainer.start_step, cfg.logging.tensorboard, _wandb(cfg)) if world.is_main \
+    logger = RunLogger(run_dir, cfg.steps, start_step=trainer.start_step, tensorboard=cfg.logging.tensorboard,
+                       wandb=_wandb(cfg)) if world.is_main \
         else SilentLogger()
     with logger as log:
         for step in range(trainer.start_step + 1, cfg.steps + 1):
@@ -344,8 +346,8 @@ def rank_advantages(world: World, scored: ScoredBatch, weights: list[float], cfg
     """
     whole = gather_scored(world, scored)
     advantages, stats = group_advantages(
-        whole.scores, weights, cfg.data.group_size, cfg.advantages.scale, cfg.advantages.aggregation,
-        cfg.advantages.eps,
+        whole.scores, weights, group_size=cfg.data.group_size, scale=cfg.advantages.scale,
+        aggregation=cfg.advantages.aggregation, eps=cfg.advantages.eps,
     )  # [N]
     return whole, advantages, advantages[world.rows(len(advantages))], stats
 
@@ -427,7 +429,7 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
                     )  # [n_micro, L]
                 loss, micro_stats = grpo_loss(
                     logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
-                    advantages[rows], cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
+                    advantages[rows], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
                 )
                 finite = finite and bool(torch.isfinite(loss))
                 (loss * share).backward()

@@ -90,7 +90,7 @@ def whole_state_options():
 class LoraWeights(_TrainedWeights):
     """Train peft LoRA adapters (fp32) on the policy's model; the reference is the base model (adapters off)."""
 
-    def __init__(self, policy: CausalLMPolicy, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
+    def __init__(self, policy: CausalLMPolicy, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
         """`target_modules`: module-name suffixes (a list), or one regex over full module names (a string)."""
         from peft import LoraConfig, get_peft_model
 
@@ -242,7 +242,7 @@ def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> L
             load_saved_weights(policy, train_cfg.init_from, merge_adapter=True)
         lora = train_cfg.lora
         targets = lora.target_regex if lora.target_regex else list(lora.target_modules)
-        weights = LoraWeights(policy, lora.r, lora.alpha, lora.dropout, targets)
+        weights = LoraWeights(policy, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
         broadcast_from_rank0(world, policy.model)
         return weights
     if train_cfg.mode != "full":
