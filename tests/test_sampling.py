@@ -146,17 +146,32 @@ def test_logprobs_are_of_the_unfiltered_tempered_distribution(policy):
     SamplingSettings(cfg_scale=3.0, min_p=0.1), SamplingSettings(cfg_scale=3.0, min_p=0.1, cfg_logprobs="conditional"),
 ], ids=["min_p", "top_k", "top_p", "cfg_mixture", "cfg_conditional"])
 def test_every_sampled_code_keeps_a_finite_logprob_after_the_policy_moves(settings):
-    """A peaked head (a trained model's shape) and a large update push sampled codes out of the filters' kept sets."""
+    """A peaked head (a trained model's shape) and three large GRPO updates push sampled codes out of the filters'
+    kept sets: the training and reference log-probs of every sampled code stay finite all the same."""
+    from grpo_image.core.loss import grpo_loss
+    from grpo_image.training.weights import FullWeights
+
     moved = tiny_policy(num_codes=16, grid=(3, 4), hidden_size=32, num_layers=2, seed=5)
     head = moved.model.get_output_embeddings().weight
     with torch.no_grad():
         head.mul_(40.0)  # peaked: min-p 0.03 keeps only a few codes per position
+    weights = FullWeights(moved, keep_reference=True)
     codes, sampled = sample_codes(moved, PROMPTS, torch.arange(4), settings)
     with torch.no_grad():
         before = teacher_forced_logprobs(moved, PROMPTS, codes, settings)
-        torch.testing.assert_close(before, sampled, atol=1e-4, rtol=0)  # ratio 1 before any update
-        for param in moved.model.parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    torch.testing.assert_close(before, sampled, atol=1e-4, rtol=0)  # ratio 1 before any update
+    optimizer = torch.optim.AdamW(weights.trainable_parameters(), lr=0.05)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for _ in range(3):
+        optimizer.zero_grad()
+        logp = teacher_forced_logprobs(moved, PROMPTS, codes, settings)
+        with weights.reference() as reference, torch.no_grad():
+            ref = teacher_forced_logprobs(reference, PROMPTS, codes, settings)
+        loss, _ = grpo_loss(logp, sampled, ref, advantages, clip_eps_low=0.2, clip_eps_high=0.28, beta=0.01)
+        assert torch.isfinite(loss) and torch.isfinite(logp).all() and torch.isfinite(ref).all()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
         after = teacher_forced_logprobs(moved, PROMPTS, codes, settings)
         filtered = torch.stack([filter_logits(row, settings.top_k, settings.top_p, settings.min_p)
                                 for row in position_logits(moved, PROMPTS, codes, settings)])  # the old, filtered choice
