@@ -89,3 +89,29 @@ class FaultOnCall:
             scores = scores.copy()
             scores[1] = np.inf
         return RewardOutput(scores)
+
+
+TINY_OPEN_CLIP = {  # an open_clip CLIP of HPSv2's layout (ViT + text tower) at toy size
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_hps(root, seed: int = 0):
+    """A tiny open_clip config folder and an HPS-format checkpoint of a seeded model built from it, under `root`:
+    (model_name for the HPSv2 reward, checkpoint path, the model)."""
+    import json
+
+    import open_clip
+    import torch
+
+    (root / "clip").mkdir(parents=True, exist_ok=True)
+    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    model_name = f"local-dir:{root / 'clip'}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name).eval()
+    checkpoint = root / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return model_name, checkpoint, model

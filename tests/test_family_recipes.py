@@ -11,22 +11,17 @@ import json
 import math
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
 from tests.data import DATA
+from tests.helpers_rewards import write_tiny_hps
 from tests.rewards_servers import ChatServer, Reply, completion
 
 REPO = Path(__file__).resolve().parents[1]
 DECODER_PARTS = DATA / "xomni_tiny_decoder_reference"
-TINY_OPEN_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 PROMPTS = [("a shop sign that says OPEN", "OPEN"), ("一块写着开业的招牌", "开业")]
 PEAKED_HEAD = 40.0
 # The recipes' own precision, sampling and minibatch settings at test size: 2 prompts x 4 rollouts = 8 rollouts, so
@@ -60,10 +55,7 @@ def assets(tmp_path_factory):
     janus = tiny_janus_policy()
     janus.model.to(torch.bfloat16)  # saved in the recipes' dtype, as the real checkpoints are
     janus.save_pretrained(root / "janus")
-    (root / "clip").mkdir()
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
-    hps_model = f"local-dir:{root / 'clip'}"
-    torch.save({"state_dict": open_clip.create_model(hps_model).state_dict()}, root / "HPS_v2.1_compressed.pt")
+    hps_model, _, _ = write_tiny_hps(root)
     from grpo_image.decoders.xomni_flux import PrecomputedPromptEmbeds, save_prompt_embeds
 
     texts = [p for p, _ in PROMPTS] + [""]

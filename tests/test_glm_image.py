@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from grpo_image.base.logging import read_metrics
 from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
 from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
+from tests.helpers_rewards import write_tiny_hps
 from tests.rewards_servers import ChatServer, Reply, completion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +28,6 @@ HEIGHT, WIDTH = 64, 96  # -> a 2 x 3 large grid and a 13 x 19 preview (see test_
 PROMPTS = ["a red sign that says 'OPEN'", "x", 'a long menu board reading "Coffee 3 dollars" above a counter']
 SETTINGS = SamplingSettings(temperature=0.9, top_k=20, top_p=0.75)
 TOL = 1e-5  # fp32
-TINY_OPEN_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
@@ -269,10 +264,7 @@ def test_a_group_in_one_call_is_its_rollouts_one_by_one_and_groups_are_decoded_a
 @pytest.fixture(scope="module")
 def reward_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm_rewards")
-    (root / "clip").mkdir()
-    (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
-    hps_model = f"local-dir:{root / 'clip'}"
-    torch.save({"state_dict": open_clip.create_model(hps_model).state_dict()}, root / "HPS_v2.1_compressed.pt")
+    hps_model, _, _ = write_tiny_hps(root)
     prompts = root / "prompts.jsonl"
     records = [{"prompt": PROMPTS[0], "metadata": {"text": ["OPEN"]}},
                {"prompt": PROMPTS[2], "metadata": {"text": ["Coffee 3 dollars"]}}]  # fmt: skip

@@ -8,7 +8,6 @@ rewards, hand-written resize-and-pad preprocessing for HPS).
 
 from __future__ import annotations
 
-import json
 import pickle
 
 import numpy as np
@@ -23,13 +22,9 @@ from rewards.aesthetic import Aesthetic
 from rewards.clip_score import CLIPScore
 from rewards.hpsv2 import HPSv2
 from rewards.pickscore import PickScore
+from tests.helpers_rewards import write_tiny_hps
 
 PROMPTS = ["a red cat", "two dogs on a hill", "a tiny house"]
-TINY_OPEN_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -42,15 +37,7 @@ def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def hps_files(tmp_path_factory):
     """A tiny open_clip config folder and an HPS-format checkpoint of a seeded model built from it."""
-    root = tmp_path_factory.mktemp("hps")
-    (root / "config").mkdir()
-    (root / "config" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
-    model_name = f"local-dir:{root / 'config'}"
-    torch.manual_seed(1)
-    model = open_clip.create_model(model_name).eval()
-    checkpoint = root / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": model.state_dict()}, checkpoint)
-    return model_name, checkpoint, model
+    return write_tiny_hps(tmp_path_factory.mktemp("hps"), seed=1)
 
 
 def hps_direct(model, tokenizer, image: np.ndarray, prompt: str) -> float:
