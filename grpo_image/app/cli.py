@@ -113,7 +113,8 @@ def _model_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _train(cfg) -> int:
-    from grpo_image.training.train import TrainingStopped, train
+    from grpo_image.training.stops import TrainingStopped
+    from grpo_image.training.train import train
 
     try:
         train(cfg)

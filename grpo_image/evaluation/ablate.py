@@ -114,7 +114,8 @@ def run_configs(recipe: str, overrides: list[str], grid: str, out: str | Path):
 
 def ablate(recipe: str, overrides: list[str], grid: str, out: str | Path) -> dict:
     """Train every run of the grid (reusing finished ones), then write the comparison table and plots."""
-    from grpo_image.training.train import TrainingStopped, train
+    from grpo_image.training.stops import TrainingStopped
+    from grpo_image.training.train import train
 
     out = Path(out)
     configs = run_configs(recipe, overrides, grid, out)

@@ -24,13 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import group_advantages, weighted_total
-from grpo_image.training.checkpoint import (
-    CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
-)
+from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
 from grpo_image.base.config import instantiate, reward_specs
 from grpo_image.training.data import GroupSampler, load_recipe_prompts
 from grpo_image.training.distributed import (
-    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
+    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
 from grpo_image.training.health import HealthMonitor
@@ -39,6 +37,7 @@ from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.core.loss import grpo_loss
 from grpo_image.training.weights import make_weights
 from grpo_image.training.preflight import check_batches
+from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.core.sampling import SamplingSettings, sample_codes
 from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.core.types import Rollout, ScoredBatch
@@ -163,9 +162,9 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
             try:
                 metrics, samples = grpo_step(trainer, step)
             except RewardFailure as err:  # a required reward or the reward pool gave up: nothing was applied yet
-                _stop(trainer, run_dir, step, before, f"step {step} failed: {err}")
+                stop_cleanly(trainer, run_dir, step, before, f"step {step} failed: {err}")
             except Exception as err:
-                _crash(trainer, run_dir, step, before, err)
+                crash(trainer, run_dir, step, before, err)
             for warning in trainer.health.observe(step, metrics, trainer.last_scores):
                 log.warn(warning.step, warning.metric, warning.message, warning.flag)
             log.log_metrics(step, metrics)
@@ -173,105 +172,16 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
                 log.log_images(step, *samples)
             bad_steps = bad_steps + 1 if metrics["train/skipped_updates"] else 0
             if bad_steps >= cfg.train.max_bad_steps:
-                _stop(trainer, run_dir, step + 1, StepStart(torch.get_rng_state(), trainer.prefetched),
+                stop_cleanly(trainer, run_dir, step + 1, StepStart(torch.get_rng_state(), trainer.prefetched),
                       f"{bad_steps} steps in a row had a non-finite loss or gradient (train.max_bad_steps); their "
                       "updates were skipped")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                _save(trainer, run_dir, step, StepStart(torch.get_rng_state(), trainer.prefetched))
+                save_step(trainer, run_dir, step, StepStart(torch.get_rng_state(), trainer.prefetched))
         trainer.pool.close()
         summary = log.finish(time.perf_counter() - started)
     if world.is_main:  # with the number of processes: rank r sampled rows r*N/W .. (r+1)*N/W-1 of each step
         (run_dir / "summary.json").write_text(json.dumps({**summary, "processes": world.size}, indent=1))
     return summary
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped cleanly: the message says why and where the last checkpoint is."""
-
-
-@dataclass(frozen=True)
-class StepStart:
-    """What a checkpoint after a step holds besides the weights: torch's RNG, and rollouts already sampled for the
-    next step (workers.prefetch), which a resumed run must score instead of sampling them again."""
-
-    rng_state: torch.Tensor
-    prefetched: tuple | None
-
-
-def _save(trainer: Trainer, run_dir: Path, step: int, state: StepStart) -> Path:
-    return save_checkpoint(
-        run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
-        trainer.cfg.keep_checkpoints, prefetched=_prefetched_tensors(trainer, state.prefetched, step + 1),
-        writer=trainer.world.is_main, rng_state=state.rng_state, loop_state={"health": trainer.health.state()},
-    )
-
-
-def _stop(trainer: Trainer, run_dir: Path, step: int, before: StepStart, why: str):
-    """Stop before `step` changed anything: checkpoint the state after step - 1 (unless it is on disk) and say so."""
-    trainer.pool.close()
-    raise TrainingStopped(f"{why}. Stopped: {_checkpoint_before(trainer, run_dir, step, before)}")
-
-
-def _crash(trainer: Trainer, run_dir: Path, step: int, before: StepStart, err: Exception):
-    """Any other failure of `step`. Once an optimizer step of `step` has run, the weights are half-way between two
-    steps and are never saved; before that, they are the state after step - 1 and are checkpointed as such.
-    An out-of-memory error stops with the phase that ran out and the recipe keys that shrink it; anything else
-    is re-raised (its traceback is a bug report) with a note saying where the run can resume from."""
-    phase = trainer.phase or "between phases"
-    if trainer.moved_in_step == step:
-        where = f"the update of step {step} had begun, so nothing was saved; {_resume_hint(trainer, run_dir)}"
-    elif trainer.world.distributed:
-        where = f"nothing was saved (other processes may still be running); {_resume_hint(trainer, run_dir)}"
-    else:
-        where = _checkpoint_before(trainer, run_dir, step, before)
-    try:
-        trainer.pool.close()
-    except Exception:  # the pool may be what failed; the note below matters more than its cleanup
-        pass
-    if is_out_of_memory(err):
-        raise TrainingStopped(
-            f"step {step} ran out of memory in phase '{phase}': {str(err).splitlines()[0]}. {SHRINK[phase]}. "
-            f"Stopped: {where}"
-        ) from err
-    err.add_note(f"grpo-image: step {step} failed in phase '{phase}'. {where}")
-    raise err
-
-
-SHRINK = {
-    "rollout": "Sample fewer rows at once: lower sampling.batch_size",
-    "reference": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
-    "decode and rewards": "Decode fewer images at once: lower the decoder's max_batch_size, or raise workers.chunks",
-    "update": "Lower train.micro_batch_size, turn on train.gradient_checkpointing, or lower train.logprob_chunk",
-    "between phases": "See `grpo-image plan` for what the recipe needs",
-}
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's, also when raised inside a Ray reward worker."""
-    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
-    if cause is not None and cause is not err and is_out_of_memory(cause):
-        return True
-    text = str(err)
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _checkpoint_before(trainer: Trainer, run_dir: Path, step: int, before: StepStart) -> str:
-    """Checkpoint the state after step - 1 when it is not on disk already; say where the run resumes from."""
-    last = step - 1
-    if last > trainer.start_step and not (run_dir / CHECKPOINTS / f"{PREFIX}{last:06d}").is_dir():
-        return f"checkpoint {_save(trainer, run_dir, last, before)}; continue with resume={run_dir}"
-    return _resume_hint(trainer, run_dir)
-
-
-def _resume_hint(trainer: Trainer, run_dir: Path) -> str:
-    """Which checkpoint on disk a resumed run would continue from."""
-    for folder in (run_dir, trainer.cfg.resume):
-        if folder:
-            try:
-                return f"resume={folder} continues from {find_checkpoint(folder)}"
-            except CheckpointError:
-                continue
-    return "no checkpoint is on disk, so there is nothing to resume"
 
 
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
@@ -375,17 +285,6 @@ def _gather_or_fail(trainer: Trainer, pending) -> ScoredBatch:
 def _submit(trainer: Trainer, step: int, rollout: Rollout):
     """Hand a rollout to the reward pool, asking for thumbnails on sample steps."""
     return trainer.pool.submit(rollout, _thumbnail_rows(trainer.cfg, step, len(rollout.records)))
-
-
-def _prefetched_tensors(trainer: Trainer, prefetched: tuple | None, step: int) -> dict[str, torch.Tensor] | None:
-    """The whole batch's rollouts prefetched for `step` (gathered from every rank), so any number of ranks resume."""
-    if prefetched is None or prefetched[0] != step:
-        return None
-    rollout, world = prefetched[1], trainer.world
-    return {
-        "codes": torch.from_numpy(gather_rows(world, rollout.codes.cpu().numpy())),  # [N, L]
-        "old_logprobs": torch.from_numpy(gather_rows(world, rollout.old_logprobs.cpu().numpy())),  # [N, L]
-    }
 
 
 @torch.no_grad()
