@@ -16,6 +16,9 @@ NAN = float("nan")
 
 def check(adv: torch.Tensor, expected: list[float]) -> None:
     assert adv.dtype == torch.float32 and adv.shape == (len(expected),)
+    # advantages are float32 from a mean, a population std and a division over at most a few numbers (|a| <= 4):
+    # each op rounds by half a float32 ULP (6e-8 relative), so a few of them stay within 3e-7 relative; atol 1e-7
+    # covers the centred values that should be exactly 0 (a mean's rounding, about 1e-7 at totals up to 11).
     torch.testing.assert_close(adv, torch.tensor(expected, dtype=torch.float32), rtol=3e-7, atol=1e-7)
 
 
@@ -83,7 +86,7 @@ def test_nan_entry_sum_then_normalize_uses_group_mean_of_that_reward():
     adv, stats = group_advantages(ONE_NAN, [1.0, 1.0], group_size=3, eps=0.0)
     s = math.sqrt(32 / 3)
     check(adv, [-4 / s, 0.0, 4 / s])
-    assert stats["nan_frac"] == pytest.approx(1 / 6, abs=1e-12)
+    assert stats["nan_frac"] == pytest.approx(1 / 6, abs=1e-12)  # a count over a count in float64: exact to 1e-16
 
 
 def test_nan_entry_normalize_then_sum_drops_it():
@@ -103,7 +106,7 @@ def test_all_nan_row_gets_zero_and_is_left_out_of_group_stats(aggregation):
     adv, stats = group_advantages(scores, [0.5, 0.5], group_size=3, aggregation=aggregation, eps=0.0)
     check(adv, [-1.0, 0.0, 1.0])
     assert adv[1].item() == 0.0
-    assert stats == {"zero_std_frac": 0.0, "nan_frac": pytest.approx(1 / 3, abs=1e-12)}
+    assert stats == {"zero_std_frac": 0.0, "nan_frac": pytest.approx(1 / 3, abs=1e-12)}  # counts: exact in float64
 
 
 def test_all_nan_row_is_left_out_of_batch_std():
@@ -147,7 +150,7 @@ def test_zero_variance_groups(aggregation):
     scores = np.array([[2.0], [2.0], [1.0], [3.0], [5.0], [5.0]], dtype=np.float32)
     adv, stats = group_advantages(scores, [1.0], group_size=2, aggregation=aggregation)
     check(adv, [0.0, 0.0, -1 / (1 + 1e-6), 1 / (1 + 1e-6), 0.0, 0.0])
-    assert stats["zero_std_frac"] == pytest.approx(2 / 3, abs=1e-12)
+    assert stats["zero_std_frac"] == pytest.approx(2 / 3, abs=1e-12)  # a count over a count: exact in float64
 
 
 def test_zero_std_frac_uses_weighted_totals():
@@ -167,8 +170,8 @@ def test_zero_std_threshold_and_all_nan_group():
     scores = torch.tensor([[0.0], [1e-9], [0.0], [1e-7], [NAN], [NAN]], dtype=torch.float64)
     adv, stats = group_advantages(scores, [1.0], group_size=2, scale="none")
     assert adv[4:].tolist() == [0.0, 0.0]
-    assert stats["zero_std_frac"] == pytest.approx(2 / 3, abs=1e-12)
-    assert stats["nan_frac"] == pytest.approx(1 / 3, abs=1e-12)
+    assert stats["zero_std_frac"] == pytest.approx(2 / 3, abs=1e-12)  # a count over a count: exact in float64
+    assert stats["nan_frac"] == pytest.approx(1 / 3, abs=1e-12)  # a count over a count: exact in float64
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,7 @@ def test_micro_average_by_language_category_and_length():
         {"lang": "zh", "category": "sign", "length": "short", "matched": 5, "expected": 10},
     ]
     summary = longtext.summarize(rows)
+    # each is a ratio of integer counts, one float64 division: pytest.approx's default relative 1e-6 is all slack
     assert summary["en"] == pytest.approx(4 / 10)  # (3 + 1) / (4 + 6): not the mean of 0.75 and 0.167
     assert summary["all"] == pytest.approx(9 / 20)
     assert summary["en/sign"] == pytest.approx(3 / 4) and summary["en/long"] == pytest.approx(1 / 6)
@@ -162,6 +163,7 @@ def test_scores_a_folder_from_another_tool_with_real_ocr(tmp_path):
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {row["file"]: row["read"] for row in rows}["0007_1.png"] == "SUMMER SALE FIFTY PERCENT OFF"
     summary = {k: v["mean"] for k, v in json.loads((out / "eval.json").read_text())["summary"]["images"].items()}
+    # ratios of integer counts (one float64 division each): pytest.approx's default relative 1e-6 is all slack
     assert summary["text_accuracy/en"] == pytest.approx(9 / 11)  # (2 + 1 + 5 + 1) / (2 + 2 + 5 + 2)
     assert summary["text_accuracy/en/short"] == pytest.approx(4 / 6)  # prompts 0 and 123
     assert summary["text_accuracy/en/long"] == pytest.approx(1.0)
@@ -224,4 +226,4 @@ def test_vlm_reader_asks_the_benchmark_question(tmp_path):
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [row["read"] for row in rows] == ["OPEN DAILY", ""]
     summary = json.loads((out / "eval.json").read_text())["summary"]["images"]
-    assert summary["text_accuracy/en"]["mean"] == pytest.approx(2 / 4)  # 2 of 2 words, then 0 of 2
+    assert summary["text_accuracy/en"]["mean"] == pytest.approx(2 / 4)  # 2 of 2 words, then 0 of 2: exact counts

@@ -55,7 +55,7 @@ def test_unified_reward_v15_parses_final_score_and_counts_garbage():
         out = UnifiedReward(server.base_url, rubric="v1.5", **FAST)(images, list(answers), [{}] * 5)
     assert not server.errors
     assert out.scores.dtype == np.float32
-    np.testing.assert_allclose(out.scores[[0, 1, 4]], [0.8, 0.5, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(out.scores[[0, 1, 4]], [0.8, 0.5, 0.6], rtol=1e-6)  # float32 score of an exact ratio: off by at most half a float32 ULP (6e-8 relative)
     assert np.isnan(out.scores[2]) and np.isnan(out.scores[3])
     assert out.info == {"unparsed": 2.0}
     # The server saw each image exactly (PNG is lossless) and the rubric with the caption slot filled in.
@@ -73,9 +73,9 @@ def test_unified_reward_20_three_axes_and_field_choice():
         mean = UnifiedReward(server.base_url, rubric="2.0", **FAST)(images, ["x"], [{}])
         style = UnifiedReward(server.base_url, rubric="2.0", fields=["style"], **FAST)(images, ["x"], [{}])
         acs = UnifiedReward(server.base_url, rubric="v1.5_acs", fields=["alignment"], **FAST)(images, ["x"], [{}])
-    np.testing.assert_allclose(mean.scores, [(4 + 3.5 + 5) / 3 / 5], rtol=1e-6)  # 12.5 / 15 = 0.8333
-    np.testing.assert_allclose(style.scores, [1.0])
-    np.testing.assert_allclose(acs.scores, [0.8])
+    np.testing.assert_allclose(mean.scores, [(4 + 3.5 + 5) / 3 / 5], rtol=1e-6)  # 12.5 / 15 = 0.8333 in float32
+    np.testing.assert_allclose(style.scores, [1.0])  # 5 / 5: exact
+    np.testing.assert_allclose(acs.scores, [0.8])  # 4 / 5 in float32: within numpy's default rtol 1e-7 (6e-8)
     assert "Alignment Score (1-5): X" in server.seen[0].text  # the required answer format is sent verbatim
 
 
@@ -153,7 +153,7 @@ def test_concurrency_is_bounded():
     with ChatServer(lambda seen, hit: Reply(completion("Final Score: 3"), delay=0.15)) as server:
         out = UnifiedReward(server.base_url, max_concurrency=3, **FAST)(_images(9), ["x"] * 9, [{}] * 9)
     assert server.hits == 9 and server.max_in_flight == 3  # bounded, and the bound is used
-    np.testing.assert_allclose(out.scores, [0.6] * 9)
+    np.testing.assert_allclose(out.scores, [0.6] * 9)  # float32 of 3 / 5: within numpy's default rtol 1e-7 (half a ULP is 6e-8 relative)
 
 
 # ---------------------------------------------------------------- API key
@@ -168,7 +168,7 @@ def test_api_key_is_sent_but_never_logged_repr_or_pickled(monkeypatch, caplog):
         reward = UnifiedReward(server.base_url, api_key_env="GRPO_TEST_JUDGE_KEY", **FAST)
         out = reward(_images(1), ["x"], [{}])
     assert not server.errors and server.seen[0].authorization == f"Bearer {secret}"
-    assert out.scores.tolist() == [pytest.approx(0.8)]
+    assert out.scores.tolist() == [pytest.approx(0.8)]  # float32 of 4 / 5: 1.5e-8 off, approx's rel 1e-6
     assert "Retry" in caplog.text  # urllib3 logged the retry: the log was captured, and the key is not in it
     assert secret not in caplog.text
     assert secret not in repr(reward) and "GRPO_TEST_JUDGE_KEY" in repr(reward)
@@ -201,6 +201,7 @@ def test_vlm_alignment_reads_p_yes_from_first_token_logprobs():
         reward = VLMAlignment(server.base_url, model="qwen2.5-vl", **FAST)
         out = reward(_images(3), ["a red square", "a blue circle", "a green hat"], [{}] * 3)
     assert not server.errors
+    # P(Yes) from the server's log-probs (exp of log 0.75 in float64, then float32): within 1e-7 of 0.75
     np.testing.assert_allclose(out.scores[:2], [0.75, 0.0], atol=1e-6)
     assert np.isnan(out.scores[2]) and out.info == {"unparsed": 1.0}
     body = server.seen[0].body
@@ -224,7 +225,7 @@ def test_ocr_vlm_engine_reads_text_from_the_server():
         ocr = OCR(engine="vlm", engine_options={"base_url": server.base_url, "model": "reader", **FAST})
         out = ocr(_images(3), ['a sign "Hello World"', 'a sign "Hello Word"', "no text"], [{}] * 3)
     # "helloworld" in "helloworld": 1; "helloword" is not a substring: levenshtein 1 over 9 letters -> 8/9.
-    np.testing.assert_allclose(out.scores[:2], [1.0, 8 / 9], rtol=1e-6)
+    np.testing.assert_allclose(out.scores[:2], [1.0, 8 / 9], rtol=1e-6)  # float32 score of an exact ratio: off by at most half a float32 ULP (6e-8 relative)
     assert np.isnan(out.scores[2]) and server.hits == 2  # no request for the sample without a target
 
 
@@ -257,6 +258,8 @@ def test_jpeg_images_and_input_checks():
         with pytest.raises(ValueError, match="1 images but 2 prompts"):
             UnifiedReward(server.base_url, **FAST)(images, ["x", "y"], [{}, {}])
     assert server.hits == 1 and server.seen[0].image_format == "jpeg"
+    # JPEG (quality 95) of a flat colour: the DCT's DC term is quantised by at most a few levels per channel,
+    # and chroma subsampling of a flat block adds nothing; 8 levels still tells JPEG from a wrong image
     assert np.abs(server.seen[0].image.astype(int) - images[0]).max() <= 8
     with pytest.raises(ValueError, match="image_format"):
         UnifiedReward("http://127.0.0.1:1/v1", image_format="webp")

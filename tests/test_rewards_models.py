@@ -65,6 +65,9 @@ def test_hpsv2_matches_direct_computation(hps_files):
         scores = reward(images, PROMPTS, [{}] * 3).scores
         assert scores.dtype == np.float32 and scores.shape == (3,) and np.isfinite(scores).all()
         expected = [hps_direct(model, tokenizer, image, prompt) for image, prompt in zip(images, PROMPTS)]
+        # fp32 both ways; batches of 2 against one image at a time change the matmuls' blocking, so each dot product
+        # sums in another order (a few float32 ULPs, ~1e-7 relative, per layer of the tiny ViT and text tower); the
+        # cosine of unit vectors then moves by ~1e-6: 1e-5 is that with a 10x margin
         np.testing.assert_allclose(scores, expected, atol=1e-5)
     # The checkpoint really was loaded: a model with other weights scores differently.
     torch.manual_seed(2)
@@ -147,11 +150,14 @@ def test_clip_score_and_pickscore_match_clip_forward(clip_dir):
     pick = PickScore(str(clip_dir), device="cpu", batch_size=2)(images, PROMPTS, [{}] * 3).scores
     clip = CLIPScore(str(clip_dir), device="cpu", batch_size=2)(images, PROMPTS, [{}] * 3).scores
     assert pick.dtype == clip.dtype == np.float32 and pick.shape == clip.shape == (3,)
+    # batched against one forward of every image: the cosine's summation order differs (~1e-6, as for HPSv2
+    # above); PickScore is the cosine times the model's logit scale (exp(2.6592) = 14.3 here), hence 1e-4, CLIP score
+    # 2.5 times the cosine, hence 1e-5
     np.testing.assert_allclose(pick, logits, atol=1e-4)
     np.testing.assert_allclose(clip, 2.5 * np.maximum(logits / scale, 0), atol=1e-5)
     # The separate processor path (PickScore ships its processor apart from its weights) gives the same.
     separate = PickScore(str(clip_dir), processor_path=str(clip_dir), device="cpu")
-    np.testing.assert_allclose(separate(images, PROMPTS, [{}] * 3).scores, pick, atol=1e-6)
+    np.testing.assert_allclose(separate(images, PROMPTS, [{}] * 3).scores, pick, atol=1e-6)  # same batches: same sums
 
 
 def _laion_mlp(dim: int) -> torch.nn.Module:
@@ -181,6 +187,7 @@ def test_aesthetic_matches_head_on_normalised_embeddings(clip_dir, tmp_path, kin
     with torch.no_grad():
         expected = (head(embeds) if isinstance(head, torch.nn.Linear) else head.layers.eval()(embeds))[:, 0]
     assert scores.dtype == np.float32 and scores.shape == (3,) and np.isfinite(scores).all()
+    # a unit-norm embedding (cosine-level error ~1e-6, as above) through a head whose weights are O(0.3): 1e-5
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
 
 

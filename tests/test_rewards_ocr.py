@@ -86,10 +86,10 @@ def test_english_edit_reward(ocr, english):
     assert scores.dtype == np.float32 and scores.shape == (5,)
     assert scores[0] == 1.0  # exact text
     # "heloworld" vs "helloworld": 1 edit of 10 letters.
-    assert scores[1] == pytest.approx(0.9, abs=1e-6)
-    assert scores[1] == pytest.approx(edit_reward(read[1], "Hello World"), abs=1e-6)
+    assert scores[1] == pytest.approx(0.9, abs=1e-6)  # float32 score of an exact ratio: off by at most half a float32 ULP (6e-8 relative)
+    assert scores[1] == pytest.approx(edit_reward(read[1], "Hello World"), abs=1e-6)  # the same, float64 vs 32
     # "bananasplit" vs "helloworld": levenshtein 10, capped at 10 letters -> 0.
-    assert scores[2] == pytest.approx(0.0, abs=1e-6)
+    assert scores[2] == pytest.approx(0.0, abs=1e-6)  # 1 - 10 / 10 = 0 exactly; the bound as above
     assert scores[3] == 1.0 and scores[4] == 1.0  # clutter, rotation and blur: still read exactly
 
 
@@ -98,7 +98,7 @@ def test_english_accuracy_metric_and_list_target(ocr_accuracy, english):
     scores = ocr_accuracy(english, ["x", "x", "x", "no quotes here", "x"], meta).scores
     # Words: {hello, world}. "Helo World" matches world only: 1/2. "Banana Split": 0/2. The list target
     # {grpo, 2025} is all in "GRPO Image 2025": 2/2. Sample 3 has neither metadata nor quotes: NaN.
-    np.testing.assert_allclose(scores[[0, 1, 2, 4]], [1.0, 0.5, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(scores[[0, 1, 2, 4]], [1.0, 0.5, 0.0, 1.0], atol=1e-6)  # halves: exact in float32
     assert np.isnan(scores[3])
 
 
@@ -116,9 +116,9 @@ def test_chinese(ocr, ocr_accuracy):
     meta = [{"text": "你好世界"}, {"text": "你好世界"}, {"text": "欢迎光临"}, {"text": "你好,世界"}]
     edit = ocr(images, ["x"] * 4, meta).scores
     # 你好中国 vs 你好世界: 2 substitutions of 4 characters -> 0.5; the commas agree after NFKC -> 1.
-    np.testing.assert_allclose(edit, [1.0, 0.5, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(edit, [1.0, 0.5, 1.0, 1.0], atol=1e-6)  # halves: exact in float32
     accuracy = ocr_accuracy(images, ["x"] * 4, meta).scores
-    np.testing.assert_allclose(accuracy, [1.0, 0.5, 1.0, 1.0], atol=1e-6)  # 你, 好 of 4 characters -> 0.5
+    np.testing.assert_allclose(accuracy, [1.0, 0.5, 1.0, 1.0], atol=1e-6)  # 你, 好 of 4 -> 0.5: exact in float32
     # Targets from Chinese quotation marks in the prompt.
     quoted = ocr(images[:1], ["一张写着“你好世界”的海报"], [{}]).scores
     assert quoted.tolist() == [1.0]

@@ -30,7 +30,7 @@ from rewards._text import edit_reward, quoted_spans, target_text, text_accuracy,
     ],
 )
 def test_edit_reward(recognized, target, expected):
-    assert edit_reward(recognized, target) == pytest.approx(expected, abs=1e-12)
+    assert edit_reward(recognized, target) == pytest.approx(expected, abs=1e-12)  # one float64 division
 
 
 def test_full_width_case_needs_nfkc():
@@ -71,7 +71,7 @@ def test_edit_reward_empty_target_is_nan(target):
     ],
 )
 def test_text_accuracy(recognized, target, expected):
-    assert text_accuracy(recognized, target) == pytest.approx(expected, abs=1e-12)
+    assert text_accuracy(recognized, target) == pytest.approx(expected, abs=1e-12)  # one float64 division
 
 
 def test_text_accuracy_counts_for_micro_averaging():
@@ -80,7 +80,7 @@ def test_text_accuracy_counts_for_micro_averaging():
     # Micro-average over two samples: (2 + 2) / (3 + 4) = 4/7, not the mean of 2/3 and 1/2.
     pairs = [("the cat", "the cat sat"), ("你好", "你好世界")]
     matched, expected = map(sum, zip(*(text_accuracy_counts(r, t) for r, t in pairs)))
-    assert matched / expected == pytest.approx(4 / 7)
+    assert matched / expected == pytest.approx(4 / 7)  # integer counts: the same float64 division
 
 
 def test_text_accuracy_without_units_is_nan():

@@ -88,7 +88,9 @@ def test_eval_compares_two_checkpoints_seed_by_seed(tmp_path, runs, prompts):
     assert result["models"] == {"before": {"checkpoint": None}, "after": {"checkpoint": str(runs["full"])}}
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3 * 2  # models x seeds x prompts x images
-    # Each (model, seed) metric is the mean of its images' scores, NaN-free here (every prompt has a colour).
+    # Each (model, seed) metric is the mean of its images' scores, NaN-free here (every prompt has a colour). The
+    # report and this test sum the same float32 scores in float64, in other orders: pytest.approx's default
+    # relative 1e-6 is far above that rounding (1e-16), far below any wrong mean or weight.
     mine = [r for r in rows if r["model"] == "after" and r["seed"] == 1]
     assert result["runs"]["after"]["1"]["reward/color"] == pytest.approx(np.mean([r["scores"]["color"] for r in mine]))
     for r in mine:  # the recipe's weights: 0.8 colour + 0.2 JPEG

@@ -31,7 +31,7 @@ def test_pool_returns_scores_in_reward_order_and_thumbnails():
     batch = rollout([[5, 5], [5, 0], [12, 0]])
     scored = pool.gather(pool.submit(batch, thumbnail_rows=[0, 2]))
     # red channel: [255, 255] -> 1.0; [255, 0] -> 0.5; [0, 0] -> 0.0. Colour fraction against red: 1, 0.5, 0
-    np.testing.assert_allclose(scored.scores, [[1.0, 1.0], [0.5, 0.5], [0.0, 0.0]])
+    np.testing.assert_allclose(scored.scores, [[1.0, 1.0], [0.5, 0.5], [0.0, 0.0]])  # halves: exact in float32
     assert scored.reward_names == ["red", "color"]
     assert scored.thumbnail_rows == [0, 2] and scored.thumbnails.shape == (2, 4, 8, 3)
     assert scored.thumbnails[0, 0, 0].tolist() == [255, 0, 0] and scored.thumbnails[1, 0, 0].tolist() == [0, 0, 128]
