@@ -71,6 +71,7 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "workers.max_retries": AT_LEAST_0,
     "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
     "logging.num_samples": AT_LEAST_0,
+    "health.update_ratio_min": AT_LEAST_0,
 }
 
 
