@@ -131,7 +131,7 @@ def _squared_lora_change(layer: _Adapted) -> torch.Tensor:
     a_gram, cross, d_a_gram = a_new @ a_new.mT, d_a @ a_new.mT, d_a @ d_a.mT  # [r, r] each
     squared = _trace_of_product(d_b.mT @ d_b, a_gram) + 2 * _trace_of_product(d_b.mT @ b_old, cross) \
         + _trace_of_product(b_old.mT @ b_old, d_a_gram)
-    return layer.scaling**2 * squared.clamp(min=0.0)  # >= 0 exactly; rounding could take a zero change below it
+    return layer.scaling**2 * squared.clamp(min=0.0)  # a squared norm; rounding can take a near-zero one below 0
 
 
 def _trace_of_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
