@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from grpo_image.base.config import RecipeError, instantiate, load_recipe, reward_specs, validate_components
-from grpo_image.training.preflight import preflight
+from grpo_image.training.data import load_recipe_prompts
+from grpo_image.training.preflight import preflight, prompt_passes_warning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,6 +128,8 @@ def test_reward_specs_fill_in_weight_and_required(tmp_path):
     ("sampling.top_p=1.5", "'sampling.top_p' must be in (0, 1], got 1.5"),
     ("workers.backend=threads", "'workers.backend' must be one of inprocess, ray"),
     ("save_every=0", "'save_every' must be >= 1, got 0"),
+    ("data.max_passes=0", "'data.max_passes' must be > 0, got 0"),
+    ("health.update_ratio_min=-1e-5", "'health.update_ratio_min' must be >= 0, got -1e-05"),
 ])
 def test_validate_refuses_values_that_cannot_run(monkeypatch, override, message):
     monkeypatch.chdir(REPO)
@@ -138,3 +141,28 @@ def test_a_component_given_as_an_override_replaces_the_old_one_whole(tmp_path):
     recipe = write(tmp_path, "decoder:\n  _component_: grpo_image.decoders.palette.PaletteDecoder\n  patch_size: 2\n")
     cfg = load_recipe(recipe, ["decoder={_component_: fractions.Fraction, numerator: 3}"])
     assert dict(cfg.decoder) == {"_component_": "fractions.Fraction", "numerator": 3}  # no patch_size left over
+
+
+def test_validate_warns_in_one_line_when_each_prompt_is_drawn_too_often(monkeypatch, capsys):
+    from grpo_image.app.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "recipes/tiny_cpu.yaml", "data.max_passes=10"]) == 0  # a warning, not a refusal
+    err = capsys.readouterr().err
+    # 120 steps x 8 prompts over the 24 of tiny_colors.jsonl: 40 draws each; 10 passes need 120 x 8 / 10 = 96 prompts
+    assert err == ("grpo-image: warning: the run draws each prompt of prompts/tiny_colors.jsonl about 40 times (steps "
+                   "120 x data.batch_size 8 / 24 prompts), more than data.max_passes 10: bring 96 prompts or more "
+                   "(data.prompts), or lower steps or data.batch_size\n")
+    assert main(["validate", "recipes/tiny_cpu.yaml"]) == 0  # the demo allows its 40 passes (its comment says why)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_shipped_recipe_trips_its_own_passes_warning_only_where_its_comment_says_so(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name their prompt sets relative to the repository
+    warned = {}
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        cfg = load_recipe(path)
+        warned[path.stem] = prompt_passes_warning(cfg, len(load_recipe_prompts(cfg.data))) is not None
+        assert warned[path.stem] == ("so `validate`" in path.read_text()), path.name  # the data comment's words
+    assert not any(warned[name] for name in ("tiny_cpu", "tiny_text_en", "tiny_text_zh"))  # they set data.max_passes
+    assert warned["xomni_en_lora"] and warned["janus_pro_7b"]  # 40 and 50 example prompts for 200 x 32 draws

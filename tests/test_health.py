@@ -122,6 +122,23 @@ def test_thresholds_are_inclusive_or_exclusive_as_documented():
     assert [w.check for w in floor] == ["zero_grad"]  # 1e-9 <= 1e-6
 
 
+def test_weights_that_barely_move_under_a_gradient_warn_once():
+    monitor = HealthMonitor({}, ["r"], 4)  # the defaults: patience 5, update_ratio_min 1e-5
+    moving = {**HEALTHY, "train/update_ratio": 4e-5}  # LoRA at a learning lr on a 7B-sized layer (defaults.yaml)
+    stalled = {**HEALTHY, "train/update_ratio": 4e-6}  # the same at lr 1e-6
+    warnings = steps(monitor, [(moving, varied())] * 2 + [(stalled, varied())] * 7)
+    assert [(w.step, w.check, w.metric, w.flag) for w in warnings] == [(7, "small_update", "train/update_ratio",
+                                                                        "health/small_update")]
+    assert "moved by 4e-06 of their norm per step" in warnings[0].message and "steps 3-7" in warnings[0].message
+    # A step that moves nothing because nothing pulls (zero gradient) is zero_grad's warning, not this one.
+    no_gradient = {**stalled, "train/grad_norm": 0.0}
+    assert [w.check for w in steps(HealthMonitor({}, ["r"], 4), [(no_gradient, varied())] * 5)] == ["zero_grad"]
+    at_limit = {**HEALTHY, "train/update_ratio": 1e-5}  # strictly below the threshold warns, at it does not
+    assert steps(HealthMonitor({"patience": 1}, ["r"], 4), [(at_limit, varied())]) == []
+    with pytest.raises(ValueError, match="health.update_ratio_min"):
+        HealthSettings(update_ratio_min=-1.0)
+
+
 def trend_scores(n_steps: int, slopes: list[float], noise: float = 0.02, seed: int = 0) -> list[np.ndarray]:
     """Per step, scores [8, K] around 0.5 + slope_k * step with a per-sample spread of about 0.1."""
     rng = np.random.default_rng(seed)
@@ -223,6 +240,16 @@ def test_a_reward_falling_while_another_rises_warns(tmp_path):
                     f"rewards=[{red}, {less}]")
     assert [(w["metric"], w["step"]) for w in summary["warnings"]] == [("reward/less_red", 8)]
     assert "reward 'red' rose" in summary["warnings"][0]["message"]
+
+
+def test_lora_at_too_small_a_learning_rate_warns_and_at_a_learning_one_does_not(tmp_path):
+    # The tiny policy's layers are 32 wide: lr 1e-7 moves its LoRA (r 16, alpha 32) by 3e-6 to 7e-6 of the adapted
+    # weights per step, what a 7B-wide layer gets from LoRA at lr 1e-6 (defaults.yaml); lr 1e-4 moves it by 3e-3.
+    stalled = train(tmp_path / "stalled", "steps=5", "train.mode=lora", "train.lr=1e-7")
+    assert [(w["step"], w["metric"]) for w in stalled["warnings"]] == [(5, "train/update_ratio")]
+    ratios = [row["train/update_ratio"] for row in read_metrics(tmp_path / "stalled" / "metrics.jsonl")]
+    assert all(0 < r < 1e-5 for r in ratios), ratios
+    assert train(tmp_path / "moving", "steps=5", "train.mode=lora", "train.lr=1e-4")["warnings"] == []
 
 
 def test_the_colour_demo_stays_silent(tmp_path, capsys):

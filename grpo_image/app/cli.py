@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         print(f"{args.recipe}: ok ({checked} components checked)")
         _warn_if_it_does_not_fit(cfg, args.recipe)
+        _warn_if_prompts_repeat(cfg)
         return 0
     return _train(cfg)
 
@@ -205,6 +206,16 @@ def _warn_if_it_does_not_fit(cfg, recipe: str) -> None:
         warning = fit_warning(plan_recipe(cfg, recipe))
     except (RecipeError, FileNotFoundError) as err:  # e.g. a policy named by hub id: no local config.json to read
         warning = f"no memory plan for {recipe}: {' '.join(str(err).split())}"
+    if warning:
+        print(f"grpo-image: warning: {warning}", file=sys.stderr)
+
+
+def _warn_if_prompts_repeat(cfg) -> None:
+    """`validate`: one warning line when the run draws each prompt more than `data.max_passes` times."""
+    from grpo_image.training.data import load_recipe_prompts
+    from grpo_image.training.preflight import prompt_passes_warning
+
+    warning = prompt_passes_warning(cfg, len(load_recipe_prompts(cfg.data)))
     if warning:
         print(f"grpo-image: warning: {warning}", file=sys.stderr)
 

@@ -34,7 +34,7 @@ class HealthWarning:
     """One warning: the step it fired at, the check, the metric it is about and a sentence for the user."""
 
     step: int
-    check: str  # zero_spread, nan_reward, zero_grad, kl_runaway, clip_runaway or reward_tradeoff
+    check: str  # zero_spread, nan_reward, zero_grad, kl_runaway, clip_runaway, reward_tradeoff or small_update
     metric: str  # e.g. "reward/ocr", "train/grad_norm"
     message: str
 
@@ -58,6 +58,7 @@ class HealthSettings:
     trend_change: float = 0.5
     trend_floor: float = 0.05
     trend_steadiness: float = 0.7
+    update_ratio_min: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.patience < 1 or self.trend_window < 0 or self.trend_window == 1:
@@ -70,6 +71,8 @@ class HealthSettings:
                              "trend_change > 0")
         if not 0 <= self.trend_steadiness <= 1:
             raise ValueError(f"health.trend_steadiness must be in [0, 1], got {self.trend_steadiness}")
+        if self.update_ratio_min < 0:
+            raise ValueError(f"health.update_ratio_min must be >= 0, got {self.update_ratio_min}")
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> "HealthSettings":
@@ -118,7 +121,7 @@ class HealthMonitor:
             raise ValueError(f"HealthMonitor: scores must be [N, K={len(self.reward_names)}] with N a multiple of "
                              f"group_size={self.group_size}, got shape {scores.shape}")
         return [*self._score_checks(step, scores), *self._training_checks(step, metrics),
-                *self._tradeoff_check(step, scores)]
+                *self._tradeoff_check(step, scores), *self._update_size_check(step, metrics)]
 
     def _held(self, key: str, condition: bool) -> bool:
         """Count the streak of `key`; True exactly when it reaches `patience` (the step to warn at)."""
@@ -176,6 +179,24 @@ class HealthMonitor:
                 f"{self._since(step)}: the updates are too large for the trust region; lower train.lr or use fewer "
                 f"train.minibatches / train.inner_epochs")))
         return found
+
+    def _update_size_check(self, step: int, metrics: Mapping[str, float]) -> list[HealthWarning]:
+        """A gradient, but weights that barely move: the learning rate is too small for what is trained.
+
+        Adam's steps are about lr per element whatever the gradient's scale, so a step that moves the trained weights
+        by less than `update_ratio_min` of their norm (`train/update_ratio`) while the gradient is not zero moves
+        them that little for want of learning rate: typically LoRA run at a full fine-tuning lr.
+        """
+        s = self.settings
+        ratio, grad = _number(metrics, "train/update_ratio"), _number(metrics, "train/grad_norm")
+        small = ratio is not None and ratio < s.update_ratio_min and grad is not None and grad > s.grad_norm_min
+        if not self._held("small_update", small):
+            return []
+        return [HealthWarning(step, "small_update", "train/update_ratio", (
+            f"the trained weights moved by {ratio:.2g} of their norm per step (< health.update_ratio_min "
+            f"{s.update_ratio_min:g}) in {self._since(step)} although the gradient was not zero: the learning rate "
+            f"is too small for them to change the policy (LoRA needs about 10x the full fine-tuning lr: raise "
+            f"train.lr; docs/recipes.md, \"Learning rates\")"))]
 
     def _tradeoff_check(self, step: int, scores: np.ndarray) -> list[HealthWarning]:
         """Over the last `trend_window` steps, one reward rose steadily while another fell steadily.

@@ -54,7 +54,7 @@ FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "seed": AT_LEAST_0, "steps": AT_LEAST_1, "save_every": AT_LEAST_1, "sample_every": AT_LEAST_0,
     "keep_checkpoints": AT_LEAST_0,
-    "data.batch_size": AT_LEAST_1,
+    "data.batch_size": AT_LEAST_1, "data.max_passes": POSITIVE,
     "data.group_size": (lambda v: v >= 2, ">= 2 (advantages compare the rollouts of a group: one rollout alone "
                                           "always gets advantage 0 and nothing is learned)"),
     "sampling.temperature": POSITIVE, "sampling.top_k": AT_LEAST_0,
@@ -71,6 +71,7 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "workers.max_retries": AT_LEAST_0,
     "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
     "logging.num_samples": AT_LEAST_0,
+    "health.update_ratio_min": AT_LEAST_0,
 }
 
 
@@ -135,6 +136,21 @@ def check_batches(cfg: DictConfig, world_size: int, process_group: bool | None =
             f"train.fsdp shards full fine-tuning over several processes: it needs train.mode: full (got "
             f"{cfg.train.mode}) and a launch with 2 or more processes (got {world_size}); LoRA uses DDP without it"
         )
+
+
+def prompt_passes_warning(cfg: DictConfig, prompts: int) -> str | None:
+    """A line for `validate` when the run draws each prompt more than `data.max_passes` times, else None.
+
+    The group sampler visits the prompts epoch by epoch without replacement, so each prompt is drawn
+    steps x B / prompts times, give or take the last epoch.
+    """
+    passes = cfg.steps * cfg.data.batch_size / prompts
+    if passes <= cfg.data.max_passes:
+        return None
+    enough = math.ceil(cfg.steps * cfg.data.batch_size / cfg.data.max_passes)
+    return (f"the run draws each prompt of {cfg.data.prompts} about {passes:.0f} times (steps {cfg.steps} x "
+            f"data.batch_size {cfg.data.batch_size} / {prompts} prompts), more than data.max_passes "
+            f"{cfg.data.max_passes:g}: bring {enough} prompts or more (data.prompts), or lower steps or data.batch_size")
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -38,6 +38,7 @@ from grpo_image.core.loss import grpo_loss
 from grpo_image.training.weights import make_weights
 from grpo_image.training.preflight import check_batches
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
+from grpo_image.training.update_ratio import UpdateRatio
 from grpo_image.core.sampling import SamplingSettings, sample_codes
 from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.core.types import Rollout, ScoredBatch
@@ -309,6 +310,7 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
     size = n // cfg.minibatches
     micro = cfg.micro_batch_size or size
     params = trainer.weights.trainable_parameters()
+    moved = UpdateRatio(policy.model, world)  # the trained weights before this step's updates
     totals: dict[str, list[float]] = {}
     policy.model.train()
     for epoch in range(cfg.inner_epochs):
@@ -353,6 +355,7 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
     metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
     metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
+    metrics["train/update_ratio"] = moved.ratio()  # ||update|| / ||weights||, global over the ranks
     return metrics
 
 
