@@ -183,6 +183,30 @@ def test_sampled_codes_are_what_generate_samples_held_to_the_code_rows(policy):
     assert torch.equal(out[:, prefix:], codes)
 
 
+def test_null_sampling_keys_are_what_the_checkpoints_generation_config_makes_generate_use(policy, tmp_path):
+    """GlmImagePipeline samples the AR with `generate(do_sample=True)`, which reads the folder's generation_config.json
+    and gives every key it leaves unset transformers' default: a recipe's null keys resolve to the same values, a key
+    the recipe sets wins, and a warper the sampler does not apply is refused."""
+    from omegaconf import OmegaConf
+    from transformers import GenerationConfig
+
+    from grpo_image.core.sampling import resolve_checkpoint_sampling
+
+    policy.save_pretrained(tmp_path)  # the AR model and its processor, loadable as a GLM-Image policy
+    GenerationConfig(do_sample=True, temperature=0.9, top_p=0.75).save_pretrained(tmp_path)  # the card's; no top_k
+    loaded = glm_image_policy(str(tmp_path), HEIGHT, WIDTH, dtype="float32")
+    assert loaded.checkpoint_sampling() == {"temperature": 0.9, "top_k": 50, "top_p": 0.75, "min_p": 0.0}
+    theirs, _ = loaded.model._prepare_generation_config(None, do_sample=True)  # what the pipeline's generate() uses
+    assert (theirs.temperature, theirs.top_k, theirs.top_p, theirs.min_p) == (0.9, 50, 0.75, None)
+    node = OmegaConf.create({"temperature": None, "top_k": 20, "top_p": None, "min_p": None})
+    assert resolve_checkpoint_sampling(node, loaded) == {"temperature": 0.9, "top_p": 0.75, "min_p": 0.0}
+    assert node.top_k == 20 and SamplingSettings.from_config({**node, "cfg_scale": 1.0, "cfg_logprobs": "mixture",
+                                                              "batch_size": 0, "compile": False}).top_p == 0.75
+    GenerationConfig(do_sample=True, top_k=7, typical_p=0.5).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sets {'typical_p': 0.5}, which this sampler does not apply"):
+        glm_image_policy(str(tmp_path), HEIGHT, WIDTH, dtype="float32").checkpoint_sampling()
+
+
 def test_lora_regex_of_the_recipe_adapts_the_language_model_only(policy):
     from grpo_image.base.config import load_recipe
 
@@ -320,9 +344,17 @@ def test_recipe_runs_one_step_in_its_own_bf16_and_validates(policy, glm_folder, 
         code = main(["train", path, *ONE_STEP, *extra, f"data.prompts={reward_root / 'prompts.jsonl'}",
                      f"output_dir={tmp_path}"])  # fmt: skip
     assert code == 0
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.load(tmp_path / "config.yaml").sampling  # the recipe's nulls, as the run resolved them:
+    # this folder's generation_config.json sets no sampling key, so transformers' defaults, as generate() uses them
+    assert (resolved.temperature, resolved.top_k, resolved.top_p, resolved.min_p) == (1.0, 50, 1.0, 0.0)
     (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    for key in ("train/logprob_diff/p50", "train/logprob_diff/max", "train/logprob_diff/outside_clip",
+                "sampling/filtered_mass/mean", "sampling/filtered_mass/max"):
+        assert key in row, key  # fmt: skip
     for key, value in row.items():
-        if key.startswith(("reward/", "train/", "adv/")) and not key.endswith(("/nan", "/std")):
+        if key.startswith(("reward/", "train/", "adv/", "sampling/")) and not key.endswith(("/nan", "/std")):
             assert value is not None and math.isfinite(value), (key, row)
     assert row["reward/alignment/mean"] == pytest.approx(0.9, abs=1e-6)  # P("Yes")
     assert abs(row["train/ratio_mean_first"] - 1) <= 1e-3  # on-policy: the bf16 rollouts' log-probs are the trainer's
