@@ -203,7 +203,8 @@ def draw_codes(
         removed, mixed_lse = torch.zeros_like(uniforms, dtype=torch.float32), None
     else:
         mixed_lse = mixed.logsumexp(-1)  # [n]
-        removed = -torch.expm1(filtered.logsumexp(-1) - mixed_lse)  # [n], 1 - kept mass without cancellation
+        kept = filtered.logsumexp(-1) - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
+        removed = (-torch.expm1(kept)).clamp_(min=0.0)  # [n], 1 - kept mass without cancellation
     conditional = settings.uses_cfg and settings.cfg_logprobs == "conditional"
     if conditional:
         behaviour = tempered(logits[: len(codes)], settings.temperature)  # [n, V]
