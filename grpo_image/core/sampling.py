@@ -14,7 +14,9 @@ the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p),
 returned, like the training and reference log-probs of `grpo_image.core.logprobs`, are those of the *tempered,
 unfiltered* distribution (guided when `cfg_logprobs` is mixture, the conditional policy's when it is conditional).
 A softmax over finite logits gives every code a finite log-prob, so no sampled code can score -inf in the ratio or
-the KL, however far the policy moves.
+the KL, however far the policy moves. The price is measured, not assumed: beside each behaviour log-prob the sampler
+returns the probability mass its filters removed before that draw (`sample_codes_with_mass`). Everything from the
+image head on (its logits, the guidance mixture, the filters, the log-softmax) is fp32 whatever the policy's dtype.
 """
 
 from __future__ import annotations
