@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from grpo_image.base.config import load_recipe
 from grpo_image.core.sampling import SamplingSettings, code_logprobs, left_pad, policy_rows, sample_codes
 from grpo_image.policies.xomni import tiny_xomni_policy
-from grpo_image.training.train import _submit, build_trainer, grpo_step, mismatch_metrics, sample_rollout
+from grpo_image.core.logprobs import logprob_mismatch
+from grpo_image.training.train import _submit, build_trainer, grpo_step, sample_rollout
 from tests.test_cli_train import RECIPE, SMALL
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
@@ -23,18 +24,18 @@ PROMPTS = ["a red square", "x", "paint it all blue, from edge to edge", "a cat"]
 PEAKED = 4.0  # the head rows' mean norm: logits up to about 15 on normed hidden states, a trained head's range
 
 
-def test_mismatch_metrics_by_hand():
+def test_mismatch_statistics_by_hand():
     # differences 0, 0.1, -0.1, 0.3, -0.5 (and 95 zeros): |d| sorted 95 x 0, 0.1, 0.1, 0.3, 0.5;
     # quantiles of 100 values (linear interpolation at (n - 1) q): p50 = 0, p90 = 0, p99 at 98.01 -> 0.3 + 0.01 * 0.2
     # ratios exp(d): 1.105 and 0.905 inside [0.8, 1.28]; exp(0.3) = 1.35 and exp(-0.5) = 0.61 outside: 2 of 100
     diff = torch.zeros(100)
     diff[:5] = torch.tensor([0.0, 0.1, -0.1, 0.3, -0.5])
-    metrics = mismatch_metrics(diff, clip_eps_low=0.2, clip_eps_high=0.28)
-    assert metrics["train/logprob_diff/p50"] == 0.0 and metrics["train/logprob_diff/p90"] == 0.0
+    metrics = logprob_mismatch(diff, clip_eps_low=0.2, clip_eps_high=0.28)
+    assert metrics["logprob_diff/p50"] == 0.0 and metrics["logprob_diff/p90"] == 0.0
     # float32 quantile of float32 values: a few ulps of 0.3
-    assert metrics["train/logprob_diff/p99"] == pytest.approx(0.302, abs=1e-6)
-    assert metrics["train/logprob_diff/max"] == pytest.approx(0.5, abs=1e-7)  # float32(0.5) is exact; 1e-7: its ulp
-    assert metrics["train/logprob_diff/outside_clip"] == pytest.approx(0.02, abs=1e-7)
+    assert metrics["logprob_diff/p99"] == pytest.approx(0.302, abs=1e-6)
+    assert metrics["logprob_diff/max"] == pytest.approx(0.5, abs=1e-7)  # float32(0.5) is exact; 1e-7: its ulp
+    assert metrics["logprob_diff/outside_clip"] == pytest.approx(0.02, abs=1e-7)
 
 
 def peaked_bf16_xomni(seed: int, hidden_size: int = 256):

@@ -20,6 +20,8 @@ ratio < 1 - eps_low. Separate bounds allow DAPO's "clip-higher" (eps_high > eps_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -49,6 +51,14 @@ def truncated_is_weights(trainer_old: torch.Tensor, behaviour: torch.Tensor, cap
     if not cap > 0:
         raise ValueError(f"truncated importance sampling needs a cap > 0, got {cap}")
     return torch.exp(trainer_old - behaviour).clamp(max=cap)  # [N, L]
+
+
+def truncated_is_stats(trainer_old: torch.Tensor, behaviour: torch.Tensor, cap: float) -> dict[str, float]:
+    """The step's truncated importance weights: their mean (tis/weight_mean) and the share of codes whose ratio
+    exceeded the cap (tis/capped_frac)."""
+    weights = truncated_is_weights(trainer_old, behaviour, cap)  # [N, L]
+    capped = (trainer_old - behaviour) > math.log(cap)  # [N, L]
+    return {"tis/weight_mean": float(weights.mean()), "tis/capped_frac": float(capped.float().mean())}
 
 
 def grpo_loss(

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -35,8 +34,8 @@ from grpo_image.training.distributed import (
 )
 from grpo_image.training.health import HealthMonitor
 from grpo_image.base.logging import RunLogger, SilentLogger
-from grpo_image.core.logprobs import teacher_forced_logprobs
-from grpo_image.core.loss import grpo_loss, truncated_is_weights
+from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher_forced_logprobs
+from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.training.weights import make_weights
 from grpo_image.training.preflight import check_batches
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
@@ -227,7 +226,8 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         **scored.info,
         **mean_over_ranks(trainer.world, {
             **train_stats,
-            **_filtered_mass_metrics(rollout),
+            "sampling/filtered_mass/mean": float(rollout.filtered_mass.mean()),  # this rank's sampled codes
+            "sampling/filtered_mass/max": float(rollout.filtered_mass.max()),
             **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
             "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
         }),
@@ -303,30 +303,28 @@ def _submit(trainer: Trainer, step: int, rollout: Rollout):
     return trainer.pool.submit(rollout, _thumbnail_rows(trainer.cfg, step, len(rollout.records)))
 
 
+@torch.no_grad()
 def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """Reference log-probs [N, L] for the KL term."""
+    """Reference log-probs [N, L], computed a micro-batch (else a minibatch) at a time to bound memory."""
+    size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
+    pieces = []
     with trainer.weights.reference() as reference:
-        return _no_grad_logprobs(trainer, reference, prompts, codes)
+        reference.model.eval()
+        for start in range(0, len(prompts), size):
+            pieces.append(teacher_forced_logprobs(
+                reference, prompts[start : start + size], codes[start : start + size], trainer.settings,
+                trainer.cfg.train.logprob_chunk,
+            ))
+    return torch.cat(pieces)  # [N, L]
 
 
 def _trainer_old_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """The policy's own teacher-forced log-probs [N, L] of the rollouts before this step's update: the rollout
-    policy as the trainer computes it, which truncated importance sampling compares with the sampler's."""
-    with trainer.weights.compute():
-        return _no_grad_logprobs(trainer, trainer.policy, prompts, codes)
-
-
-@torch.no_grad()
-def _no_grad_logprobs(trainer: Trainer, policy, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log-probs [N, L] without grad, a micro-batch (else a minibatch) at a time to bound memory."""
+    """The policy's own log-probs [N, L] of the rollouts before this step's update, as the trainer computes them (for
+    truncated importance sampling), a micro-batch (else a minibatch) at a time like the reference's."""
     size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
-    policy.model.eval()
-    pieces = [
-        teacher_forced_logprobs(policy, prompts[start : start + size], codes[start : start + size], trainer.settings,
-                                trainer.cfg.train.logprob_chunk)
-        for start in range(0, len(prompts), size)
-    ]  # fmt: skip
-    return torch.cat(pieces)  # [N, L]
+    trainer.policy.model.eval()
+    with trainer.weights.compute():
+        return no_grad_logprobs(trainer.policy, prompts, codes, trainer.settings, size, trainer.cfg.train.logprob_chunk)
 
 
 def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, trainer_old=None) -> dict[str, float]:
@@ -338,7 +336,7 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     cfg, policy, world = trainer.cfg.train, trainer.policy, trainer.world
     old_logprobs = behaviour if trainer_old is None else trainer_old  # [N/W, L]
     is_weights = None if trainer_old is None else truncated_is_weights(trainer_old, behaviour, cfg.tis_cap)
-    first_minibatch: list[torch.Tensor] = []  # its training log-probs minus behaviour, micro-batch by micro-batch
+    first_minibatch: list[torch.Tensor] = []  # its codes' training minus behaviour log-probs, by micro-batch
     n = len(prompts)
     size = n // cfg.minibatches
     micro = cfg.micro_batch_size or size
@@ -390,32 +388,9 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
     metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
-    metrics.update(mismatch_metrics(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high))
-    if trainer_old is not None:
-        metrics["train/tis/weight_mean"] = float(is_weights.mean())
-        metrics["train/tis/capped_frac"] = float((trainer_old - behaviour > math.log(cfg.tis_cap)).float().mean())
-    return metrics
-
-
-def mismatch_metrics(diff: torch.Tensor, clip_eps_low: float, clip_eps_high: float) -> dict[str, float]:
-    """How far the trainer's log-probs of sampled codes are from the sampler's before any update ([T] differences
-    logp_train - logp_behaviour of the step's first minibatch): quantiles of |diff| and the share of tokens whose
-    ratio exp(diff), which should be 1, already lies outside the clip band (docs/algorithm.md)."""
-    gap = diff.abs().float()  # [T]
-    quantiles = torch.quantile(gap, torch.tensor([0.5, 0.9, 0.99], device=gap.device)).tolist()
-    ratio = diff.float().exp()  # [T]
-    outside = (ratio < 1 - clip_eps_low) | (ratio > 1 + clip_eps_high)
-    return {
-        "train/logprob_diff/p50": quantiles[0], "train/logprob_diff/p90": quantiles[1],
-        "train/logprob_diff/p99": quantiles[2], "train/logprob_diff/max": float(gap.max()),
-        "train/logprob_diff/outside_clip": float(outside.float().mean()),
-    }  # fmt: skip
-
-
-def _filtered_mass_metrics(rollout: Rollout) -> dict[str, float]:
-    """Mean and max over this rank's sampled tokens of the probability mass the sampling filters removed."""
-    return {"sampling/filtered_mass/mean": float(rollout.filtered_mass.mean()),
-            "sampling/filtered_mass/max": float(rollout.filtered_mass.max())}  # fmt: skip
+    mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
+    tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
+    return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
 
 
 def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
