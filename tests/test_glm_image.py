@@ -126,9 +126,10 @@ def glm_logprob_tolerance(policy, codes: torch.Tensor) -> float:
     and MKL_CBWR=COMPATIBLE (the AVX2 kernels); a fixed 1e-5 was one machine's observation."""
     config = policy.model.config.text_config
     ids, _ = left_pad(policy.encode(PROMPTS), policy.pad_token_id, policy.device)
-    roundings = roundings_to_a_logit(layers=config.num_hidden_layers, hidden=config.hidden_size,
-                                     intermediate=config.intermediate_size, head_dim=config.hidden_size // config.num_attention_heads,
-                                     tokens=ids.shape[1] + codes.shape[1] - 1)  # fmt: skip
+    roundings = roundings_to_a_logit(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+        head_dim=config.hidden_size // config.num_attention_heads, tokens=ids.shape[1] + codes.shape[1] - 1,
+    )
     max_logit = position_logits(policy, PROMPTS, codes, SamplingSettings()).abs().max().item()  # raw, unguided
     return logprob_tolerance(roundings, max_logit, temperature=SETTINGS.temperature)
 

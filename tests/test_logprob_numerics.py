@@ -53,7 +53,8 @@ def code_hidden_states(policy, codes: torch.Tensor) -> torch.Tensor:
     ids, mask = left_pad(policy_rows(policy, PROMPTS, True), policy.pad_token_id, policy.device)
     steps = policy.codes_to_ids(codes[:, :-1]).repeat(2, 1)  # [2N, L-1]
     positions = torch.cat([policy.prefix_positions(mask), policy.code_positions(mask, 0, codes.shape[1] - 1)], -1)
-    hidden, _ = policy.forward_hidden(torch.cat([ids, steps], 1), torch.cat([mask, torch.ones_like(steps)], 1), positions)
+    full = torch.cat([mask, torch.ones_like(steps)], 1)  # [2N, P+L-1]
+    hidden, _ = policy.forward_hidden(torch.cat([ids, steps], 1), full, positions)  # [2N, P+L-1, H]
     return hidden[:, ids.shape[1] - 1 :]
 
 

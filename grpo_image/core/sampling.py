@@ -80,7 +80,7 @@ class SamplingSettings:
         values = {key: node[key] for key in cls.__dataclass_fields__}
         nulls = [key for key in CHECKPOINT_KEYS if values[key] is None]
         if nulls and unresolved != "defaults":
-            raise ValueError(f"sampling.{nulls[0]} is null (the checkpoint's own value) and was not resolved from the policy")
+            raise ValueError(f"sampling.{nulls[0]} is null (the checkpoint's own) and was not resolved from a policy")
         return cls(**{**values, **{key: cls.__dataclass_fields__[key].default for key in nulls}})
 
 

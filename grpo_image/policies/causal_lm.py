@@ -31,7 +31,7 @@ def fp32_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def plain_linear(module: nn.Module, what: str) -> nn.Linear:
-    """`module` itself, refused when peft has wrapped it: the fp32 head reads its weight, which would skip an adapter."""
+    """`module` itself, refused when peft has wrapped it: the fp32 head reads its weight and would skip an adapter."""
     if hasattr(module, "base_layer") or not isinstance(module, nn.Linear):
         raise ValueError(
             f"{what} must be a plain Linear, got {type(module).__name__}: adapters on the image head are not "

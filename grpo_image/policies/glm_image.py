@@ -161,8 +161,8 @@ class GlmImagePolicy(CausalLMPolicy):
         other = {key: value for key, value in other.items() if value is not None and value != defaults.get(key)}
         if other:
             raise ValueError(
-                f"GLM-Image generation_config sets {other}, which this sampler does not apply: set sampling.temperature, "
-                "top_k, top_p and min_p in the recipe to sample without it"
+                f"GLM-Image generation_config sets {other}, which this sampler does not apply: set "
+                "sampling.temperature, top_k, top_p and min_p in the recipe to sample without it"
             )
 
         def value(key: str):

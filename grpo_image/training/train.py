@@ -429,8 +429,8 @@ def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
 
 
-PHASES = {"rollout": "rollout", "ref": "reference", "old_logprobs": "old log-probs", "reward_wait": "decode and rewards",
-          "update": "update"}
+PHASES = {"rollout": "rollout", "ref": "reference", "old_logprobs": "old log-probs",
+          "reward_wait": "decode and rewards", "update": "update"}
 
 
 class _Timer:
