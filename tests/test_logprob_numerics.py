@@ -181,3 +181,17 @@ def test_truncated_importance_sampling_without_a_mismatch_is_the_plain_update(tm
     # ratios' rounding) changes it by at most lr * 1e-6 = 3e-9 (lr 3e-3), far inside 1e-7
     for name, value in moved[0].items():
         torch.testing.assert_close(moved[1][name], value, atol=1e-7, rtol=0, msg=name)
+
+
+def test_validate_checks_the_cap_and_leaves_null_sampling_keys_to_the_policy(tmp_path):
+    from grpo_image.base.config import RecipeError
+    from grpo_image.training.preflight import preflight
+
+    def recipe(*overrides: str):
+        return load_recipe(RECIPE, [*SMALL, f"output_dir={tmp_path}", *overrides])
+
+    with pytest.raises(RecipeError, match=r"'train.tis_cap' must be 0 \(off\) or >= 1 .*, got 0.5"):
+        preflight(recipe("train.tis_cap=0.5"))
+    assert preflight(recipe("train.tis_cap=2", "sampling.top_k=null", "sampling.temperature=null")) > 0
+    with pytest.raises(ValueError, match="sampling.top_k is null .* reads no sampling settings from its checkpoint"):
+        build_trainer(recipe("sampling.top_k=null"))  # the tiny policy has none: refused when it is built
