@@ -1,4 +1,7 @@
-"""What the sampler's distribution looks like at every code position, for tests that check the filters' effect."""
+"""What the sampler's distribution looks like at every code position, and how far two computations of the same
+log-probs may lie apart, for the tests that compare them."""
+
+import math
 
 import torch
 
@@ -15,3 +18,28 @@ def position_logits(policy, prompts: list[str], codes: torch.Tensor, settings: S
     hidden, _ = policy.forward_hidden(torch.cat([ids, steps], 1), full, positions)  # [R, P+L-1, H]
     logits = policy.image_logits(hidden[:, ids.shape[1] - 1 :]).float()  # [R, L, V]
     return tempered(guided_logits(logits, settings.cfg_scale) if settings.uses_cfg else logits, settings.temperature)
+
+
+def roundings_to_a_logit(*, layers: int, hidden: int, intermediate: int, head_dim: int, tokens: int) -> int:
+    """The roundings in sequence from the embeddings to a code's logit in a Qwen2 / LLaMA / GLM-4 decoder: per layer
+    its input norm (H terms), q / k / v (H), the attention scores (head dim), their weighted sum over the keys (at
+    most `tokens`), o_proj (H), the MLP's norm (H), gate and up (H) and down (I); then the final norm and the head."""
+    return layers * (5 * hidden + head_dim + tokens + intermediate) + 2 * hidden
+
+
+def logprob_tolerance(roundings: int, max_logit: float, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+                      dtype: torch.dtype = torch.float32) -> float:
+    """The largest |difference| expected between two computations of the same log-probs that sum in other orders
+    (a one-token step against a KV cache and a whole sequence, another batch, another kernel).
+
+    Each rounding changes a value by at most u |value| (u: the dtype's unit roundoff, 2^-24 in fp32). Two orders of
+    the same computation differ by such errors of either sign, and n of them in sequence add up like a random walk,
+    to about sqrt(n) u |z| on a logit z (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section
+    2.8, the statistical rule of thumb). Guidance's u + s (c - u) mixes two rows' independent errors into
+    sqrt(s^2 + (s - 1)^2) of one; temperature divides the logits; a log-prob, z_code - logsumexp(z), carries two logit
+    errors; and the largest of a few thousand such (about Gaussian) errors lies within 4 of their standard
+    deviations. Logits below 1 still carry the log-softmax's own roundings, of order u: |z| counts as at least 1.
+    """
+    u = torch.finfo(dtype).eps / 2
+    amplification = math.hypot(cfg_scale, cfg_scale - 1) / temperature
+    return 4 * 2 * math.sqrt(roundings) * u * max(1.0, amplification * max_logit)

@@ -21,13 +21,13 @@ from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
 from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
 from tests.helpers_rewards import write_tiny_hps
+from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
 from tests.rewards_servers import ChatServer, Reply, completion
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 96  # -> a 2 x 3 large grid and a 13 x 19 preview (see test_prompt_rows_grids_and_positions)
 PROMPTS = ["a red sign that says 'OPEN'", "x", 'a long menu board reading "Coffee 3 dollars" above a counter']
 SETTINGS = SamplingSettings(temperature=0.9, top_k=20, top_p=0.75)
-TOL = 1e-5  # fp32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
@@ -88,7 +88,9 @@ def test_sizes_that_are_not_multiples_of_32_and_other_models_are_refused(policy,
 def test_the_head_is_the_code_rows_and_codes_are_their_own_ids(policy):
     hidden = torch.randn(2, 5, 32)
     full = policy.model.lm_head(hidden)  # [2, 5, 72]: 64 codes, start, end, 6 more vision rows
-    assert torch.allclose(policy.image_logits(hidden), full[..., :64], atol=1e-6)
+    # the same 32-term products, in another shape: 8 * sqrt(32) * 2^-24 * |z| (`logprob_tolerance`, 32 roundings)
+    tol = logprob_tolerance(policy.model.config.text_config.hidden_size, full.abs().max().item())
+    assert torch.allclose(policy.image_logits(hidden), full[..., :64], atol=tol, rtol=0)
     assert policy.codes_to_ids(torch.tensor([0, 63])).tolist() == [0, 63]
     tokens = policy.tokenizer.convert_ids_to_tokens([0, 63, 64])
     assert tokens == ["<|dit_token_0|>", "<|dit_token_63|>", "<|dit_token_64|>"]  # code 0, code 63, image start
@@ -116,20 +118,38 @@ def own_forward_logprobs(policy, codes: torch.Tensor, temperature: float) -> tor
     return steps.log_softmax(-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
+def glm_logprob_tolerance(policy, codes: torch.Tensor) -> float:
+    """How far the three fp32 computations below may differ (`logprob_tolerance`): they sum in other orders (one token
+    against a cache, a whole sequence, the model's own forward), over 2 GLM-4 layers of hidden 32, MLP 64 and heads
+    of 16 attending over at most P + L - 1 = 77 + 252 keys (1,202 roundings in sequence to a logit), on logits up to
+    |z| = 7.5 tempered by 0.9: 1.4e-4. Measured: 1.2e-5 on an AVX-512 CPU, 1.0e-5 with ATEN_CPU_CAPABILITY=default
+    and MKL_CBWR=COMPATIBLE (the AVX2 kernels); a fixed 1e-5 was one machine's observation."""
+    config = policy.model.config.text_config
+    ids, _ = left_pad(policy.encode(PROMPTS), policy.pad_token_id, policy.device)
+    roundings = roundings_to_a_logit(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+        head_dim=config.hidden_size // config.num_attention_heads, tokens=ids.shape[1] + codes.shape[1] - 1,
+    )
+    max_logit = position_logits(policy, PROMPTS, codes, SamplingSettings()).abs().max().item()  # raw, unguided
+    return logprob_tolerance(roundings, max_logit, temperature=SETTINGS.temperature)
+
+
 def test_sampled_and_teacher_forced_logprobs_equal_the_models_own_forward(policy):
     codes, sampled = sample_codes(policy, PROMPTS, torch.tensor([4, 5, 6]), SETTINGS)  # KV cache, left padding
     with torch.no_grad():
         forced = teacher_forced_logprobs(policy, PROMPTS, codes, SETTINGS, chunk=100)  # one pass, 3 chunks
     own = own_forward_logprobs(policy, codes, SETTINGS.temperature)
-    assert (sampled - own).abs().max() <= TOL and (forced - own).abs().max() <= TOL
-    assert (forced - sampled).abs().max() <= TOL
+    tol = glm_logprob_tolerance(policy, codes)
+    assert 1e-4 < tol < 1e-3  # the figures of the docstring: looser than rounding, far tighter than a wrong position
+    assert (sampled - own).abs().max() <= tol and (forced - own).abs().max() <= tol
+    assert (forced - sampled).abs().max() <= tol
     # sensitivity: the same pass with 1-D positions (what a plain causal LM would use) is far off
     ids, mask = left_pad(policy.encode(PROMPTS), policy.pad_token_id, policy.device)
     full = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
     with torch.no_grad():
         hidden, _ = policy.forward_hidden(torch.cat([ids, codes[:, :-1]], 1), full, (full.cumsum(-1) - 1).clamp(min=0))
     flat = (policy.image_logits(hidden[:, ids.shape[1] - 1 :]) / 0.9).log_softmax(-1).gather(-1, codes[..., None])
-    assert (flat.squeeze(-1) - own).abs().max() > 1e-3
+    assert (flat.squeeze(-1) - own).abs().max() > 10 * tol
 
 
 def test_sampled_codes_are_what_generate_samples_held_to_the_code_rows(policy):
@@ -162,6 +182,30 @@ def test_sampled_codes_are_what_generate_samples_held_to_the_code_rows(policy):
     with torch.no_grad():
         out = policy.model.generate(**batch, logits_processor=processors, generation_config=config)
     assert torch.equal(out[:, prefix:], codes)
+
+
+def test_null_sampling_keys_are_what_the_checkpoints_generation_config_makes_generate_use(policy, tmp_path):
+    """GlmImagePipeline samples the AR with `generate(do_sample=True)`, which reads the folder's generation_config.json
+    and gives every key it leaves unset transformers' default: a recipe's null keys resolve to the same values, a key
+    the recipe sets wins, and a warper the sampler does not apply is refused."""
+    from omegaconf import OmegaConf
+    from transformers import GenerationConfig
+
+    from grpo_image.core.sampling import resolve_checkpoint_sampling
+
+    policy.save_pretrained(tmp_path)  # the AR model and its processor, loadable as a GLM-Image policy
+    GenerationConfig(do_sample=True, temperature=0.9, top_p=0.75).save_pretrained(tmp_path)  # the card's; no top_k
+    loaded = glm_image_policy(str(tmp_path), HEIGHT, WIDTH, dtype="float32")
+    assert loaded.checkpoint_sampling() == {"temperature": 0.9, "top_k": 50, "top_p": 0.75, "min_p": 0.0}
+    theirs, _ = loaded.model._prepare_generation_config(None, do_sample=True)  # what the pipeline's generate() uses
+    assert (theirs.temperature, theirs.top_k, theirs.top_p, theirs.min_p) == (0.9, 50, 0.75, None)
+    node = OmegaConf.create({"temperature": None, "top_k": 20, "top_p": None, "min_p": None})
+    assert resolve_checkpoint_sampling(node, loaded) == {"temperature": 0.9, "top_p": 0.75, "min_p": 0.0}
+    assert node.top_k == 20 and SamplingSettings.from_config({**node, "cfg_scale": 1.0, "cfg_logprobs": "mixture",
+                                                              "batch_size": 0, "compile": False}).top_p == 0.75
+    GenerationConfig(do_sample=True, top_k=7, typical_p=0.5).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sets {'typical_p': 0.5}, which this sampler does not apply"):
+        glm_image_policy(str(tmp_path), HEIGHT, WIDTH, dtype="float32").checkpoint_sampling()
 
 
 def test_lora_regex_of_the_recipe_adapts_the_language_model_only(policy):
@@ -301,9 +345,17 @@ def test_recipe_runs_one_step_in_its_own_bf16_and_validates(policy, glm_folder, 
         code = main(["train", path, *ONE_STEP, *extra, f"data.prompts={reward_root / 'prompts.jsonl'}",
                      f"output_dir={tmp_path}"])  # fmt: skip
     assert code == 0
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.load(tmp_path / "config.yaml").sampling  # the recipe's nulls, as the run resolved them:
+    # this folder's generation_config.json sets no sampling key, so transformers' defaults, as generate() uses them
+    assert (resolved.temperature, resolved.top_k, resolved.top_p, resolved.min_p) == (1.0, 50, 1.0, 0.0)
     (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    for key in ("train/logprob_diff/p50", "train/logprob_diff/max", "train/logprob_diff/outside_clip",
+                "sampling/filtered_mass/mean", "sampling/filtered_mass/max"):
+        assert key in row, key  # fmt: skip
     for key, value in row.items():
-        if key.startswith(("reward/", "train/", "adv/")) and not key.endswith(("/nan", "/std")):
+        if key.startswith(("reward/", "train/", "adv/", "sampling/")) and not key.endswith(("/nan", "/std")):
             assert value is not None and math.isfinite(value), (key, row)
     assert row["reward/alignment/mean"] == pytest.approx(0.9, abs=1e-6)  # P("Yes")
     assert abs(row["train/ratio_mean_first"] - 1) <= 1e-3  # on-policy: the bf16 rollouts' log-probs are the trainer's

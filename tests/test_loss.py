@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_image.core.loss import grpo_loss
+from grpo_image.core.loss import grpo_loss, truncated_is_weights
 
 LOG2 = math.log(2.0)
 
@@ -121,6 +121,48 @@ def test_beta_zero_reports_kl_but_does_not_add_it():
     assert stats["kl"] == pytest.approx(0.25, abs=1e-12)
 
 
+def test_truncated_is_weights_are_the_capped_ratios_of_trainer_to_behaviour():
+    # trainer_old - behaviour = [log 0.5, 0, log 3, log 1.5]: ratios 0.5, 1, 3, 1.5; cap 2 -> 0.5, 1, 2, 1.5
+    behaviour = torch.full((2, 2), -2.0, dtype=torch.float64)
+    trainer_old = behaviour + torch.tensor([[math.log(0.5), 0.0], [math.log(3.0), math.log(1.5)]], dtype=torch.float64)
+    weights = truncated_is_weights(trainer_old, behaviour, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 1.0], [2.0, 1.5]], dtype=torch.float64),
+                               rtol=1e-15, atol=0)  # float64: exp(log x) = x within 1 ulp
+    with pytest.raises(ValueError, match="cap > 0"):
+        truncated_is_weights(trainer_old, behaviour, cap=0.0)
+
+
+def test_is_weights_scale_each_tokens_objective_and_its_gradient_not_the_kl():
+    # HIGH's tokens (see above) weighted w = [[0.5, 1], [2, 1.5], [1, 0.25]]:
+    #   objectives 1.28, 1, 2.2, 2.56, -2, -0.9 -> weighted 0.64 + 1 + 4.4 + 3.84 - 2 - 0.225 = 7.655 -> loss -7.655 / 6
+    #   gradient: -w * A * ratio / 6 where unclipped, 0 where clipped (w is a constant)
+    # plus beta 0.1 x k3 = 0 (ref = logp): the weights never touch the KL term, whose gradient is 1 - exp(0) = 0
+    log_ratios, adv = HIGH
+    weights = torch.tensor([[0.5, 1.0], [2.0, 1.5], [1.0, 0.25]], dtype=torch.float64)
+    logp, old = logps(log_ratios)
+    loss, stats = grpo_loss(logp, old, logp.detach(), torch.tensor(adv), clip_eps_low=0.2, clip_eps_high=0.28,
+                            beta=0.1, is_weights=weights)  # fmt: skip
+    assert loss.item() == pytest.approx(-7.655 / 6, abs=1e-12) and stats["kl"] == pytest.approx(0.0, abs=1e-15)
+    loss.backward()
+    ratio = torch.tensor(log_ratios, dtype=torch.float64).exp()
+    expected = -weights * torch.tensor(adv, dtype=torch.float64)[:, None] * ratio / 6
+    expected[torch.tensor([[True, False], [False, True], [False, False]])] = 0.0  # the clipped tokens
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_unit_is_weights_change_nothing():
+    log_ratios, adv = LOW
+    results = []
+    for weights in (None, torch.ones(3, 2, dtype=torch.float64)):
+        logp, old = logps(log_ratios)
+        loss, stats = grpo_loss(logp, old, None, torch.tensor(adv), clip_eps_low=0.2, clip_eps_high=0.28, beta=0.0,
+                                is_weights=weights)  # fmt: skip
+        loss.backward()
+        results.append((loss.item(), stats, logp.grad))
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]  # multiplying by 1.0 is exact
+    assert torch.equal(results[0][2], results[1][2])
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -130,6 +172,7 @@ def test_beta_zero_reports_kl_but_does_not_add_it():
         ({"advantages": torch.zeros(3)}, r"advantages must be \[N\] = \[2\]"),
         ({"logp": torch.zeros(2, 3, 1)}, "2-D"),
         ({"clip_eps_low": 1.0}, "clip_eps_low"),
+        ({"is_weights": torch.ones(2, 4)}, "is_weights shape"),
     ],
 )
 def test_bad_inputs(change, match):

@@ -85,7 +85,7 @@ def test_a_reward_failure_before_the_update_checkpoints_the_step_before(straight
 
 
 def test_out_of_memory_while_sampling_names_the_phase_and_its_key(tmp_path, monkeypatch, capsys):
-    real_sample, calls = train_module.sample_codes, {"n": 0}
+    real_sample, calls = train_module.sample_codes_with_mass, {"n": 0}
 
     def out_of_memory_on_the_second_rollout(*args, **kwargs):
         calls["n"] += 1
@@ -93,7 +93,7 @@ def test_out_of_memory_while_sampling_names_the_phase_and_its_key(tmp_path, monk
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "sample_codes", out_of_memory_on_the_second_rollout)
+    monkeypatch.setattr(train_module, "sample_codes_with_mass", out_of_memory_on_the_second_rollout)
     assert train(tmp_path, "steps=4", "save_every=10") == 1
     err = capsys.readouterr().err
     assert "step 2 ran out of memory in phase 'rollout'" in err and "lower sampling.batch_size" in err

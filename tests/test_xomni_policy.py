@@ -22,7 +22,7 @@ from grpo_image.policies.xomni import (
 from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 from grpo_image.core.sampling import SamplingSettings, sample_codes
 from tests.data import DATA
-from tests.helpers_sampling import position_logits
+from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
 
 REFERENCE = DATA / "xomni_tiny_reference"
 TOL = 1e-5  # the reference's pass mark; X-Omni's own code differs from itself by 2.5e-6 between eager and SDPA
@@ -140,7 +140,8 @@ def test_image_logits_are_the_image_slice_of_the_full_heads_and_never_run_a_full
         for hook in hooks:
             hook.remove()
     assert image.shape == (2, 19, 64)  # V = image_vocab_size, not 512 + 80
-    assert max_diff(image, full[..., 512 : 512 + 64]) <= 1e-6
+    # the same 64-term products (hidden 64) in another shape: `logprob_tolerance` of the head's roundings alone
+    assert max_diff(image, full[..., 512 : 512 + 64]) <= logprob_tolerance(64, full.abs().max().item())
     assert policy.codes_to_ids(torch.tensor([0, 63])).tolist() == [512, 575]
 
 
@@ -208,6 +209,17 @@ def test_a_tokenizer_with_another_layout_is_refused():
         XOmniPolicy(policy.model, wrong, grid=(2, 2))
 
 
+def tiny_tolerance(policy, prompts: list[str], codes: torch.Tensor, cfg_scale: float) -> float:
+    """Two summation orders of the same fp32 log-probs (`logprob_tolerance`): the tiny X-Omni's layers of hidden 32,
+    MLP 64 and heads of 8 over at most P + L - 1 keys, on the largest logit it gives these codes, with guidance."""
+    config = policy.model.config
+    tokens = max(len(row) for row in policy.encode(prompts)) + codes.shape[1] - 1
+    roundings = roundings_to_a_logit(layers=config.num_hidden_layers, hidden=32, intermediate=64, head_dim=8,
+                                     tokens=tokens)  # fmt: skip
+    max_logit = position_logits(policy, prompts, codes, SamplingSettings()).abs().max().item()
+    return logprob_tolerance(roundings, max_logit, cfg_scale=cfg_scale)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     # weights of std 0.3 spread the code logits enough for min-p 0.03 to remove codes (checked below)
@@ -229,13 +241,14 @@ def test_sampled_logprobs_equal_teacher_forced(tiny, settings):
     with torch.no_grad():
         forced = teacher_forced_logprobs(tiny, PROMPTS, codes, settings, chunk=5)
         unfiltered = teacher_forced_logprobs(tiny, PROMPTS, codes, SamplingSettings(cfg_scale=settings.cfg_scale))
-    assert max_diff(forced, sampled) <= 1e-4
-    assert max_diff(unfiltered, sampled) <= 1e-4  # the log-probs are of the unfiltered distribution
+    tol = tiny_tolerance(tiny, PROMPTS, codes, settings.cfg_scale)
+    assert max_diff(forced, sampled) <= tol
+    assert max_diff(unfiltered, sampled) <= tol  # the log-probs are of the unfiltered distribution
     assert torch.isfinite(sampled).all() and (sampled <= 0).all()
     if settings.min_p > 0:  # yet the draw is filtered: every code has at least min_p times the top probability
         logprobs = position_logits(tiny, PROMPTS, codes, settings).log_softmax(-1)  # [N, L, V]
         margin = logprobs.gather(-1, codes[..., None]).squeeze(-1) - logprobs.max(-1).values  # [N, L]
-        assert (margin >= math.log(settings.min_p) - 1e-5).all()
+        assert (margin >= math.log(settings.min_p) - 2 * tol).all()  # the sampler's log-probs against these: two tols
         assert (logprobs - logprobs.max(-1, keepdim=True).values < math.log(settings.min_p)).any()  # some removed
 
 
@@ -252,14 +265,17 @@ def test_lora_adapters_change_outputs_and_disabling_restores_the_base():
     lora_b = [p for name, p in policy.model.named_parameters() if "lora_B" in name]
     assert len(lora_b) == 4 * 7  # every projection of every layer, multimodal-only layers included
     with torch.no_grad():
-        assert torch.equal(teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0)), base)
+        # B = 0: the same function, but peft's wrapped Linears may reach other kernels (the AVX2 ones differ from the
+        # plain layers' in the last bits; AVX-512's agree bit for bit)
+        unchanged = teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0))
+        assert max_diff(unchanged, base) <= tiny_tolerance(policy, prompts, codes, cfg_scale=2.0)
         for p in lora_b:
             p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
         adapted = teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0))
         with weights.reference() as reference_policy:
             restored = teacher_forced_logprobs(reference_policy, prompts, codes, SamplingSettings(cfg_scale=2.0))
     assert max_diff(adapted, base) > 1e-2
-    assert torch.equal(restored, base)
+    assert max_diff(restored, base) <= tiny_tolerance(policy, prompts, codes, cfg_scale=2.0)  # as at B = 0 above
     assert all(p.requires_grad for p in lora_b) and not policy.model.get_base_model().mm_head.weight.requires_grad
     teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0)).sum().backward()
     trainable = weights.trainable_parameters()

@@ -57,3 +57,30 @@ def teacher_forced_logprobs(
         else:
             pieces.append(chunk_logprobs(*args))
     return torch.cat(pieces, dim=1)  # [N, L]
+
+
+@torch.no_grad()
+def no_grad_logprobs(
+    policy: Policy, prompts: list[str], codes: torch.Tensor, settings: SamplingSettings, rows: int, chunk: int
+) -> torch.Tensor:
+    """`teacher_forced_logprobs` without grad, `rows` rollouts at a time to bound memory: [N, L]."""
+    pieces = [
+        teacher_forced_logprobs(policy, prompts[start : start + rows], codes[start : start + rows], settings, chunk)
+        for start in range(0, len(prompts), rows)
+    ]
+    return torch.cat(pieces)  # [N, L]
+
+
+def logprob_mismatch(diff: torch.Tensor, clip_eps_low: float, clip_eps_high: float) -> dict[str, float]:
+    """How far the trainer's log-probs of sampled codes lie from the sampler's before any update, from their
+    differences logp_train - logp_behaviour [T]: quantiles of |diff| (logprob_diff/p50, p90, p99, max) and the share
+    of codes whose ratio exp(diff), which should be 1, already lies outside the clip band (logprob_diff/outside_clip).
+    """
+    gap = diff.detach().abs().float()  # [T]
+    p50, p90, p99 = torch.quantile(gap, torch.tensor([0.5, 0.9, 0.99], device=gap.device)).tolist()
+    ratio = diff.detach().float().exp()  # [T]
+    outside = (ratio < 1 - clip_eps_low) | (ratio > 1 + clip_eps_high)
+    return {
+        "logprob_diff/p50": p50, "logprob_diff/p90": p90, "logprob_diff/p99": p99,
+        "logprob_diff/max": float(gap.max()), "logprob_diff/outside_clip": float(outside.float().mean()),
+    }  # fmt: skip

@@ -14,7 +14,9 @@ the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p),
 returned, like the training and reference log-probs of `grpo_image.core.logprobs`, are those of the *tempered,
 unfiltered* distribution (guided when `cfg_logprobs` is mixture, the conditional policy's when it is conditional).
 A softmax over finite logits gives every code a finite log-prob, so no sampled code can score -inf in the ratio or
-the KL, however far the policy moves.
+the KL, however far the policy moves. The price is measured, not assumed: beside each behaviour log-prob the sampler
+returns the probability mass its filters removed before that draw (`sample_codes_with_mass`). Everything from the
+image head on (its logits, the guidance mixture, the filters, the log-softmax) is fp32 whatever the policy's dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from grpo_image.core.types import Policy
+
+
+CHECKPOINT_KEYS = ("temperature", "top_k", "top_p", "min_p")  # null in a recipe: the checkpoint's own value
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,35 @@ class SamplingSettings:
         return n if self.batch_size == 0 else max(1, min(n, self.batch_size // self.rows_per_prompt))
 
     @classmethod
-    def from_config(cls, node) -> "SamplingSettings":
-        return cls(**{key: node[key] for key in cls.__dataclass_fields__})
+    def from_config(cls, node, unresolved: str = "refuse") -> "SamplingSettings":
+        """The recipe's `sampling` node. A null CHECKPOINT_KEYS value is refused unless it was resolved from the policy
+        first (`resolve_checkpoint_sampling`); `unresolved="defaults"` puts the defaults in its place, so that a check
+        before any model is loaded can validate the other keys."""
+        values = {key: node[key] for key in cls.__dataclass_fields__}
+        nulls = [key for key in CHECKPOINT_KEYS if values[key] is None]
+        if nulls and unresolved != "defaults":
+            raise ValueError(f"sampling.{nulls[0]} is null (the checkpoint's own) and was not resolved from a policy")
+        return cls(**{**values, **{key: cls.__dataclass_fields__[key].default for key in nulls}})
+
+
+def resolve_checkpoint_sampling(node, policy) -> dict[str, float]:
+    """Fill each null temperature, top_k, top_p, min_p of the recipe's `sampling` node in place with the value the
+    policy's checkpoint samples with (`policy.checkpoint_sampling()`), so that config.yaml records what ran; return
+    what was filled. A value the recipe sets always wins; a null on a policy that reads no such settings is refused.
+    """
+    nulls = [key for key in CHECKPOINT_KEYS if node[key] is None]
+    if not nulls:
+        return {}
+    read = getattr(policy, "checkpoint_sampling", None)
+    if read is None:
+        raise ValueError(
+            f"sampling.{nulls[0]} is null (the checkpoint's own value), but a {type(policy).__name__} reads no "
+            "sampling settings from its checkpoint: set it in the recipe"
+        )
+    values = read()
+    for key in nulls:
+        node[key] = values[key]
+    return {key: values[key] for key in nulls}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -154,21 +186,34 @@ def inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.
 
 def draw_codes(
     raw_logits: torch.Tensor, uniforms: torch.Tensor, settings: SamplingSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampling step from the image logits of every row: codes [n] and their behaviour log-probs [n].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sampling step from the image logits of every row: codes [n], their behaviour log-probs [n] and the
+    probability mass the filters removed [n].
 
     raw_logits: [R, V] (R = 2n under CFG); uniforms: [n]. The draw uses the filtered sampling distribution; the
-    log-prob is of the tempered unfiltered one (guided, or conditional when `cfg_logprobs` says so).
+    log-prob is of the tempered unfiltered one (guided, or conditional when `cfg_logprobs` says so). The removed mass
+    is that of the tempered guided distribution outside the filters' kept set: the sampling distribution is that one
+    renormalised over what is kept, so each sampled code's log-prob there is its behaviour log-prob (mixture) minus
+    log(1 - removed), the bias the unfiltered log-probs accept (docs/algorithm.md).
     """
     logits = raw_logits.float()  # [R, V]
     mixed = tempered(guided_logits(logits, settings.cfg_scale) if settings.uses_cfg else logits, settings.temperature)
-    sampling = filter_logits(mixed, settings.top_k, settings.top_p, settings.min_p).log_softmax(-1)  # [n, V]
+    filtered = filter_logits(mixed, settings.top_k, settings.top_p, settings.min_p)  # [n, V], -inf where removed
+    sampling = filtered.log_softmax(-1)  # [n, V]
     codes = inverse_cdf_sample(sampling, uniforms)  # [n]
+    if not settings.filters:  # the sampling distribution is the behaviour one (unless conditional), nothing removed
+        removed, mixed_lse = torch.zeros_like(uniforms, dtype=torch.float32), None
+    else:
+        mixed_lse = mixed.logsumexp(-1)  # [n]
+        kept = filtered.logsumexp(-1) - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
+        removed = (-torch.expm1(kept)).clamp_(min=0.0)  # [n], 1 - kept mass without cancellation
     conditional = settings.uses_cfg and settings.cfg_logprobs == "conditional"
-    behaviour = tempered(logits[: len(codes)], settings.temperature) if conditional else mixed  # [n, V]
-    if behaviour is mixed and not settings.filters:  # the sampling distribution itself: no second normalisation
-        return codes, sampling.gather(-1, codes[:, None]).squeeze(-1)
-    return codes, behaviour.gather(-1, codes[:, None]).squeeze(-1) - behaviour.logsumexp(-1)
+    if conditional:
+        behaviour = tempered(logits[: len(codes)], settings.temperature)  # [n, V]
+        return codes, behaviour.gather(-1, codes[:, None]).squeeze(-1) - behaviour.logsumexp(-1), removed
+    if mixed_lse is None:  # the sampling distribution itself: no second normalisation
+        return codes, sampling.gather(-1, codes[:, None]).squeeze(-1), removed
+    return codes, mixed.gather(-1, codes[:, None]).squeeze(-1) - mixed_lse, removed
 
 
 @torch.no_grad()
@@ -179,6 +224,15 @@ def sample_codes(
 
     Each sample's codes depend only on its prompt and seed, so the result is the same for any batch size.
     """
+    codes, logprobs, _ = sample_codes_with_mass(policy, prompts, seeds, settings)
+    return codes, logprobs
+
+
+@torch.no_grad()
+def sample_codes_with_mass(
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_codes`, plus the probability mass the filters removed before each draw: fp32 [N, L] (0 without one)."""
     n = len(prompts)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, seeds of shape {tuple(seeds.shape)}")
@@ -187,12 +241,12 @@ def sample_codes(
         _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings)
         for start in range(0, n, per_call)
     ]
-    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])  # [N, L] each
+    return tuple(torch.cat([p[i] for p in pieces]) for i in range(3))  # [N, L] each
 
 
 def _sample_call(
     policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps."""
     n, length, device = len(prompts), policy.num_positions, policy.device
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, device)  # [R, P]
@@ -200,6 +254,7 @@ def _sample_call(
     uniforms = sample_uniforms(seeds, length).to(device)  # [n, L]
     codes = torch.empty((n, length), dtype=torch.long, device=device)  # [n, L]
     logprobs = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
+    removed = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
     cache = policy.new_cache(rows, prefix + length - 1)  # every token but the last code is fed back
     full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1)  # [R, P + L - 1], fixed for every step
     code_positions = policy.code_positions(mask, 0, length - 1)  # [R, L - 1] ([3, R, L - 1] for 3-axis RoPE)
@@ -207,13 +262,13 @@ def _sample_call(
     step_logits = policy.image_logits(hidden[:, -1])  # [R, V]
     decode_step = _decode_step(policy, settings.compile)
     for t in range(length):
-        codes[:, t], logprobs[:, t] = draw_codes(step_logits, uniforms[:, t], settings)
+        codes[:, t], logprobs[:, t], removed[:, t] = draw_codes(step_logits, uniforms[:, t], settings)
         if t + 1 == length:
             break
         step_ids = policy.codes_to_ids(codes[:, t : t + 1])  # [n, 1]
         step_ids = step_ids.repeat(settings.rows_per_prompt, 1)  # [R, 1]
         step_logits = decode_step(step_ids, full_mask, code_positions[..., t : t + 1], cache)  # [R, V]
-    return codes, logprobs
+    return codes, logprobs, removed
 
 
 def _decode_step(policy: Policy, compile_step: bool):

@@ -146,6 +146,7 @@ class Rollout:
     decode_seeds: torch.Tensor  # int64 [N]
     records: list[PromptRecord]  # N entries, record i belongs to row i
     grid: tuple[int, int]  # (h, w) in codes, L = h * w
+    filtered_mass: torch.Tensor | None = None  # float32 [N, L], the mass the sampling filters removed before each draw
 
     @property
     def prompts(self) -> list[str]:

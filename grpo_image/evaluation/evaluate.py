@@ -218,11 +218,12 @@ def _models(checkpoint: str | None, compare_to: str | None, images: list[str] | 
 
 def _generate(cfg, sets, models, seeds, n, batch_size, out: Path) -> None:
     decoder = instantiate(cfg.decoder)
-    from grpo_image.core.sampling import SamplingSettings
+    from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling
 
-    settings = SamplingSettings.from_config(cfg.sampling)
     for label, checkpoint in models:
         policy = load_policy(cfg, checkpoint)
+        resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the first model's checkpoint's, kept for all
+        settings = SamplingSettings.from_config(cfg.sampling)
         for seed in seeds:
             for s in sets:
                 folder = out / "images" / label / f"seed_{seed}" / s.name

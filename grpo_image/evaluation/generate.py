@@ -24,7 +24,7 @@ from grpo_image.base.image_files import image_name, save_images
 from grpo_image.base.progress import progress
 from grpo_image.evaluation.longtext import is_longtext_file, read_longtext
 from grpo_image.training.weights import load_saved_weights, policy_folder
-from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes
 from grpo_image.core.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
 from grpo_image.core.types import PromptRecord
 
@@ -126,6 +126,7 @@ def sample(cfg: DictConfig, prompts: str | Path, out: str | Path, *, checkpoint:
     items = load_prompt_set(prompts)
     policy = load_policy(cfg, checkpoint)
     decoder = instantiate(cfg.decoder)
+    resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the checkpoint's own
     settings = SamplingSettings.from_config(cfg.sampling)
     seed = cfg.seed if seed is None else seed
     extra = {"checkpoint": None if checkpoint is None else str(checkpoint)}

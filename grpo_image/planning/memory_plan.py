@@ -45,7 +45,9 @@ from grpo_image.planning.model_sizes import PolicyShape, policy_shape
 GIB = 2**30
 USABLE = 0.9  # of a GPU's memory: the rest is the CUDA context, library workspaces and allocator fragmentation
 SAMPLER_TEMPORARIES = 8  # [rows, V] fp32 tensors alive in one sampling step (logits, mixture, filters, log-softmax)
-HEAD_NOGRAD, HEAD_GRAD = 10, 12  # bytes per logit of the image head per chunk: forward only / recomputed in backward
+# bytes per logit of the image head per chunk, forward only / recomputed in backward: fp32 logits (the head runs in fp32
+# whatever the policy's dtype, `fp32_head`), the fp32 log-softmax, and in backward their gradients
+HEAD_NOGRAD, HEAD_GRAD = 8, 12
 FLUX_WIDTHS = 20  # hidden-width tensors per row and token alive at once in a FLUX-like DiT block (qkv, RoPE, 4x MLP)
 
 
@@ -59,6 +61,7 @@ class Setup:
     mode: str  # lora / full
     fsdp: bool
     beta: float
+    tis: bool  # truncated importance sampling: a no-grad pass of the policy itself, the reference pass's size
     cfg_rows: int  # rows per sample: 2 under classifier-free guidance
     mix_rows: int  # rows per sample in the teacher-forced passes: 2 when they use the guided mixture
     rollouts: int  # per process and step
@@ -122,7 +125,8 @@ def setup_of(cfg: DictConfig, gpus: int | None = None, gpu_memory_gb: float | No
     memory = gpu_memory_gb if gpu_memory_gb is not None else cfg.hardware.gpu_memory_gb
     return Setup(
         processes=processes, stated=stated, gpu_gib=float(memory), mode=cfg.train.mode,
-        fsdp=bool(cfg.train.fsdp) and processes > 1, beta=float(cfg.train.beta), cfg_rows=cfg_rows,
+        fsdp=bool(cfg.train.fsdp) and processes > 1, beta=float(cfg.train.beta), tis=cfg.train.tis_cap > 0,
+        cfg_rows=cfg_rows,
         mix_rows=2 if uses_cfg and cfg.sampling.cfg_logprobs == "mixture" else 1, rollouts=rollouts,
         minibatch=minibatch, sampler_rows=min(sampler_rows, rollouts * cfg_rows),
         micro=min(cfg.train.micro_batch_size or minibatch, minibatch),
@@ -199,23 +203,37 @@ def nograd_bytes(p: PolicyShape, mode: str, rows: int, tokens_per_row: int) -> f
     return (norm_copy + max(attention, mlp) + 2 * r * p.hidden) * tokens + rows * tokens_per_row**2 * (1 + b)
 
 
-def head_bytes(p: PolicyShape, rows: int, chunk: int, grad: bool) -> float:
-    """The image head over one chunk of positions: [rows, chunk, V] logits, their fp32 log-softmax (and gradients)."""
-    return rows * min(chunk, p.positions) * p.codes * (HEAD_GRAD if grad else HEAD_NOGRAD)
+def head_rows_copy(p: PolicyShape, mode: str) -> int:
+    """The fp32 copy of the head's code rows that each image-head call makes when they are in low precision (a LoRA
+    base in bf16, and its reference; full fine-tuning's rows are fp32 master weights, used as they are): V x H x 4
+    bytes, plus Janus's H x H projection before them. Alive during the call, and through a chunk's backward, which
+    keeps it for the hidden states' gradient."""
+    if mode == "full" or p.dtype_bytes == 4:
+        return 0
+    return 4 * p.codes * p.hidden + (4 * p.hidden**2 if p.embeds_codes else 0)
+
+
+def head_bytes(p: PolicyShape, mode: str, rows: int, chunk: int, grad: bool) -> float:
+    """The image head over one chunk of positions: [rows, chunk, V] fp32 logits, their fp32 log-softmax (and
+    gradients), and the fp32 copy of low-precision head rows."""
+    return rows * min(chunk, p.positions) * p.codes * (HEAD_GRAD if grad else HEAD_NOGRAD) + head_rows_copy(p, mode)
 
 
 def sampler_bytes(p: PolicyShape, mode: str, rows: int) -> tuple[float, float]:
     """(KV cache, everything else) of one sampler call of `rows` rows.
 
-    Besides the image head's temporaries at each step, the prefix forward attends over the whole static cache:
-    transformers repeats its K and V up to every query head (padded rows carry a mask), one layer at a time.
+    Besides the image head's temporaries at each step (while the head runs, its fp32 logits and the fp32 copy of
+    low-precision head rows; then the sampling step's [rows, V] tensors), the prefix forward attends over the whole
+    static cache: transformers repeats its K and V up to every query head (padded rows carry a mask), one layer at a
+    time.
     """
     cache_tokens = p.prompt_tokens + p.positions - 1
     kv = rows * cache_tokens * kv_bytes_per_token(p, mode)
     repeated = 2 * rows * p.heads * cache_tokens * p.head_dim * p.dtype_bytes if p.kv_heads < p.heads else 0
     mask = rows * p.prompt_tokens * cache_tokens * (1 + p.dtype_bytes)  # [rows, 1, P, cache] boolean and additive
     prefix = nograd_bytes(p, mode, rows, p.prompt_tokens) + repeated + mask
-    return kv, SAMPLER_TEMPORARIES * 4 * rows * p.codes + prefix
+    head = max(SAMPLER_TEMPORARIES * 4 * rows * p.codes, head_rows_copy(p, mode) + 4 * rows * p.codes)
+    return kv, head + prefix
 
 
 def weight_casts(p: PolicyShape, s: Setup) -> tuple[float, float]:
@@ -245,7 +263,7 @@ def reference_bytes(p: PolicyShape, s: Setup, micro: int) -> float:
     r = micro * s.mix_rows
     gathered = weight_casts(p, s)[1] if s.fsdp else 0.0
     tokens = p.prompt_tokens + p.positions - 1
-    return gathered + nograd_bytes(p, s.mode, r, tokens) + head_bytes(p, r, s.chunk, grad=False)
+    return gathered + nograd_bytes(p, s.mode, r, tokens) + head_bytes(p, s.mode, r, s.chunk, grad=False)
 
 
 def update_bytes(p: PolicyShape, s: Setup, micro: int, checkpointing: bool) -> float:
@@ -258,10 +276,10 @@ def update_bytes(p: PolicyShape, s: Setup, micro: int, checkpointing: bool) -> f
     kept, working = activation_bytes(p, s.mode, r, p.prompt_tokens + p.positions - 1, checkpointing)
     every, one = weight_casts(p, s)
     every = one if s.fsdp else every  # FSDP gathers layer by layer in training
-    head = head_bytes(p, r, s.chunk, grad=True)
+    head = head_bytes(p, s.mode, r, s.chunk, grad=True)
     if not checkpointing:
         return every + kept + working + head
-    return kept + max(every + head_bytes(p, r, s.chunk, grad=False), working + head + one)
+    return kept + max(every + head_bytes(p, s.mode, r, s.chunk, grad=False), working + head + one)
 
 
 def decode_bytes(d: DecoderShape, images: int) -> float:
@@ -299,9 +317,10 @@ def plan_recipe(
               f"{kv_bytes_per_token(p, s.mode) / 1024:.1f} KiB per token"),
              ("sampler temporaries (image head, prefix)", sampler_rest, "")]  # fmt: skip
     phases = {"rollout": resident + rollout_bytes(p, s, s.sampler_rows)}
-    if s.beta > 0:
+    if s.beta > 0 or s.tis:  # the policy's own no-grad pass (train.tis_cap) is the reference pass's size
         phases["reference"] = resident + reference_bytes(p, s, s.micro)
-        rows.append((f"reference log-probs ({s.micro * s.mix_rows} rows, no grad)", phases["reference"] - resident,
+        what = " and ".join(name for name, on in (("reference", s.beta > 0), ("old", s.tis)) if on)
+        rows.append((f"{what} log-probs ({s.micro * s.mix_rows} rows, no grad)", phases["reference"] - resident,
                      "a micro-batch at a time"))  # fmt: skip
     r, tokens = s.micro * s.mix_rows, p.prompt_tokens + p.positions - 1
     for checkpointing in (False, True):
@@ -309,13 +328,13 @@ def plan_recipe(
         label = f"activations per micro-batch of {r} rows, {'with' if checkpointing else 'without'} checkpointing"
         rows.append((label, act, "<- the recipe" if checkpointing == s.checkpointing else ""))
     rows.append((f"image head, chunk of {min(s.chunk, p.positions)} positions (backward)",
-                 head_bytes(p, r, s.chunk, grad=True), ""))  # fmt: skip
+                 head_bytes(p, s.mode, r, s.chunk, grad=True), ""))  # fmt: skip
     phases["update"] = resident + update_bytes(p, s, s.micro, s.checkpointing)
     usable = USABLE * s.gpu_gib * GIB
     step = s.cfg_rows
     largest_sampler = step * _largest(lambda k: resident + rollout_bytes(p, s, k * step) <= usable, s.rollouts)
     def micro_fits(micro: int, checkpointing: bool) -> bool:
-        reference = reference_bytes(p, s, micro) if s.beta > 0 else 0.0
+        reference = reference_bytes(p, s, micro) if s.beta > 0 or s.tis else 0.0
         return resident + max(update_bytes(p, s, micro, checkpointing), reference) <= usable
 
     largest_micro = {c: _largest(lambda m, c=c: micro_fits(m, c), s.minibatch) for c in (False, True)}

@@ -14,6 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fp32_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A head's logits in fp32 whatever the policy's dtype: hidden [..., H], weight rows [V, H] -> fp32 [..., V].
+
+    Why: the sampler's behaviour log-probs (one token at a time against a KV cache) and the trainer's (a whole
+    sequence at once) come from different kernels. Rounded to bf16, a logit of 8 to 32 moves in steps of 0.03 to
+    0.125 nats, and guidance multiplies a logit error by about cfg_scale, so a head in bf16 turns the two paths'
+    tiny differences into whole bf16 steps of the ratio. Here the hidden states and the rows are upcast and the
+    product runs with autocast off (autocast would cast them back to bf16). Rows that are fp32 already (full
+    fine-tuning's master weights) are used as they are, so their gradients land on the parameter itself; rows of a
+    bf16 base are copied to fp32 for the call (V x H x 4 bytes, freed after it), and gradients still flow to the
+    hidden states and through them to LoRA's adapters.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())  # [..., V]
+
+
+def plain_linear(module: nn.Module, what: str) -> nn.Linear:
+    """`module` itself, refused when peft has wrapped it: the fp32 head reads its weight and would skip an adapter."""
+    if hasattr(module, "base_layer") or not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"{what} must be a plain Linear, got {type(module).__name__}: adapters on the image head are not "
+            "supported (its logits are computed in fp32 from its weight); leave it out of train.lora's targets"
+        )
+    return module
+
+
 class CausalLMPolicy:
     """A causal LM plus the layout of its image codes.
 
@@ -100,11 +126,11 @@ class CausalLMPolicy:
         return out.last_hidden_state, out.cache
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the V image codes only: [..., H] -> [..., V]."""
-        head = self.model.get_output_embeddings()
+        """Logits over the V image codes only, in fp32 (`fp32_head`): [..., H] -> [..., V]."""
+        head = plain_linear(self.model.get_output_embeddings(), "the image head")
         lo, hi = self.image_token_offset, self.image_token_offset + self.num_codes
-        bias = head.bias[lo:hi] if getattr(head, "bias", None) is not None else None
-        return F.linear(hidden, head.weight[lo:hi], bias)  # [..., V]
+        bias = head.bias[lo:hi] if head.bias is not None else None
+        return fp32_head(hidden, head.weight[lo:hi], bias)  # [..., V]
 
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return codes + self.image_token_offset

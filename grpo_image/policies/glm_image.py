@@ -45,6 +45,8 @@ from grpo_image.policies.tokenizers import byte_alphabet, byte_level_tokenizer
 
 AR_FOLDER, PROCESSOR_FOLDER = "vision_language_encoder", "processor"  # the GLM-Image repository's layout
 GRID_FACTOR = 32  # pixels per large-grid code side (processing_glm_image.py l.245)
+# generate()'s other sampling warpers: a generation_config that sets one samples from a distribution the sampler cannot
+UNSUPPORTED_WARPERS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "top_h")
 
 
 def glm_image_grids(processor, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -144,6 +146,31 @@ class GlmImagePolicy(CausalLMPolicy):
         """mrope positions of codes start..stop-1 after each row's own prefix (mask [R, P]): [3, R, stop - start]."""
         offsets = self.code_offsets[:, start:stop].to(mask.device)  # [3, T]
         return offsets.unsqueeze(1) + mask.sum(-1).view(1, -1, 1)  # [3, R, T]
+
+    def checkpoint_sampling(self) -> dict[str, float]:
+        """What GlmImagePipeline's AR samples with, for the recipe's null sampling keys: its
+        `generate(do_sample=True)` (pipeline_glm_image.py l.439-443) reads the AR model's generation_config, i.e. the
+        checkpoint's `vision_language_encoder/generation_config.json` loaded with the model, and gives each key that
+        file leaves unset transformers' global default (`GenerationConfig._get_default_generation_params`:
+        temperature 1, top_k 50, top_p 1; no min-p), the order of precedence of `_prepare_generation_config`."""
+        from transformers import GenerationConfig
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config, defaults = model.generation_config, GenerationConfig._get_default_generation_params()
+        other = {key: getattr(config, key, None) for key in UNSUPPORTED_WARPERS}
+        other = {key: value for key, value in other.items() if value is not None and value != defaults.get(key)}
+        if other:
+            raise ValueError(
+                f"GLM-Image generation_config sets {other}, which this sampler does not apply: set "
+                "sampling.temperature, top_k, top_p and min_p in the recipe to sample without it"
+            )
+
+        def value(key: str):
+            own = getattr(config, key, None)
+            return defaults.get(key) if own is None else own
+
+        return {"temperature": float(value("temperature")), "top_k": int(value("top_k") or 0),
+                "top_p": float(value("top_p")), "min_p": float(value("min_p") or 0.0)}  # fmt: skip
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
         """The AR model and its processor in one folder, which `glm_image_policy` loads like the original."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.policies.causal_lm import CausalLMPolicy, fp32_head, plain_linear
 from grpo_image.policies.tokenizers import byte_alphabet, byte_level_tokenizer
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -139,8 +139,14 @@ class JanusPolicy(CausalLMPolicy):
         return out.last_hidden_state, out.cache
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """generation_head only (never lm_head), in fp32 so the CFG mixture is not rounded: [..., H] -> [..., V]."""
-        return self.janus.model.generation_head(hidden).float()  # [..., V]
+        """generation_head only (never lm_head): proj_out, its activation and vision_head, all in fp32 (`fp32_head`),
+        so neither the logits nor the CFG mixture is rounded to bf16: [..., H] -> [..., V]."""
+        head = self.janus.model.generation_head
+        proj = plain_linear(head.proj_out, "Janus's generation_head.proj_out")
+        out = plain_linear(head.vision_head, "Janus's generation_head.vision_head")
+        with torch.autocast(hidden.device.type, enabled=False):
+            projected = head.activation_fn(fp32_head(hidden, proj.weight, proj.bias))  # [..., D] fp32
+            return fp32_head(projected, out.weight, out.bias)  # [..., V]
 
 
 def janus_policy(

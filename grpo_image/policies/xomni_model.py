@@ -20,7 +20,6 @@ columns at the float32 minimum) so that HF `generate` and parity checks work; th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, Qwen2Config
@@ -28,6 +27,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+
+from grpo_image.policies.causal_lm import fp32_head, plain_linear
 
 GENERATION_MODES = ("text", "image")
 
@@ -203,8 +204,10 @@ class XOmniForCausalLM(XOmniPreTrainedModel, GenerationMixin):
         self.generation_mode = mode
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the image codes only, from the first image_vocab_size rows of mm_head: [..., H] -> [..., V]."""
-        return F.linear(hidden, self.mm_head.weight[: self.config.image_vocab_size])  # [..., V]
+        """Logits over the image codes only, from the first image_vocab_size rows of mm_head, in fp32 (`fp32_head`):
+        [..., H] -> [..., V]."""
+        head = plain_linear(self.mm_head, "X-Omni's mm_head")
+        return fp32_head(hidden, head.weight[: self.config.image_vocab_size])  # [..., V]
 
     def forward(
         self,

@@ -18,7 +18,7 @@ from grpo_image.core.advantages import AGGREGATIONS, SCALES
 from grpo_image.training.checkpoint import find_checkpoint
 from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
 from grpo_image.training.data import load_recipe_prompts
-from grpo_image.core.sampling import SamplingSettings
+from grpo_image.core.sampling import CHECKPOINT_KEYS, SamplingSettings
 
 PATH_ARGUMENT = re.compile(r"(^|_)(path|dir|file|folder)$")  # component arguments that name local files
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: fetched only when the user is online
@@ -63,7 +63,9 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "train.lr": POSITIVE, "train.weight_decay": AT_LEAST_0, "train.max_grad_norm": POSITIVE,
     "train.warmup_steps": AT_LEAST_0, "train.minibatches": AT_LEAST_1, "train.micro_batch_size": AT_LEAST_0,
     "train.inner_epochs": AT_LEAST_1, "train.clip_eps_low": FRACTION, "train.clip_eps_high": AT_LEAST_0,
-    "train.beta": AT_LEAST_0, "train.logprob_chunk": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_1,
+    "train.beta": AT_LEAST_0, "train.tis_cap": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1 (a cap below 1 would "
+                                                                           "shrink every code's weight)"),
+    "train.logprob_chunk": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_1,
     "train.lora.r": AT_LEAST_1, "train.lora.alpha": POSITIVE, "train.lora.dropout": FRACTION,
     "advantages.eps": (lambda v: v > 0, "> 0 (a group whose rewards do not vary divides by it)"),
     "workers.num_workers": AT_LEAST_1, "workers.num_cpus": AT_LEAST_0, "workers.num_gpus": AT_LEAST_0,
@@ -78,6 +80,8 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
 def _check_values(cfg: DictConfig) -> None:
     for key, (ok, what) in RANGES.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key.removeprefix("sampling.") in CHECKPOINT_KEYS:
+            continue  # the checkpoint's own value, resolved and checked when the policy is built
         if not math.isfinite(value) or not ok(value):
             raise RecipeError(f"'{key}' must be {what}, got {value}")
     columns = cfg.data.metadata_columns
@@ -98,7 +102,7 @@ def _check_values(cfg: DictConfig) -> None:
         if not math.isfinite(float(entry.get("weight", 1.0))):
             raise RecipeError(f"'rewards.{index}.weight' must be a finite number, got {entry.weight}")
     try:
-        SamplingSettings.from_config(cfg.sampling)
+        SamplingSettings.from_config(cfg.sampling, unresolved="defaults")  # null keys: checked once resolved
     except ValueError as err:
         raise RecipeError(str(err)) from err
 

@@ -77,6 +77,7 @@ def crash(trainer: Trainer, run_dir: Path, step: int, before: StepStart, err: Ex
 SHRINK = {
     "rollout": "Sample fewer rows at once: lower sampling.batch_size",
     "reference": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
+    "old log-probs": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
     "decode and rewards": "Decode fewer images at once: lower the decoder's max_batch_size, or raise workers.chunks",
     "update": "Lower train.micro_batch_size, turn on train.gradient_checkpointing, or lower train.logprob_chunk",
     "between phases": "See `grpo-image plan` for what the recipe needs",
@@ -119,4 +120,5 @@ def prefetched_tensors(trainer: Trainer, prefetched: tuple | None, step: int) ->
     return {
         "codes": torch.from_numpy(gather_rows(world, rollout.codes.cpu().numpy())),  # [N, L]
         "old_logprobs": torch.from_numpy(gather_rows(world, rollout.old_logprobs.cpu().numpy())),  # [N, L]
+        "filtered_mass": torch.from_numpy(gather_rows(world, rollout.filtered_mass.cpu().numpy())),  # [N, L]
     }

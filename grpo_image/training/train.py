@@ -3,7 +3,8 @@
 1. prompts: the group sampler draws B prompt records for this step and repeats each G times;
 2. rollouts: the policy samples [N, L] image codes without grad, keeping behaviour log-probs and decode seeds;
 3. rewards: the pool receives codes, prompts, metadata and seeds, and decodes and scores them;
-4. reference log-probs for the KL term while the rewards are computed (skipped when beta is 0);
+4. reference log-probs for the KL term while the rewards are computed (skipped when beta is 0), and with truncated
+   importance sampling the trainer's own log-probs of the rollouts (before any update);
 5. gather the scores [N, K] and time how long the trainer waited for them;
 6. advantages [N] from the scores, the recipe's weights and the groups;
 7. loss per minibatch and inner epoch: policy log-probs with grad, clipped ratio, KL;
@@ -33,13 +34,13 @@ from grpo_image.training.distributed import (
 )
 from grpo_image.training.health import HealthMonitor
 from grpo_image.base.logging import RunLogger, SilentLogger
-from grpo_image.core.logprobs import teacher_forced_logprobs
-from grpo_image.core.loss import grpo_loss
+from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher_forced_logprobs
+from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.training.weights import make_weights
 from grpo_image.training.preflight import check_batches
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.training.update_ratio import UpdateRatio
-from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes_with_mass
 from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
 from grpo_image.core.types import Rollout, ScoredBatch
 from grpo_image.scoring.ray_pool import RayRewardPool
@@ -79,6 +80,7 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     check_batches(cfg, world.size, world.distributed)  # also when train() is called without the CLI's preflight
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
     policy = instantiate(cfg.policy)
+    resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the checkpoint's, written to config.yaml as resolved
     policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
     weights = make_weights(policy, cfg.train, world)  # LoRA or full (fp32 masters), from init_from, FSDP when asked
     if cfg.train.gradient_checkpointing:  # recompute each layer in the backward pass: far less activation memory
@@ -119,7 +121,7 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     if prefetched_codes is not None:  # the checkpoint holds rollouts sampled for the next step: score them again
         step = start_step + 1
         mine = world.rows(len(prefetched_codes["codes"]))  # saved whole; this rank's rows
-        rollout = rebuild_rollout(trainer, step, prefetched_codes["codes"][mine], prefetched_codes["old_logprobs"][mine])
+        rollout = rebuild_rollout(trainer, step, *(prefetched_codes[key][mine] for key in PREFETCHED))
         trainer.prefetched = (step, rollout, _submit(trainer, step, rollout))
     return trainer
 
@@ -202,6 +204,10 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     #    sampled from the weights before this step's update (one step stale; their ratios correct for it)
     with timer("ref"):
         ref_logprobs = _reference_logprobs(trainer, prompts, codes) if cfg.train.beta > 0 else None
+    trainer_old = None  # the trainer's own log-probs of the rollouts, for truncated importance sampling
+    if cfg.train.tis_cap > 0:
+        with timer("old_logprobs"):
+            trainer_old = _trainer_old_logprobs(trainer, prompts, codes)
     if cfg.workers.prefetch and step < cfg.steps:
         with timer("rollout"):
             upcoming = sample_rollout(trainer, step + 1)
@@ -214,13 +220,15 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     trainer.last_scores = scored.scores  # [N, K]
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
-        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine)
+        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine, trainer_old)
     busy = sum(timer.seconds.values())
     metrics = {
         **_reward_metrics(scored, trainer.reward_weights),
         **scored.info,
         **mean_over_ranks(trainer.world, {
             **train_stats,
+            "sampling/filtered_mass/mean": float(rollout.filtered_mass.mean()),  # this rank's sampled codes
+            "sampling/filtered_mass/max": float(rollout.filtered_mass.max()),
             **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
             "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
         }),
@@ -238,14 +246,22 @@ def sample_rollout(trainer: Trainer, step: int) -> Rollout:
     trainer.policy.model.eval()
     sample_seeds = _rank_seeds(trainer, step, STREAM_SAMPLE)  # [N/W]
     with trainer.weights.rollout_weights():
-        codes, old_logprobs = sample_codes(trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings)
-    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid)
+        codes, old_logprobs, filtered_mass = sample_codes_with_mass(
+            trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings
+        )  # [N/W, L] each
+    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
+                   filtered_mass)
 
 
-def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logprobs: torch.Tensor) -> Rollout:
-    """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), codes come from the file."""
+PREFETCHED = ("codes", "old_logprobs", "filtered_mass")  # what a checkpoint keeps of rollouts sampled a step early
+
+
+def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logprobs: torch.Tensor,
+                    filtered_mass: torch.Tensor) -> Rollout:
+    """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), the tensors come from the file."""
     records, _ = trainer.sampler.sample(step)
-    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid)
+    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
+                   filtered_mass)
 
 
 def rank_advantages(world: World, scored: ScoredBatch, weights: list[float], cfg: DictConfig):
@@ -303,9 +319,25 @@ def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tenso
     return torch.cat(pieces)  # [N, L]
 
 
-def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantages) -> dict[str, float]:
-    """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update."""
+def _trainer_old_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
+    """The policy's own log-probs [N, L] of the rollouts before this step's update, as the trainer computes them (for
+    truncated importance sampling), a micro-batch (else a minibatch) at a time like the reference's."""
+    size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
+    trainer.policy.model.eval()
+    with trainer.weights.compute():
+        return no_grad_logprobs(trainer.policy, prompts, codes, trainer.settings, size, trainer.cfg.train.logprob_chunk)
+
+
+def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, trainer_old=None) -> dict[str, float]:
+    """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update.
+
+    The ratio is taken against the behaviour log-probs, or with truncated importance sampling against the trainer's
+    own (`trainer_old`), each token's objective then weighted by min(exp(trainer_old - behaviour), train.tis_cap).
+    """
     cfg, policy, world = trainer.cfg.train, trainer.policy, trainer.world
+    old_logprobs = behaviour if trainer_old is None else trainer_old  # [N/W, L]
+    is_weights = None if trainer_old is None else truncated_is_weights(trainer_old, behaviour, cfg.tis_cap)
+    first_minibatch: list[torch.Tensor] = []  # its codes' training minus behaviour log-probs, by micro-batch
     n = len(prompts)
     size = n // cfg.minibatches
     micro = cfg.micro_batch_size or size
@@ -331,7 +363,10 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
                 loss, micro_stats = grpo_loss(
                     logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
                     advantages[rows], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
+                    is_weights=None if is_weights is None else is_weights[rows],
                 )
+                if epoch == 0 and not totals:  # the step's first minibatch: the weights have not moved yet
+                    first_minibatch.append((logprobs.detach() - behaviour[rows]).flatten())
                 finite = finite and bool(torch.isfinite(loss))
                 (loss * share).backward()
                 for key, value in micro_stats.items():
@@ -356,7 +391,9 @@ def _update(trainer, step, prompts, codes, old_logprobs, ref_logprobs, advantage
     metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["train/update_ratio"] = moved.ratio()  # ||update|| / ||weights||, global over the ranks
-    return metrics
+    mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
+    tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
+    return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
 
 
 def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
@@ -395,7 +432,8 @@ def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
 
 
-PHASES = {"rollout": "rollout", "ref": "reference", "reward_wait": "decode and rewards", "update": "update"}
+PHASES = {"rollout": "rollout", "ref": "reference", "old_logprobs": "old log-probs",
+          "reward_wait": "decode and rewards", "update": "update"}
 
 
 class _Timer:
