@@ -1,4 +1,7 @@
-"""The Ray reward pool: same scores as in-process, in order; dead and stuck workers; overlap; a CLI run."""
+"""The Ray reward pool: same scores as in-process, in order; workers built long before the first gather, and
+workers that cannot be built; dead and stuck workers; overlap; a CLI run."""
+
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +102,80 @@ def test_a_required_reward_failure_in_a_worker_names_reward_and_sample(ray_sessi
     try:
         with pytest.raises(RewardFailure, match=r"required reward 'ocr' failed on sample 6 \(prompt 'p6'\)"):
             pool.gather(pool.submit(batch(), []))
+    finally:
+        pool.close()
+
+
+def wait_past_the_build_allowance(ray, pool):
+    """Every worker built (asked through ready signals of the test's own), then the allowance passed twice over: a
+    real run's first gather comes after minutes of sampling, long after its workers were built."""
+    start = time.monotonic()
+    ray.get([actor.__ray_ready__.remote() for actor in pool.actors])
+    time.sleep(max(0.0, start + 2 * pool.build_timeout_s - time.monotonic()))
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_built_before_a_late_first_gather_score_normally(ray_session, workers):
+    """The chunks are queued while the workers build; the first gather comes after the build allowance. Every ready
+    signal that has arrived is read before any worker is judged (the old bookkeeping read one a pass and judged the
+    unread ones by the pool's age: "reward worker 1 was not built within 1 s")."""
+    rollout = batch()
+    expected = InProcessRewardPool(PALETTE, [COLOR])
+    want = expected.gather(expected.submit(rollout, []))
+    pool = RayRewardPool(PALETTE, [COLOR], num_workers=workers, num_cpus=0, build_timeout_s=1.0)
+    try:
+        pending = pool.submit(rollout, [])
+        wait_past_the_build_allowance(ray_session, pool)
+        got = pool.gather(pending)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert [chunk.attempts for chunk in pending.chunks] == [0] * workers
+
+
+def test_workers_built_before_a_late_first_submit_score_normally(ray_session):
+    """The rollout comes after the allowance too: the chunks' clocks start at their launch, on built workers."""
+    rollout = batch()
+    expected = InProcessRewardPool(PALETTE, [COLOR])
+    pool = RayRewardPool(PALETTE, [COLOR], num_workers=2, num_cpus=0, build_timeout_s=1.0)
+    try:
+        wait_past_the_build_allowance(ray_session, pool)
+        pending = pool.submit(rollout, [])
+        got = pool.gather(pending)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(got.scores, expected.gather(expected.submit(rollout, [])).scores)
+    assert all(chunk.launched >= pool._ready_at[chunk.actor] for chunk in pending.chunks)
+
+
+@pytest.mark.parametrize("hangs", ["decoder", "reward"])
+def test_only_the_worker_whose_build_hangs_is_reported(ray_session, tmp_path, hangs):
+    """Two workers, one stuck in its decoder's (or reward's) constructor: once the other is built, the stuck one is
+    named when its own build passes the allowance; the built one is not judged."""
+    marker = str(tmp_path / "hung")
+    decoder = {"_component_": "tests.helpers_rewards.palette_decoder_hanging_once", "marker": marker, "patch_size": 2}
+    specs = [reward("red", "tests.helpers_rewards.HangsWhileBuilding", marker=marker) if hangs == "reward" else COLOR]
+    pool = RayRewardPool(decoder if hangs == "decoder" else PALETTE, specs, num_workers=2, num_cpus=0,
+                         build_timeout_s=1.0)
+    try:
+        pending = pool.submit(batch(), [])
+        signals = [actor.__ray_ready__.remote() for actor in pool.actors]
+        built, _ = ray_session.wait(signals, num_returns=1)  # the other one never answers
+        stuck = 1 - signals.index(built[0])
+        with pytest.raises(RewardFailure, match=rf"^reward worker {stuck} was not built within 1 s "
+                                                r"\(workers.build_timeout_s\): its decoder and rewards were still loading"):
+            pool.gather(pending)
+    finally:
+        pool.close()
+
+
+def test_a_worker_whose_constructor_raises_is_reported_with_the_cause(ray_session):
+    specs = [COLOR, reward("hps", "tests.helpers_rewards.Unbuildable", checkpoint="/models/missing/hps.pt")]
+    pool = RayRewardPool(PALETTE, specs, num_workers=1, num_cpus=0, build_timeout_s=600.0)
+    try:  # reported as soon as the constructor raises, not after the allowance
+        with pytest.raises(RewardFailure, match=r"^reward worker 0 could not be built: FileNotFoundError: no reward "
+                                                r"checkpoint at /models/missing/hps.pt$"):
+            pool.gather(pool.submit(batch(4), []))
     finally:
         pool.close()
 

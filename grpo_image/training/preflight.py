@@ -68,7 +68,7 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "advantages.eps": (lambda v: v > 0, "> 0 (a group whose rewards do not vary divides by it)"),
     "workers.num_workers": AT_LEAST_1, "workers.num_cpus": AT_LEAST_0, "workers.num_gpus": AT_LEAST_0,
     "workers.chunks": AT_LEAST_0, "workers.timeout_s": POSITIVE, "workers.timeout_per_image_s": AT_LEAST_0,
-    "workers.max_retries": AT_LEAST_0,
+    "workers.max_retries": AT_LEAST_0, "workers.build_timeout_s": POSITIVE,
     "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
     "logging.num_samples": AT_LEAST_0,
 }

@@ -132,6 +132,7 @@ def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRe
     return RayRewardPool(
         decoder, specs, num_workers=w.num_workers, num_cpus=w.num_cpus, num_gpus=w.num_gpus, chunks=w.chunks,
         timeout_s=w.timeout_s, timeout_per_image_s=w.timeout_per_image_s, max_retries=w.max_retries,
+        build_timeout_s=w.build_timeout_s,
         address=w.ray_address, py_modules=list(w.py_modules),
     )
 
