@@ -160,3 +160,28 @@ class Unbuildable:
     def __call__(self, images, prompts, metadata):
         raise AssertionError("never built, never called")
 
+
+class WaitsForTheTrainer:
+    """Scores the mean red channel, slowly: its n-th call (the n-th step's chunk, with one worker and one chunk a
+    step) says that it started (file `started_<n>` in `folder`), waits until the trainer has finished step n's
+    reference pass (file `ref_done_<n>`; at most `patience` seconds, so that a trainer that does not overlap makes
+    the test fail, not hang) and appends its span to `chunks.jsonl`, in time.monotonic (one clock for every
+    process of a Linux machine)."""
+
+    def __init__(self, folder: str, patience: float = 60.0):
+        from pathlib import Path
+
+        self.folder, self.patience, self.calls = Path(folder), patience, 0
+
+    def __call__(self, images, prompts, metadata):
+        import json
+        import time
+
+        self.calls += 1
+        start = time.monotonic()
+        (self.folder / f"started_{self.calls}").touch()
+        while not (self.folder / f"ref_done_{self.calls}").exists() and time.monotonic() < start + self.patience:
+            time.sleep(0.01)
+        with open(self.folder / "chunks.jsonl", "a") as log:
+            log.write(json.dumps({"call": self.calls, "start": start, "end": time.monotonic()}) + "\n")
+        return MeanRed()(images, prompts, metadata)
