@@ -36,7 +36,7 @@ from grpo_image.base.logging import RunLogger, SilentLogger
 from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.core.loss import grpo_loss
 from grpo_image.training.weights import make_weights
-from grpo_image.training.preflight import check_batches
+from grpo_image.training.preflight import check_batches, check_reward_placement
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.core.sampling import SamplingSettings, sample_codes
 from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
@@ -128,6 +128,7 @@ def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRe
     decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
     if cfg.workers.backend == "inprocess":
         return InProcessRewardPool(decoder, specs)
+    check_reward_placement(cfg)  # also when train() is called without the CLI's preflight
     w = cfg.workers
     return RayRewardPool(
         decoder, specs, num_workers=w.num_workers, num_cpus=w.num_cpus, num_gpus=w.num_gpus, chunks=w.chunks,
