@@ -39,7 +39,8 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task names in its
 
 @dataclass
 class _Build:
-    """An actor's build in progress: its ready signal, and when the build was asked for (creation or restart)."""
+    """An actor's first build in progress: its ready signal, and when the actor was created (a restart is waited for
+    in `_wait_until_alive`, with the same allowance)."""
 
     ref: object
     asked: float
