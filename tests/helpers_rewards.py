@@ -115,3 +115,73 @@ def write_tiny_hps(root, seed: int = 0):
     checkpoint = root / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     return model_name, checkpoint, model
+
+
+def first_to_build(marker: str) -> bool:
+    """True in the first constructor ever to get here (it creates the marker file; every later one finds it)."""
+    try:
+        open(marker, "x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+class HangsWhileBuilding:
+    """Scores the mean red channel; the first worker to build it hangs in its constructor for `seconds`, as a reward
+    whose weights never finish loading; the others build at once."""
+
+    def __init__(self, marker: str, seconds: float = 600.0):
+        import time
+
+        if first_to_build(marker):
+            time.sleep(seconds)
+
+    def __call__(self, images, prompts, metadata):
+        return MeanRed()(images, prompts, metadata)
+
+
+def palette_decoder_hanging_once(marker: str, patch_size: int, seconds: float = 600.0):
+    """The palette decoder; the first worker to build it hangs for `seconds`, as a diffusion decoder stuck loading."""
+    import time
+
+    from grpo_image.decoders.palette import PaletteDecoder
+
+    if first_to_build(marker):
+        time.sleep(seconds)
+    return PaletteDecoder(patch_size=patch_size)
+
+
+class Unbuildable:
+    """A reward whose constructor raises, as one pointed at a checkpoint that is not there would."""
+
+    def __init__(self, checkpoint: str):
+        raise FileNotFoundError(f"no reward checkpoint at {checkpoint}")
+
+    def __call__(self, images, prompts, metadata):
+        raise AssertionError("never built, never called")
+
+
+class WaitsForTheTrainer:
+    """Scores the mean red channel, slowly: its n-th call (the n-th step's chunk, with one worker and one chunk a
+    step) says that it started (file `started_<n>` in `folder`), waits until the trainer has finished step n's
+    reference pass (file `ref_done_<n>`; at most `patience` seconds, so that a trainer that does not overlap makes
+    the test fail, not hang) and appends its span to `chunks.jsonl`, in time.monotonic (one clock for every
+    process of a Linux machine)."""
+
+    def __init__(self, folder: str, patience: float = 60.0):
+        from pathlib import Path
+
+        self.folder, self.patience, self.calls = Path(folder), patience, 0
+
+    def __call__(self, images, prompts, metadata):
+        import json
+        import time
+
+        self.calls += 1
+        start = time.monotonic()
+        (self.folder / f"started_{self.calls}").touch()
+        while not (self.folder / f"ref_done_{self.calls}").exists() and time.monotonic() < start + self.patience:
+            time.sleep(0.01)
+        with open(self.folder / "chunks.jsonl", "a") as log:
+            log.write(json.dumps({"call": self.calls, "start": start, "end": time.monotonic()}) + "\n")
+        return MeanRed()(images, prompts, metadata)

@@ -2,6 +2,8 @@
 
     grpo-image train RECIPE [key=value ...]      run (or, with resume=DIR, continue) a recipe
     grpo-image validate RECIPE [key=value ...]   check a recipe without loading any weight
+    grpo-image launch RECIPE [key=value ...]     run a recipe on this node: torchrun on the first hardware.gpus GPUs,
+                                                 a Ray head of its own on the next ones for the reward workers
     grpo-image plan RECIPE [key=value ...] [--gpus N] [--gpu-memory GB]   memory per GPU, from the model configs
     grpo-image sample RECIPE [key=value ...] --prompts FILE --out DIR [--checkpoint CKPT] [--n 4]
     grpo-image eval [RECIPE [key=value ...]] --prompts FILE | --longtext FILE ... [--checkpoint CKPT]
@@ -38,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command not in ("train", "validate"):
-            return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan}[args.command](args)
+            return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan,
+                    "launch": _launch}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
-        checked = preflight(cfg, _processes(cfg) if args.command == "validate" else None)
+        validating = args.command == "validate"  # a recipe that `grpo-image launch` may place: no placement check
+        checked = preflight(cfg, _processes(cfg) if validating else None, placement=not validating)
     except (*USAGE_ERRORS, TextBenchError, AblationError) as err:
         print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
         return 2
@@ -60,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "run a recipe"), ("validate", "check a recipe without loading weights")):
         _recipe_arguments(commands.add_parser(name, help=help_text))
+
+    _recipe_arguments(commands.add_parser(
+        "launch", help="run a recipe on this node, training and reward workers on GPUs apart (hardware:, workers:)"))
 
     sample = commands.add_parser("sample", help="generate images from the recipe's policy or a checkpoint")
     _recipe_arguments(sample)
@@ -123,6 +130,20 @@ def _train(cfg) -> int:
         print(f"grpo-image: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _launch(args) -> int:
+    """The training processes' exit code; 1 when the node could not start the run, 130 on Ctrl-C."""
+    from grpo_image.training.launch import LaunchFailed, launch
+
+    try:
+        return launch(args.recipe, args.overrides)
+    except LaunchFailed as err:
+        print(f"grpo-image launch: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("grpo-image launch: interrupted; the training processes and the Ray head were stopped", file=sys.stderr)
+        return 130
 
 
 def _sample(args) -> int:

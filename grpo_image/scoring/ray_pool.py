@@ -5,6 +5,12 @@ computes reference log-probs (and, with `workers.prefetch`, samples the next bat
 actor builds its own decoder and rewards from configuration (`RewardWorker`), so only codes, prompts, metadata and
 seeds travel in and only scores and thumbnails travel back.
 
+Building: each actor loads its decoder and reward models before it answers (minutes for FLUX-sized weights read
+from disk). Every actor's ready signal is asked for at creation; every signal that has arrived is read (at submit and
+on every pass of `gather`) before anyone is judged, and a worker still building is judged by how long its own build
+has taken, against `build_timeout_s`; never by when the trainer first looks, which is after a whole rollout. A
+worker whose constructor raises is reported with the cause.
+
 Faults: a chunk whose actor dies is resubmitted once the actor has restarted; a chunk that runs past its timeout
 (`timeout_s` plus `timeout_per_image_s` for each of its images, so that a large chunk of slow diffusion decodes is
 not cut short) gets its actor killed (and restarted) and is resubmitted. The clock starts when the actor is ready, not
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,16 @@ from grpo_image.scoring.score import RewardFailure
 from grpo_image.scoring.workers import ChunkResult, RewardJob, RewardWorker, make_job, merge_results
 
 
-RESTART_TIMEOUT_S = 300.0  # a restarted actor re-imports its libraries and reloads its models before it answers
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task names in its error messages
+
+
+@dataclass
+class _Build:
+    """An actor's first build in progress: its ready signal, and when the actor was created (a restart is waited for
+    in `_wait_until_alive`, with the same allowance)."""
+
+    ref: object
+    asked: float
 
 
 @dataclass
@@ -68,6 +84,7 @@ class RayRewardPool:
         timeout_s: float = 300.0,
         timeout_per_image_s: float = 0.0,
         max_retries: int = 2,
+        build_timeout_s: float = 1800.0,
         address: str | None = None,
         py_modules: list[str] = (),
     ) -> None:
@@ -79,6 +96,8 @@ class RayRewardPool:
         self.timeout_s = timeout_s
         self.timeout_per_image_s = timeout_per_image_s
         self.max_retries = max_retries
+        self.build_timeout_s = build_timeout_s
+        self.resources = f"num_cpus={num_cpus:g}, num_gpus={num_gpus:g} each"
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             ray.init(
@@ -92,12 +111,14 @@ class RayRewardPool:
         )
         self.actors = [actor.remote(decoder_cfg, reward_specs) for _ in range(num_workers)]
         # Asked before any work is queued, so each answers as soon as its actor is built, never behind a chunk.
-        self._ready_refs = {i: a.__ray_ready__.remote() for i, a in enumerate(self.actors)}
-        self._ready_at: dict[int, float] = {}
-        self._created = time.monotonic()
+        asked = time.monotonic()
+        self._building = {i: _Build(a.__ray_ready__.remote(), asked) for i, a in enumerate(self.actors)}
+        self._ready_at: dict[int, float] = {}  # actor -> when its build was seen finished
+        self._unbuildable: dict[int, str] = {}  # actor -> why its constructor failed
 
     def submit(self, rollout: Rollout, thumbnail_rows: list[int]) -> PendingBatch:
         """Hand every chunk to an actor (round-robin) and return at once."""
+        self._read_ready_signals()  # a worker built by now starts its chunk's clock at the launch
         bounds = chunk_bounds(len(rollout.records), self.chunks)
         chunks = [
             _Chunk(make_job(rollout, thumbnail_rows, start, stop), actor=i % len(self.actors))
@@ -111,16 +132,15 @@ class RayRewardPool:
         """Wait for every chunk, resubmitting those whose actor died or that ran past the timeout."""
         ray = self.ray
         while len(pending.results) < len(pending.chunks):
-            waiting = {id(c.ref): i for i, c in enumerate(pending.chunks) if i not in pending.results}
-            building = {id(ref): actor for actor, ref in self._ready_refs.items()}
-            refs = [pending.chunks[i].ref for i in waiting.values()] + list(self._ready_refs.values())
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self._seconds_to_next_deadline(pending, waiting))
-            for ref in ready:
-                if id(ref) in building:
-                    self._mark_ready(building[id(ref)])
-                else:
-                    self._collect(pending, waiting[id(ref)])
-            for index in waiting.values():
+            waiting = [i for i in range(len(pending.chunks)) if i not in pending.results]
+            refs = [pending.chunks[i].ref for i in waiting] + [build.ref for build in self._building.values()]
+            ray.wait(refs, num_returns=1, timeout=self._seconds_to_next_deadline(pending, waiting))
+            self._read_ready_signals()  # every build that has finished, before any worker or chunk is judged
+            launched = {pending.chunks[i].ref: i for i in waiting}
+            finished, _ = ray.wait(list(launched), num_returns=len(launched), timeout=0)
+            for ref in finished:
+                self._collect(pending, launched[ref])
+            for index in waiting:
                 chunk = pending.chunks[index]
                 if index not in pending.results and self._overdue(chunk):
                     ray.kill(self.actors[chunk.actor], no_restart=False)
@@ -139,28 +159,48 @@ class RayRewardPool:
         chunk.ref = self.actors[chunk.actor].score.remote(chunk.job)
         chunk.launched = time.monotonic()
 
+    def _read_ready_signals(self) -> None:
+        """Take note of every actor whose build has finished (or failed) by now; waits for none."""
+        if not self._building:
+            return
+        building = {build.ref: actor for actor, build in self._building.items()}
+        arrived, _ = self.ray.wait(list(building), num_returns=len(building), timeout=0, fetch_local=False)
+        for ref in arrived:
+            self._mark_ready(building[ref])
+
     def _mark_ready(self, index: int) -> None:
-        """The actor's first build finished (or failed: a worker that cannot build says why here)."""
-        ref = self._ready_refs.pop(index)
+        """The actor's build finished, or failed: a constructor that raised is kept to be reported with its cause."""
+        ray, build = self.ray, self._building.pop(index)
         try:
-            self.ray.get(ref)
-        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
-            pass  # it died while building and is restarting: its chunk fails and is resubmitted like any other
+            ray.get(build.ref)
+        except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed:
+                self._unbuildable[index] = _cause(err)
+                return
+            # it died while building (a crash, the OOM killer) and is restarting: its chunk fails and is
+            # resubmitted like any other, once the new actor is built (`_retry`)
         self._ready_at[index] = time.monotonic()
 
     def _started(self, chunk: _Chunk) -> float | None:
-        """When the chunk's clock started: its launch, or its actor's readiness if that came later."""
+        """When the chunk's clock started: its launch, or its actor's readiness if that came later (None: building)."""
         if chunk.actor not in self._ready_at:
             return None
         return max(chunk.launched, self._ready_at[chunk.actor])
 
     def _overdue(self, chunk: _Chunk) -> bool:
-        now, started = time.monotonic(), self._started(chunk)
-        if started is None:  # still building: bounded by the restart allowance, not by timeout_s
-            if now - self._created > RESTART_TIMEOUT_S:
-                raise RewardFailure(f"reward worker {chunk.actor} was not built within {RESTART_TIMEOUT_S:g} s")
+        """Whether the chunk ran past its timeout; a worker that cannot be built fails the step instead."""
+        if chunk.actor in self._unbuildable:
+            raise RewardFailure(f"reward worker {chunk.actor} could not be built: {self._unbuildable[chunk.actor]}")
+        now, build = time.monotonic(), self._building.get(chunk.actor)
+        if build is not None:  # still building: bounded by the build allowance, not by timeout_s
+            if now - build.asked > self.build_timeout_s:
+                raise RewardFailure(
+                    f"reward worker {chunk.actor} was not built within {self.build_timeout_s:g} s "
+                    f"(workers.build_timeout_s): its decoder and rewards were still loading, or the cluster had no "
+                    f"free resources for it ({self.resources})"
+                )
             return False
-        return now - started > self._timeout(chunk)
+        return now - self._started(chunk) > self._timeout(chunk)
 
     def _timeout(self, chunk: _Chunk) -> float:
         """Seconds a chunk may run once started: a fixed allowance plus its share of per-image work."""
@@ -170,7 +210,9 @@ class RayRewardPool:
         ray, chunk = self.ray, pending.chunks[index]
         try:
             pending.results[index] = ray.get(chunk.ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+        except ray.exceptions.RayActorError as err:  # ActorUnavailableError included
+            if err.actor_init_failed:
+                raise RewardFailure(f"reward worker {chunk.actor} could not be built: {_cause(err)}") from None
             self._retry(chunk, f"its worker died ({type(err).__name__})")
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, RewardFailure):
@@ -188,28 +230,43 @@ class RayRewardPool:
 
     def _wait_until_alive(self, index: int) -> None:
         """A restarting actor refuses calls at once; wait until the new one has rebuilt its decoder and rewards."""
-        ray, deadline = self.ray, time.monotonic() + RESTART_TIMEOUT_S
+        ray, deadline = self.ray, time.monotonic() + self.build_timeout_s
         while True:
             try:
                 ray.get(self.actors[index].__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                self._ready_refs.pop(index, None)
+                self._building.pop(index, None)
                 self._ready_at[index] = time.monotonic()
                 return
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                if getattr(err, "actor_init_failed", False):
+                    raise RewardFailure(f"reward worker {index} could not be rebuilt: {_cause(err)}") from None
                 if time.monotonic() > deadline:
-                    raise RewardFailure(f"reward worker {index} did not come back within {RESTART_TIMEOUT_S:g} s") from None
+                    raise RewardFailure(
+                        f"reward worker {index} did not come back within {self.build_timeout_s:g} s "
+                        "(workers.build_timeout_s)"
+                    ) from None
                 time.sleep(0.2)
 
-    def _seconds_to_next_deadline(self, pending: PendingBatch, waiting: dict[int, int]) -> float:
-        now = time.monotonic()
-        starts = [self._started(pending.chunks[i]) for i in waiting.values()]
-        deadlines = [
-            start + self._timeout(pending.chunks[i]) - now
-            for i, start in zip(waiting.values(), starts) if start is not None
-        ]
-        if len(deadlines) < len(starts):  # a worker is still building: look again soon
-            deadlines.append(1.0)
+    def _seconds_to_next_deadline(self, pending: PendingBatch, waiting: list[int]) -> float:
+        """Until the first chunk runs past its timeout or the first building worker past the build allowance."""
+        now, deadlines = time.monotonic(), []
+        for index in waiting:
+            chunk = pending.chunks[index]
+            build = self._building.get(chunk.actor)
+            if build is not None:
+                deadlines.append(build.asked + self.build_timeout_s - now)
+            elif chunk.actor in self._ready_at:
+                deadlines.append(self._started(chunk) + self._timeout(chunk) - now)
+            else:  # its constructor failed: report it now
+                deadlines.append(0.0)
         return max(0.01, min(deadlines))
+
+
+def _cause(err: Exception) -> str:
+    """The last line of a Ray error's traceback: the exception the actor's constructor raised, e.g.
+    `FileNotFoundError: no such file: /models/hps.pt`."""
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", str(err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _runtime_env(py_modules: list[str]) -> dict:

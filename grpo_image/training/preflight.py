@@ -24,11 +24,12 @@ PATH_ARGUMENT = re.compile(r"(^|_)(path|dir|file|folder)$")  # component argumen
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: fetched only when the user is online
 
 
-def preflight(cfg: DictConfig, processes: int | None = None) -> int:
+def preflight(cfg: DictConfig, processes: int | None = None, placement: bool = True) -> int:
     """Run every check; returns the number of components checked.
 
     `processes`: the training processes to check the batch shapes against (default: WORLD_SIZE, the launcher's,
-    else 1); `validate` passes the recipe's `hardware.gpus` when no launcher set WORLD_SIZE.
+    else 1); `validate` passes the recipe's `hardware.gpus` when no launcher set WORLD_SIZE. `placement`: check where
+    GPU reward workers would run (a run; `validate` checks a recipe that `grpo-image launch` may place).
     """
     for key in ("policy", "decoder", "data.prompts"):
         if OmegaConf.select(cfg, key) is None:
@@ -41,6 +42,8 @@ def preflight(cfg: DictConfig, processes: int | None = None) -> int:
         _check_paths(OmegaConf.to_container(cfg[where], resolve=True), where)
     _check_values(cfg)
     check_batches(cfg, processes or int(os.environ.get("WORLD_SIZE", "1")))
+    if placement:
+        check_reward_placement(cfg, processes)
     _check_run_paths(cfg)
     records = load_recipe_prompts(cfg.data)
     _check_rewards_can_score(cfg, records)
@@ -70,7 +73,7 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "advantages.eps": (lambda v: v > 0, "> 0 (a group whose rewards do not vary divides by it)"),
     "workers.num_workers": AT_LEAST_1, "workers.num_cpus": AT_LEAST_0, "workers.num_gpus": AT_LEAST_0,
     "workers.chunks": AT_LEAST_0, "workers.timeout_s": POSITIVE, "workers.timeout_per_image_s": AT_LEAST_0,
-    "workers.max_retries": AT_LEAST_0,
+    "workers.max_retries": AT_LEAST_0, "workers.build_timeout_s": POSITIVE,
     "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
     "logging.num_samples": AT_LEAST_0,
     "health.update_ratio_min": AT_LEAST_0,
@@ -155,6 +158,25 @@ def prompt_passes_warning(cfg: DictConfig, prompts: int) -> str | None:
     return (f"the run draws each prompt of {cfg.data.prompts} about {passes:.0f} times (steps {cfg.steps} x "
             f"data.batch_size {cfg.data.batch_size} / {prompts} prompts), more than data.max_passes "
             f"{cfg.data.max_passes:g}: bring {enough} prompts or more (data.prompts), or lower steps or data.batch_size")
+
+
+def check_reward_placement(cfg: DictConfig, processes: int | None = None) -> None:
+    """GPU reward workers need a Ray cluster that holds GPUs of its own: a training process that starts Ray itself
+    gives it every GPU it sees, and Ray puts the workers on the lowest free one, beside the policy (with 8 processes,
+    8 Rays each put theirs on GPU 0). One process may share its GPU on purpose (workers.share_training_gpus)."""
+    w = cfg.workers
+    if w.backend != "ray" or w.num_gpus == 0 or w.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    if w.share_training_gpus and processes == 1:
+        return
+    shared = " (workers.share_training_gpus covers one training process only)" if w.share_training_gpus else ""
+    raise RecipeError(
+        f"'workers.num_gpus' is {w.num_gpus:g} but no Ray cluster is named (workers.ray_address, RAY_ADDRESS): the Ray "
+        f"each training process would start puts the reward workers on the training GPUs{shared}; run `grpo-image "
+        f"launch RECIPE [key=value ...]` (the same recipe and overrides), which starts Ray on GPUs of its own, or, "
+        f"to share one GPU on purpose, set workers.share_training_gpus=true"
+    )
 
 
 def _check_choice(key: str, value, choices) -> None:

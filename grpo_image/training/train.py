@@ -37,7 +37,7 @@ from grpo_image.base.logging import RunLogger, SilentLogger
 from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher_forced_logprobs
 from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.training.weights import make_weights
-from grpo_image.training.preflight import check_batches
+from grpo_image.training.preflight import check_batches, check_reward_placement
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.training.update_ratio import UpdateRatio
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes_with_mass
@@ -131,10 +131,12 @@ def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRe
     decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
     if cfg.workers.backend == "inprocess":
         return InProcessRewardPool(decoder, specs)
+    check_reward_placement(cfg)  # also when train() is called without the CLI's preflight
     w = cfg.workers
     return RayRewardPool(
         decoder, specs, num_workers=w.num_workers, num_cpus=w.num_cpus, num_gpus=w.num_gpus, chunks=w.chunks,
         timeout_s=w.timeout_s, timeout_per_image_s=w.timeout_per_image_s, max_retries=w.max_retries,
+        build_timeout_s=w.build_timeout_s,
         address=w.ray_address, py_modules=list(w.py_modules),
     )
 
