@@ -96,15 +96,6 @@ def shard_roots(model: nn.Module, compute_dtype: torch.dtype | None = None) -> l
     return layers
 
 
-def shard_layers(model: nn.Module, compute_dtype: torch.dtype | None = None) -> list[nn.Module]:
-    """Shard every decoder layer of `model` under its stack's root (the model as it is: placed, fp32, equal on every
-    rank); return the sharded layers."""
-    for _, stack in decoder_stacks(model):
-        for layer in stack:
-            shard_layer(layer, compute_dtype)
-    return shard_roots(model, compute_dtype)
-
-
 @contextlib.contextmanager
 def gathered(layers: list[nn.Module]) -> Iterator[None]:
     """Whole weights in every sharded layer for the duration (no gradients flow: sampling and reference passes)."""
