@@ -83,8 +83,8 @@ def test_fsdp_in_bf16_computes_what_one_process_computes(ranks, one_thread):
     cfg = load_recipe(helpers.REPO / "recipes" / "tiny_cpu.yaml", helpers.OVERRIDES)
     policy = instantiate(cfg.policy)
     weights = FullWeights(policy, keep_reference=False)
+    settings = SamplingSettings.from_config(cfg.sampling)
     for rank in ranks:
         prompts, codes, sharded = rank["rollout"]
         with torch.no_grad(), weights.compute():
-            assert torch.equal(teacher_forced_logprobs(policy, prompts, codes, SamplingSettings.from_config(cfg.sampling)),
-                               sharded)  # fmt: skip
+            assert torch.equal(teacher_forced_logprobs(policy, prompts, codes, settings), sharded)

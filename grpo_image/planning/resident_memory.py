@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from grpo_image.planning.memory_plan import Setup
     from grpo_image.planning.model_sizes import PolicyShape
 
-BROADCAST_BUCKET = 256 * 2**20  # bytes per flat bucket of replicated tensors (grpo_image.training.distributed)
+BUCKET_BYTES = 256 * 2**20  # a flat bucket of replicated tensors (training.distributed: averaging, broadcast)
 
 
 def count(value: float) -> str:
@@ -64,7 +64,7 @@ def startup_bytes(p: PolicyShape, s: Setup, held: dict[str, float]) -> float:
     """
     built = held["weights"] + held["reference"]
     if not s.fsdp:
-        replicas = min(BROADCAST_BUCKET, held["weights"]) if s.processes > 1 else 0.0
+        replicas = min(BUCKET_BYTES, held["weights"]) if s.processes > 1 else 0.0
         return held["weights"] + max(replicas, held["reference"])
     w, b, layer = s.processes, p.dtype_bytes, p.largest_layer_params
     copy = b if s.beta > 0 else 0
@@ -81,20 +81,22 @@ def resident_rows(p: PolicyShape, s: Setup) -> tuple[list[tuple[str, float, str]
         adapters = p.lora_params
         rows = [("weights (frozen, the policy's dtype)", p.params * p.dtype_bytes, f"{count(p.params)} parameters"),
                 ("master weights (fp32 adapters)", 4 * adapters, f"{count(adapters)} adapter parameters"),
-                ("gradients (fp32)", held["gradients"], ""), ("optimizer state (AdamW, 2 x fp32)", held["optimizer"], ""),
+                ("gradients (fp32)", held["gradients"], ""),
+                ("optimizer state (AdamW, 2 x fp32)", held["optimizer"], ""),
                 ("reference copy", 0, "none: the base with adapters off")]  # fmt: skip
     else:
         note = f"{count(p.trainable_params)} trained, in fp32: the master weights"
         if p.params > p.trainable_params:
             note += f"; {count(p.params - p.trainable_params)} frozen, in the policy's dtype"
-        dtype = "bf16" if p.dtype_bytes == 2 else "fp32"
-        how = (f"layers in {dtype}, " if s.fsdp else f"Linear weights in {dtype}, ") + "embeddings and norms in fp32"
+        how = "in fp32, as the policy computes"
+        if p.dtype_bytes < 4:
+            how = ("layers" if s.fsdp else "Linear weights") + " in bf16, embeddings and norms in fp32"
         if p.params > p.trainable_params:
             how += ", frozen weights shared"
         rows = [(f"weights{per}", held["weights"], note), ("gradients (fp32)", held["gradients"], ""),
                 ("optimizer state (AdamW, 2 x fp32)", held["optimizer"], ""),
-                ("reference copy (frozen)", held["reference"], how if s.beta > 0 else "none: train.beta is 0")]  # fmt: skip
+                ("reference copy (frozen)", held["reference"], how if s.beta > 0 else "none: train.beta is 0")]
     if s.processes > 1 and not s.fsdp:
         grads = 4 * (p.lora_params if s.mode == "lora" else p.trainable_params)
-        rows.append(("gradient averaging buckets", min(BROADCAST_BUCKET, grads), "replicated gradients, 256 MB at a time"))
+        rows.append(("gradient averaging buckets", min(BUCKET_BYTES, grads), "replicated gradients, 256 MB at a time"))
     return rows, sum(b for _, b, _ in rows)
