@@ -83,21 +83,23 @@ def whole_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def replicas_on_rank(rank: int, port: int, out: str) -> None:
-    """Each rank builds its policy from another seed; after start every replica must be rank 0's (LoRA, FSDP)."""
+    """Each rank builds its policy from another seed; after start every replica must be rank 0's (LoRA, FSDP), and
+    a bf16 FSDP run from a previous stage (`out`/stage, fp32 weights) must start from that stage's fp32 weights."""
     from grpo_image.base.config import load_recipe
     from grpo_image.training.train import build_trainer
 
     world = join(rank, port)
     result = {}
-    for mode, extra in (("lora", []), ("fsdp", ["train.mode=full", "train.fsdp=true"])):
+    stage = ["policy.dtype=bfloat16", f"train.init_from={out}/stage"]
+    for mode, extra in (("lora", []), ("fsdp", ["train.fsdp=true"]), ("stage", ["train.fsdp=true", *stage])):
         cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, f"policy.seed={rank}", *extra,
                                                     f"train.mode={'lora' if mode == 'lora' else 'full'}",
                                                     f"output_dir={out}/{mode}"])
         torch.manual_seed(100 + rank)  # LoRA's initialisation draws from the global RNG: make it differ too
         trainer = build_trainer(cfg, world)
         result[mode] = whole_parameters(trainer.policy.model)
-        if mode == "fsdp":
-            result["reference"] = whole_parameters(trainer.weights.reference_policy.model)
+        if mode != "lora":
+            result[f"{mode} reference"] = whole_parameters(trainer.weights.reference_policy.model)
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

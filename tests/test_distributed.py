@@ -79,15 +79,31 @@ def test_fsdp_shards_the_layers_and_samples_with_the_whole_weights(tmp_path):
 
 def test_replicas_start_as_rank_0s_even_when_seeded_differently(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the spawned ranks read recipes/ and prompts/ relative to the repository
+    stage = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=7)  # fp32: a previous stage
+    with torch.no_grad():  # trained away from its initial values, norms (ones) and biases (zeros) included
+        for param in stage.model.parameters():
+            param.add_(1e-3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    stage.save_pretrained(tmp_path / "stage")
+    saved = stage.model.state_dict()
     ranks = on_two_ranks(helpers.replicas_on_rank, tmp_path)
     seed_1 = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=1).model.state_dict()
-    for part in ("lora", "fsdp", "reference"):
+    for part in ("lora", "fsdp", "fsdp reference", "stage", "stage reference"):
         zero, one = ranks[0][part], ranks[1][part]
         assert zero.keys() == one.keys()
         for name in zero:
             torch.testing.assert_close(one[name], zero[name], rtol=0, atol=0, msg=f"{part}: {name}")
     differed = [n for n, v in seed_1.items() if n in ranks[0]["fsdp"] and not torch.equal(v, ranks[0]["fsdp"][n])]
     assert differed  # rank 1 was built from another seed: only the broadcast made it rank 0's
+    # A bf16 run from the fp32 stage (rank 0 alone reads it) holds its fp32 weights unrounded as masters, on every
+    # rank; its reference is the stage, each weight in the dtype the policy computes with it (bf16 inside the layers)
+    masters, reference = ranks[1]["stage"], ranks[1]["stage reference"]
+    assert masters.keys() == saved.keys() and all(torch.equal(masters[n], saved[n]) for n in saved)
+    rounded = [n for n, v in saved.items() if not torch.equal(v.bfloat16().float(), v)]
+    assert len(rounded) == len(saved)  # every saved tensor has values bf16 cannot hold: rounding would show
+    for name, value in saved.items():
+        in_layers = ".layers." in name
+        assert reference[name].dtype == (torch.bfloat16 if in_layers or name == "lm_head.weight" else torch.float32)
+        assert torch.equal(reference[name], value.to(reference[name].dtype)), name
 
 
 def test_bf16_fsdp_moves_every_sharded_master_weight_that_has_a_gradient(tmp_path, monkeypatch):

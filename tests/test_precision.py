@@ -1,10 +1,15 @@
 """Mixed precision that learns: bf16 compute over fp32 master weights (full) or fp32 adapters (LoRA)."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from grpo_image.base.config import load_recipe
-from grpo_image.training.weights import LoraWeights, keep_fp32_masters
+from grpo_image.core.logprobs import teacher_forced_logprobs
+from grpo_image.core.sampling import SamplingSettings, sample_codes
+from grpo_image.training.weights import FullWeights, LoraWeights, keep_fp32_masters
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.training.train import build_trainer, grpo_step
 from tests.test_cli_train import RECIPE, SMALL
@@ -56,3 +61,42 @@ def test_lora_weights_load_into_a_bf16_base():
     policy = tiny_policy(hidden_size=16, num_layers=1, dtype="bfloat16")
     weights = LoraWeights(policy, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
     assert {p.dtype for p in weights.trainable_parameters()} == {torch.float32}
+
+
+def test_full_fine_tunings_reference_computes_the_policys_log_probs_bit_for_bit_at_half_the_memory(one_thread):
+    """The reference copy of a bf16 policy's fp32 masters: Linear weights in bf16 (what autocast rounds the masters
+    to for every matrix multiply), embeddings and norms in fp32 (autocast leaves them in their own dtype), so every
+    op of its forward sees the operands the policy's does and the KL before the first update is exactly 0."""
+    policy = tiny_policy(num_codes=16, grid=(4, 4), hidden_size=64, num_layers=2, seed=3, dtype="bfloat16")
+    weights = FullWeights(policy, keep_reference=True)
+    reference = weights.reference_policy.model
+    linears = {name for name, module in reference.named_modules() if isinstance(module, nn.Linear)}
+    for name, param in reference.named_parameters():
+        assert param.dtype == (torch.bfloat16 if name.rsplit(".", 1)[0] in linears else torch.float32), name
+    prompts, settings = ["a red square", "two cats on a mat", "blue", "a green circle"], SamplingSettings()
+    with torch.no_grad(), weights.rollout_weights():
+        codes, _ = sample_codes(policy, prompts, torch.arange(4), settings)
+    with torch.no_grad(), weights.compute():
+        logprobs = teacher_forced_logprobs(policy, prompts, codes, settings)  # [4, 16]
+        with weights.reference() as reference_policy:
+            assert torch.equal(teacher_forced_logprobs(reference_policy, prompts, codes, settings), logprobs)
+        # Every weight in bf16 instead: the embedding's rows move by up to 2^-9 of themselves and the residual stream
+        # becomes bf16 (8 bits of mantissa); the log-probs move by about 1e-3 (2.3e-3 measured), far above 1e-4.
+        rounded = copy.copy(policy)
+        rounded.model = copy.deepcopy(reference).to(torch.bfloat16)
+        assert (teacher_forced_logprobs(rounded, prompts, codes, settings) - logprobs).abs().max() > 1e-4
+    # 91,712 Linear parameters in bf16 and 18,048 others (embedding 277 x 64, norms) in fp32: 58% of an fp32 copy
+    assert sum(p.numel() * p.element_size() for p in reference.parameters()) == 2 * 91_712 + 4 * 18_048
+    assert sum(p.numel() for p in policy.model.parameters()) == 91_712 + 18_048
+
+
+def test_the_reference_shares_the_frozen_weights_instead_of_copying_them(one_thread):
+    from grpo_image.policies.glm_image import tiny_glm_image_policy
+
+    policy = tiny_glm_image_policy(64, 64, num_codes=256, dtype="bfloat16")  # vision encoder and VQ model frozen
+    weights = FullWeights(policy, keep_reference=True)
+    mine = dict(policy.model.named_parameters())
+    frozen = [name for name, p in mine.items() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for name, p in mine.items() if name in frozen)
+    for name, param in weights.reference_policy.model.named_parameters():
+        assert (param is mine[name]) == (name in frozen), name

@@ -3,14 +3,20 @@
 It answers "does this recipe fit the GPUs it names, and if not, which keys to change" from what the code holds at
 each moment of a step, term by term (grpo_image.planning.model_sizes and decoder_sizes read the counts; no weight is loaded):
 
-- resident all run long: the weights (LoRA: the base in the policy's dtype, frozen; full: fp32, the master
-  weights), fp32 master copies of what trains (LoRA's adapters), fp32 gradients (kept from one update to the
-  next), AdamW's two fp32 moments, and for full fine-tuning with a KL term a frozen fp32 reference copy. FSDP
-  splits what lies in the decoder layers over the W processes; embeddings, norms and heads stay whole;
+- resident all run long (grpo_image.planning.resident_memory): the weights (LoRA: the base in the policy's dtype,
+  frozen; full: fp32, the master weights), fp32 master copies of what trains (LoRA's adapters), fp32 gradients (kept
+  from one update to the next), AdamW's two fp32 moments, and for full fine-tuning with a KL term a frozen reference
+  copy (trained Linear weights in the compute dtype, the other trained weights in fp32, frozen weights shared with
+  the policy: see grpo_image.training.weights). FSDP splits what lies in the decoder layers over the W processes (the
+  reference's layers in the compute dtype); embeddings, norms and heads stay whole. `Plan.held` gives these terms by
+  name: what a process holds between phases, checked against the resident bytes of two gloo ranks after every phase;
+- start-up, before the first step (no gradients nor AdamW moments yet): the weights and the reference, and under
+  FSDP the last layer in flight: whole in fp32 on the device, with its reference copy, while both are sharded (the
+  whole model never reaches the device); checked against the allocations of building them on the CPU;
 - rollouts, `sampling.batch_size` rows per sampler call: a static KV cache of rows x (P + L - 1) tokens, every
   layer, K and V (under autocast K is fp32, RoPE's output, and V bf16), and a few [rows, V] fp32 temporaries of the
-  image head; FSDP holds every layer gathered in bf16 for the rollout; full fine-tuning holds bf16 casts of the
-  layers' weights during any forward (autocast caches them);
+  image head; FSDP holds every layer gathered in the compute dtype for the rollout; full fine-tuning holds bf16
+  casts of the layers' weights during any forward (autocast caches them);
 - reference log-probs (beta > 0), a micro-batch per no-grad teacher-forced pass: one layer's intermediates at a
   time, the final hidden states, and the image head over `train.logprob_chunk` positions;
 - the update, `train.micro_batch_size` rows per forward/backward: what each decoder layer keeps for backward (below),
@@ -41,6 +47,7 @@ from omegaconf import DictConfig
 from grpo_image.base.config import reward_specs
 from grpo_image.planning.decoder_sizes import DecoderShape, decoder_shape, reward_parts
 from grpo_image.planning.model_sizes import PolicyShape, policy_shape
+from grpo_image.planning.resident_memory import held_terms, resident_rows, startup_bytes
 
 GIB = 2**30
 USABLE = 0.9  # of a GPU's memory: the rest is the CUDA context, library workspaces and allocator fragmentation
@@ -79,7 +86,8 @@ class Plan:
     policy: PolicyShape
     rows: list[tuple[str, float, str]]  # (what, bytes, note) per training GPU
     resident: float  # bytes a training process holds all run long
-    phases: dict[str, float]  # phase -> peak bytes per training GPU
+    held: dict[str, float]  # the resident terms by name: weights, reference, gradients, optimizer
+    phases: dict[str, float]  # phase -> peak bytes per training GPU (start-up, rollout, reference, update, decode)
     largest_sampler_rows: int
     largest_micro: dict[bool, int]  # checkpointing off / on -> largest micro-batch that fits
     decoder: DecoderShape
@@ -104,14 +112,6 @@ class Plan:
     def fits(self) -> bool:
         actors = self.worker_budget is None or self.worker_peak <= USABLE * self.worker_budget
         return self.peak <= self.usable and actors
-
-
-def count(value: float) -> str:
-    """A parameter count as a person reads it: 9.60 B, 207.6 M, 109.8 k."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}" if unit == "B" else f"{value / scale:.1f} {unit}"
-    return f"{value:.0f}"
 
 
 def setup_of(cfg: DictConfig, gpus: int | None = None, gpu_memory_gb: float | None = None) -> Setup:
@@ -241,13 +241,14 @@ def weight_casts(p: PolicyShape, s: Setup) -> tuple[float, float]:
 
     Under autocast every Linear weight of the decoder layers is cast to bf16 once per forward and cached until the
     forward ends (a rollout is one long forward; a checkpointed layer recomputes only its own). FSDP gathers every
-    layer in bf16 for a rollout, and in training one layer (and the next, prefetched) with one layer's unsharded
-    fp32 gradients in flight.
+    layer in the compute dtype for a rollout, and in training one layer (and the next, prefetched) with one layer's
+    unsharded fp32 gradients in flight.
     """
     if s.mode != "full":
         return 0.0, 0.0
     if s.fsdp:
-        return 2.0 * p.sharded_params, (2 * 2 + 4) * p.largest_layer_params
+        b = p.dtype_bytes
+        return b * p.sharded_params, (2 * b + 4) * p.largest_layer_params
     if p.dtype_bytes == 4:
         return 0.0, 0.0
     return 2.0 * p.cast_params, 2.0 * p.cast_params / p.layers
@@ -308,6 +309,8 @@ def plan_recipe(
     prompts = [r.prompt for r in load_prompts(cfg.data.prompts)] if cfg.data.prompts else []
     p = policy_shape(cfg.policy, cfg.train.lora, prompts)
     rows, resident = resident_rows(p, s)
+    held = held_terms(p, s)
+    startup = startup_bytes(p, s, held)
     every, _ = weight_casts(p, s)
     if every:
         what = "every layer gathered in bf16 (FSDP)" if s.fsdp else "bf16 casts of the layers' weights (autocast)"
@@ -316,7 +319,7 @@ def plan_recipe(
     rows += [(f"KV cache per sampler call ({s.sampler_rows} rows x {p.prompt_tokens + p.positions - 1:,} tokens)", kv,
               f"{kv_bytes_per_token(p, s.mode) / 1024:.1f} KiB per token"),
              ("sampler temporaries (image head, prefix)", sampler_rest, "")]  # fmt: skip
-    phases = {"rollout": resident + rollout_bytes(p, s, s.sampler_rows)}
+    phases = {"start-up": startup, "rollout": resident + rollout_bytes(p, s, s.sampler_rows)}
     if s.beta > 0 or s.tis:  # the policy's own no-grad pass (train.tis_cap) is the reference pass's size
         phases["reference"] = resident + reference_bytes(p, s, s.micro)
         what = " and ".join(name for name, on in (("reference", s.beta > 0), ("old", s.tis)) if on)
@@ -338,38 +341,10 @@ def plan_recipe(
         return resident + max(update_bytes(p, s, micro, checkpointing), reference) <= usable
 
     largest_micro = {c: _largest(lambda m, c=c: micro_fits(m, c), s.minibatch) for c in (False, True)}
-    plan = Plan(recipe, s, p, rows, resident, phases, largest_sampler, largest_micro,
+    plan = Plan(recipe, s, p, rows, resident, held, phases, largest_sampler, largest_micro,
                 decoder_shape(cfg.decoder, p.grid, prompts))
     _workers(plan, cfg)
     return plan
-
-
-def resident_rows(p: PolicyShape, s: Setup) -> tuple[list[tuple[str, float, str]], float]:
-    """What a training process holds all run long, row by row, and its sum."""
-    w = s.processes if s.fsdp else 1
-    trained = p.trainable_sharded / w + p.trainable_params - p.trainable_sharded
-    frozen_sharded = p.sharded_params - p.trainable_sharded
-    frozen = frozen_sharded / w + (p.params - p.trainable_params) - frozen_sharded
-    per = f", decoder layers split over {w} processes" if s.fsdp else ""
-    if s.mode == "lora":
-        adapters = p.lora_params
-        rows = [("weights (frozen, the policy's dtype)", p.params * p.dtype_bytes, f"{count(p.params)} parameters"),
-                ("master weights (fp32 adapters)", 4 * adapters, f"{count(adapters)} adapter parameters"),
-                ("gradients (fp32)", 4 * adapters, ""), ("optimizer state (AdamW, 2 x fp32)", 8 * adapters, ""),
-                ("reference copy", 0, "none: the base with adapters off")]  # fmt: skip
-    else:
-        weights = 4 * trained + p.dtype_bytes * frozen  # what trains is fp32: the master weights
-        note = f"{count(p.trainable_params)} trained, in fp32: the master weights"
-        if p.params > p.trainable_params:
-            note += f"; {count(p.params - p.trainable_params)} frozen, in the policy's dtype"
-        rows = [(f"weights{per}", weights, note), ("gradients (fp32)", 4 * trained, ""),
-                ("optimizer state (AdamW, 2 x fp32)", 8 * trained, ""),
-                ("reference copy (frozen)", weights if s.beta > 0 else 0,
-                 "" if s.beta > 0 else "none: train.beta is 0")]  # fmt: skip
-    if s.processes > 1 and not s.fsdp:
-        grads = 4 * (p.lora_params if s.mode == "lora" else p.trainable_params)
-        rows.append(("gradient averaging buckets", min(256 * 2**20, grads), "replicated gradients, 256 MB at a time"))
-    return rows, sum(b for _, b, _ in rows)
 
 
 def _largest(fits, limit: int) -> int:
@@ -395,7 +370,7 @@ def _workers(plan: Plan, cfg: DictConfig) -> None:
     if cfg.workers.backend == "ray" and cfg.workers.num_gpus > 0:
         plan.worker_budget = s.gpu_gib * GIB * cfg.workers.num_gpus
     elif cfg.workers.backend == "inprocess":  # the trainer's own GPU: the decoder stays, decoding is one more phase
-        plan.phases = {k: v + weights for k, v in plan.phases.items()}
+        plan.phases = {k: v + (weights if k != "start-up" else 0) for k, v in plan.phases.items()}
         plan.phases["decode"] = plan.resident + weights + plan.worker_rows[-1][1]
     budget = plan.worker_budget
     if budget is not None:

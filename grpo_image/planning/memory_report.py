@@ -9,7 +9,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 
-from grpo_image.planning.memory_plan import GIB, USABLE, Plan, count, resident_rows, rollout_bytes, update_bytes
+from grpo_image.planning.memory_plan import GIB, USABLE, Plan, rollout_bytes, update_bytes
+from grpo_image.planning.resident_memory import count, held_terms, resident_rows, startup_bytes
 
 LABEL = 72  # width of the label column
 LINE = 118
@@ -102,6 +103,9 @@ def plan_advice(plan: Plan) -> list[str]:
                     "or use train.mode=lora"]  # fmt: skip
         return [f"{line}: use train.mode=lora"]
     too_few = "even one row per micro-batch does not fit: lower train.logprob_chunk"
+    if plan.phases["start-up"] > usable:
+        advice.append(f"start-up: building the weights and the reference needs {size(plan.phases['start-up'])}: "
+                      "shard over more processes (train.fsdp=true, hardware.gpus)")  # fmt: skip
     if plan.phases["rollout"] > usable:
         rows = plan.largest_sampler_rows
         advice.append(f"rollouts: set sampling.batch_size <= {rows} (rows per sampler call)" if rows
@@ -130,7 +134,8 @@ def smallest_fsdp(plan: Plan, most: int = 256) -> int | None:
         sharded = replace(s, processes=processes, fsdp=True)
         _, resident = resident_rows(p, sharded)
         smallest = max(rollout_bytes(p, sharded, s.cfg_rows), update_bytes(p, sharded, 1, True))
-        if resident + smallest <= plan.usable:
+        startup = startup_bytes(p, sharded, held_terms(p, sharded))
+        if max(resident + smallest, startup) <= plan.usable:
             return processes
     return None
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, instantiate
 from grpo_image.training.preflight import PATH_ARGUMENT
+from grpo_image.training.weights import read_by_linears_only
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Linears of a Qwen2 / LLaMA / GLM-4 layer that take the same input (q/k/v the normed states, gate/up or GLM-4's fused
@@ -43,6 +44,8 @@ class PolicyShape:
     largest_layer_params: int  # one such layer (FSDP gathers one at a time in training)
     trainable_params: int  # what train.mode full trains (modules the policy freezes left out)
     trainable_sharded: int
+    trainable_linear: int  # trained parameters only Linears hold: the reference keeps them in the compute dtype
+    trainable_linear_sharded: int  # those of them in the decoder layers
     cast_params: int  # weights of the Linear layers in the language model's decoder layers (cast under autocast)
     layers: int
     hidden: int
@@ -284,6 +287,7 @@ def _shape(built: Built, dtype, lora_node, prompts: list[str]) -> PolicyShape:
     trainable_ids = {id(p) for p in built.trainable}
     layers = _decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    linear = read_by_linears_only(model)
     lm_layers = _lm_layers(model, config.num_hidden_layers)
     cast = sum(m.weight.numel() for layer in lm_layers for m in layer.modules() if isinstance(m, nn.Linear))
     heads = config.num_attention_heads
@@ -299,6 +303,9 @@ def _shape(built: Built, dtype, lora_node, prompts: list[str]) -> PolicyShape:
         largest_layer_params=max((param_count(layer) for layer in layers), default=0),
         trainable_params=sum(p.numel() for p in built.trainable),
         trainable_sharded=sum(p.numel() for p in model.parameters() if id(p) in trainable_ids and id(p) in in_layers),
+        trainable_linear=sum(p.numel() for p in model.parameters() if id(p) in trainable_ids and id(p) in linear),
+        trainable_linear_sharded=sum(p.numel() for p in model.parameters()
+                                     if id(p) in trainable_ids and id(p) in linear and id(p) in in_layers),
         cast_params=cast, layers=config.num_hidden_layers, hidden=config.hidden_size,
         intermediate=config.intermediate_size,
         norm_readers=sum(ATTENTION_GROUPS.get(short) in NORMED_INPUTS for short, _ in linears),

@@ -116,6 +116,18 @@ def broadcast_from_rank0(world: World, module: torch.nn.Module) -> None:
             _unflatten_into(flat, [t.data for t in bucket])
 
 
+def broadcast_in_place_from_rank0(world: World, tensors: list[torch.Tensor]) -> None:
+    """`tensors` become rank 0's, each received in its own storage (a tensor listed twice, a tied weight, once).
+
+    One collective per tensor and no flat copy: FSDP's start-up sends a layer's tensors just before sharding them and
+    needs no memory beyond the layer itself (a flat bucket would also be freed only when the backend lets it go).
+    """
+    if not world.distributed:
+        return
+    for tensor in {id(t): t for t in tensors if t.numel()}.values():
+        dist.broadcast(world.collective_tensor(tensor.detach()), src=0)
+
+
 def gather_objects(world: World, value):
     """Every rank's `value`, in rank order, on every rank (small things: scores, metrics, error messages)."""
     if not world.distributed:

@@ -79,9 +79,8 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
                            rank=world.rank, world_size=world.size)
     check_batches(cfg, world.size, world.distributed)  # also when train() is called without the CLI's preflight
     torch.manual_seed(cfg.seed)  # draws outside our seeded streams (LoRA init, dropout) start from the recipe's seed
-    policy = instantiate(cfg.policy)
+    policy = instantiate(cfg.policy)  # on the host; make_weights places it on this process's GPU (whole, or sharded)
     resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the checkpoint's, written to config.yaml as resolved
-    policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
     weights = make_weights(policy, cfg.train, world)  # LoRA or full (fp32 masters), from init_from, FSDP when asked
     if cfg.train.gradient_checkpointing:  # recompute each layer in the backward pass: far less activation memory
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -14,6 +14,11 @@ weights, so bf16 parameters would round most updates away.
   fp32. Every policy forward (rollouts, teacher-forced, reference) runs under `torch.autocast` in bf16, so the
   matrix multiplies use the bf16 rounding of the masters, as a bf16 model would, while updates accumulate in fp32.
   Checkpoints hold the fp32 masters, so resume is exact.
+- The reference copy (full fine-tuning with a KL term) holds each weight in the precision the policy computes with
+  it (`reference_dtype`): a Linear's weight in bf16, which is exactly what autocast rounds the master to for every
+  matrix multiply; the weights autocast leaves in their own dtype (embeddings, norms) as fp32 copies; frozen weights
+  not copied at all but shared, since nothing ever changes them. Its log-probs before the first update are the
+  policy's bit for bit, at about half the memory of an fp32 copy.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from grpo_image.training.checkpoint import CheckpointError, find_checkpoint
 from grpo_image.training.distributed import World, broadcast_from_rank0
@@ -127,22 +133,23 @@ class FullWeights(_TrainedWeights):
 
     `init_from` (a previous run's checkpoint) is loaded into the fp32 masters before the reference is copied, so
     the reference is the model the run starts from and a previous stage's fp32 weights are not rounded. With several
-    processes, every rank's weights become rank 0's before the reference is copied (and before FSDP shards them).
+    processes, every rank's weights become rank 0's before the reference is copied. The whole model lives on this
+    process's device (ShardedFullWeights places it there layer by layer instead).
     """
 
     def __init__(
         self, policy: CausalLMPolicy, keep_reference: bool, init_from: str | Path | None = None, world: World = World()
     ):
         self.policy = policy
+        policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
         self.compute_dtype = keep_fp32_masters(policy.model)
         if init_from:
             load_saved_weights(policy, init_from, merge_adapter=True)
         broadcast_from_rank0(world, policy.model)  # replicas (and their references) start as rank 0's
         self.reference_policy = None
         if keep_reference:
-            frozen = copy.deepcopy(policy.model).requires_grad_(False).eval()
             self.reference_policy = copy.copy(policy)
-            self.reference_policy.model = frozen
+            self.reference_policy.model = frozen_copy(policy.model, reference_dtype(policy.model, self.compute_dtype))
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMPolicy]:
@@ -160,8 +167,8 @@ class FullWeights(_TrainedWeights):
         load_full_weights(self.policy.model, folder)
 
 
-def keep_fp32_masters(model: torch.nn.Module) -> torch.dtype | None:
-    """Turn trainable bf16 parameters into fp32 master weights in place; return bf16, the compute dtype (or None).
+def master_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16 when trainable parameters are in bf16 (they become fp32 masters computing under bf16 autocast), else None.
 
     fp16 is refused: without loss scaling its gradients underflow, and every recipe here computes in bf16.
     """
@@ -170,10 +177,72 @@ def keep_fp32_masters(model: torch.nn.Module) -> torch.dtype | None:
         return None
     if torch.float16 in low:
         raise ValueError("full fine-tuning in float16 is not supported (it needs loss scaling): use dtype bfloat16")
-    for param in model.parameters():
+    return torch.bfloat16
+
+
+def upcast_masters(params: Iterable[nn.Parameter]) -> None:
+    """Turn trainable parameters into fp32 in place (the master weights); frozen ones keep their dtype."""
+    for param in params:
         if param.requires_grad:
             param.data = param.data.float()
-    return torch.bfloat16
+
+
+def keep_fp32_masters(model: nn.Module) -> torch.dtype | None:
+    """Turn trainable bf16 parameters into fp32 master weights in place; return bf16, the compute dtype (or None)."""
+    compute_dtype = master_compute_dtype(model)
+    if compute_dtype is not None:
+        upcast_masters(model.parameters())
+    return compute_dtype
+
+
+def reference_dtype(model: nn.Module, compute_dtype: torch.dtype | None) -> Callable[[nn.Parameter], torch.dtype]:
+    """The dtype in which the reference copy keeps each trained parameter of `model`: the one the policy computes in.
+
+    Under autocast a Linear's weight and bias enter the matrix multiply rounded to the compute dtype (to nearest
+    even, as a `.to(bfloat16)` copy is), so a bf16 copy computes exactly what the fp32 master does. An embedding
+    lookup or a norm's scale is not cast by autocast: it runs in the weight's own dtype, fp32 for a master, so those
+    keep the master's dtype (a bf16 embedding would also turn the whole residual stream to bf16). A parameter that
+    anything but a Linear also reads (a head tied to the embedding) counts as the latter.
+    """
+    if compute_dtype is None:
+        return lambda param: param.dtype
+    linear = read_by_linears_only(model)
+    return lambda param: compute_dtype if id(param) in linear else param.dtype
+
+
+def read_by_linears_only(model: nn.Module) -> set[int]:
+    """The ids of the parameters of `model` that only nn.Linear modules hold (a tied one held elsewhere too is not)."""
+    readers: dict[int, list[bool]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            readers.setdefault(id(param), []).append(isinstance(module, nn.Linear))
+    return {key for key, linear in readers.items() if all(linear)}
+
+
+def frozen_copy(
+    module: nn.Module,
+    dtype_of: Callable[[nn.Parameter], torch.dtype],
+    *,
+    share_frozen: bool = True,
+    replacing: dict[nn.Module, nn.Module] | None = None,
+) -> nn.Module:
+    """A frozen copy of `module` in eval mode, made parameter by parameter: never a whole second copy in fp32.
+
+    Each trainable parameter is copied in `dtype_of(param)`; each frozen one is shared (`share_frozen`: nothing
+    updates it, so a second copy would only cost memory) or copied; buffers are copied. `replacing` maps submodules
+    to what the copy holds in their place (FSDP's reference layers, each built and sharded beforehand).
+    """
+    replacing = replacing or {}
+    memo: dict[int, object] = {id(old): new for old, new in replacing.items()}
+    replaced = {id(p) for old in replacing for p in old.parameters()}
+    for param in module.parameters():
+        if id(param) in replaced:
+            continue
+        shared = share_frozen and not param.requires_grad
+        memo[id(param)] = param if shared else nn.Parameter(
+            param.detach().to(dtype_of(param), copy=True), requires_grad=False
+        )
+    return copy.deepcopy(module, memo).eval()
 
 
 def load_full_weights(model: torch.nn.Module, folder: str | Path) -> None:
@@ -235,9 +304,11 @@ def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapte
 def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> LoraWeights | FullWeights:
     """Build the recipe's training mode (`train.mode`: lora or full) around the policy, from `train.init_from`.
 
-    With several processes, every replica (base and adapters, or full weights) starts as rank 0's.
+    With several processes, every replica (base and adapters, or full weights) starts as rank 0's. The model goes to
+    this process's device here: whole for LoRA and plain full fine-tuning, layer by layer under FSDP.
     """
     if train_cfg.mode == "lora":
+        policy.model.to(world.device)
         if train_cfg.init_from:  # merged into the base, under the new adapters
             load_saved_weights(policy, train_cfg.init_from, merge_adapter=True)
         lora = train_cfg.lora
