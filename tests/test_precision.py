@@ -65,14 +65,16 @@ def test_lora_weights_load_into_a_bf16_base():
 
 def test_full_fine_tunings_reference_computes_the_policys_log_probs_bit_for_bit_at_half_the_memory(one_thread):
     """The reference copy of a bf16 policy's fp32 masters: Linear weights in bf16 (what autocast rounds the masters
-    to for every matrix multiply), embeddings and norms in fp32 (autocast leaves them in their own dtype), so every
-    op of its forward sees the operands the policy's does and the KL before the first update is exactly 0."""
+    to for every matrix multiply), embeddings, norms and the image head (lm_head, read in fp32 by `fp32_head`) in
+    fp32, so every op of its forward sees the operands the policy's does and the KL before the first update is
+    exactly 0."""
     policy = tiny_policy(num_codes=16, grid=(4, 4), hidden_size=64, num_layers=2, seed=3, dtype="bfloat16")
     weights = FullWeights(policy, keep_reference=True)
     reference = weights.reference_policy.model
     linears = {name for name, module in reference.named_modules() if isinstance(module, nn.Linear)}
     for name, param in reference.named_parameters():
-        assert param.dtype == (torch.bfloat16 if name.rsplit(".", 1)[0] in linears else torch.float32), name
+        module = name.rsplit(".", 1)[0]
+        assert param.dtype == (torch.bfloat16 if module in linears and module != "lm_head" else torch.float32), name
     prompts, settings = ["a red square", "two cats on a mat", "blue", "a green circle"], SamplingSettings()
     with torch.no_grad(), weights.rollout_weights():
         codes, _ = sample_codes(policy, prompts, torch.arange(4), settings)
@@ -85,9 +87,41 @@ def test_full_fine_tunings_reference_computes_the_policys_log_probs_bit_for_bit_
         rounded = copy.copy(policy)
         rounded.model = copy.deepcopy(reference).to(torch.bfloat16)
         assert (teacher_forced_logprobs(rounded, prompts, codes, settings) - logprobs).abs().max() > 1e-4
-    # 91,712 Linear parameters in bf16 and 18,048 others (embedding 277 x 64, norms) in fp32: 58% of an fp32 copy
-    assert sum(p.numel() * p.element_size() for p in reference.parameters()) == 2 * 91_712 + 4 * 18_048
+    # 91,712 Linear parameters, of which lm_head's 277 x 64 = 17,728 stay fp32 with the 18,048 others (embedding
+    # 277 x 64, norms): 73,984 in bf16 and 35,776 in fp32, 66% of an fp32 copy
+    assert sum(p.numel() * p.element_size() for p in reference.parameters()) == 2 * 73_984 + 4 * 35_776
     assert sum(p.numel() for p in policy.model.parameters()) == 91_712 + 18_048
+
+
+def test_from_an_fp32_stage_the_reference_keeps_the_image_heads_rows_unrounded(one_thread, tmp_path):
+    """X-Omni scores codes with mm_head's rows in fp32 (`fp32_head`), reading the fp32 masters unrounded. A previous
+    stage's fp32 weights (train.init_from) lie off the bf16 grid, so a bf16 copy of mm_head would give the reference
+    other logits than the policy before the first update; kept in fp32 it gives the same, bit for bit."""
+    from grpo_image.policies.xomni import tiny_xomni_policy
+
+    stage = tiny_xomni_policy(seed=5)
+    with torch.no_grad():
+        for param in stage.model.parameters():  # an fp32 stage: every weight moved off the bf16 grid
+            param.add_(torch.randn_like(param) * 1e-3)
+    stage.save_pretrained(tmp_path / "stage")
+    policy = tiny_xomni_policy(seed=5, dtype="bfloat16")
+    weights = FullWeights(policy, keep_reference=True, init_from=tmp_path / "stage")
+    reference = weights.reference_policy.model
+    assert reference.mm_head.weight.dtype == torch.float32 and reference.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(reference.mm_head.weight, stage.model.mm_head.weight)  # the stage's rows, not rounded
+    prompts, settings = ["a red square", "blue"], SamplingSettings(min_p=0.03)
+    with torch.no_grad(), weights.rollout_weights():
+        codes, _ = sample_codes(policy, prompts, torch.arange(2), settings)
+    with torch.no_grad(), weights.compute():
+        logprobs = teacher_forced_logprobs(policy, prompts, codes, settings)  # [2, 12]
+        with weights.reference() as reference_policy:
+            assert torch.equal(teacher_forced_logprobs(reference_policy, prompts, codes, settings), logprobs)
+        # The head's rows rounded to bf16 instead (relative steps of 2^-9): the logits, hence the log-probs, move
+        # by about 2^-9 of a logit's size, far above 0.
+        rounded = copy.copy(reference_policy)
+        rounded.model = copy.deepcopy(reference)
+        rounded.model.mm_head.weight.data = reference.mm_head.weight.data.bfloat16().float()
+        assert (teacher_forced_logprobs(rounded, prompts, codes, settings) - logprobs).abs().max() > 0
 
 
 def test_the_reference_shares_the_frozen_weights_instead_of_copying_them(one_thread):

@@ -21,7 +21,7 @@ from torch import nn
 
 from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, instantiate
 from grpo_image.training.preflight import PATH_ARGUMENT
-from grpo_image.training.weights import read_by_linears_only
+from grpo_image.training.weights import rounded_by_autocast
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Linears of a Qwen2 / LLaMA / GLM-4 layer that take the same input (q/k/v the normed states, gate/up or GLM-4's fused
@@ -108,6 +108,7 @@ class Built:
     codes: int
     encode: tuple | None  # (token counts of prompt rows, how they were counted), or None: no tokenizer to count with
     source: str
+    image_head: list[nn.Module]  # the Linears the policy's image head reads in fp32 (its `image_head_of`)
 
 
 def policy_shape(policy_node, lora_node, prompts: list[str]) -> PolicyShape:
@@ -133,12 +134,13 @@ def policy_shape(policy_node, lora_node, prompts: list[str]) -> PolicyShape:
     encode = (lambda texts: [len(row) for row in policy.encode(texts)], "with the policy's tokenizer")
     built = Built(model, getattr(model.config, "text_config", model.config),
                   [p for p in model.parameters() if p.requires_grad], policy.grid, policy.num_positions,
-                  policy.num_codes, encode, f"{target}, built from the recipe's arguments")  # fmt: skip
+                  policy.num_codes, encode, f"{target}, built from the recipe's arguments",
+                  policy.image_head())  # fmt: skip
     return _shape(built, next(model.parameters()).dtype, lora_node, prompts)
 
 
 def _xomni(args: dict, function) -> Built:
-    from grpo_image.policies.xomni import xomni_grid
+    from grpo_image.policies.xomni import XOmniPolicy, xomni_grid
     from grpo_image.policies.xomni_model import XOmniConfig, XOmniForCausalLM
 
     path = config_json(args["path"], "policy.path")
@@ -147,11 +149,13 @@ def _xomni(args: dict, function) -> Built:
     grid = xomni_grid(args.get("height", 1024), args.get("width", 1024))
     encode = _folder_encoder(path.parent, _template(args, function), grid, bos=False)  # Qwen2's tokenizer: no BOS
     return Built(model, config, list(model.parameters()), grid, grid[0] * grid[1], config.image_vocab_size, encode,
-                 str(path))  # fmt: skip
+                 str(path), XOmniPolicy.image_head_of(model))  # fmt: skip
 
 
 def _janus(args: dict, function) -> Built:
     from transformers import JanusConfig, JanusForConditionalGeneration
+
+    from grpo_image.policies.janus import JanusPolicy
 
     path = config_json(args["path"], "policy.path")
     config = JanusConfig.from_pretrained(path.parent)
@@ -159,18 +163,21 @@ def _janus(args: dict, function) -> Built:
     side = int(config.vq_config.num_patches)
     encode = _folder_encoder(path.parent, _template(args, function), (side, side), bos=True)
     return Built(model, config.text_config, _janus_trainable(model), (side, side), side * side,
-                 config.vq_config.num_embeddings, encode, str(path))  # fmt: skip
+                 config.vq_config.num_embeddings, encode, str(path), JanusPolicy.image_head_of(model))  # fmt: skip
 
 
 def _causal_lm(args: dict, function) -> Built:
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from grpo_image.policies.causal_lm import CausalLMPolicy
 
     path = config_json(args["path"], "policy.path")
     config = AutoConfig.from_pretrained(path.parent)
     model = meta_build(lambda: AutoModelForCausalLM.from_config(config))
     grid = tuple(args["grid"])
     encode = _folder_encoder(path.parent, _template(args, function), grid, bos=False)
-    return Built(model, config, list(model.parameters()), grid, grid[0] * grid[1], args["num_codes"], encode, str(path))
+    return Built(model, config, list(model.parameters()), grid, grid[0] * grid[1], args["num_codes"], encode, str(path),
+                 CausalLMPolicy.image_head_of(model))
 
 
 def _glm_image(args: dict, function) -> Built:
@@ -184,7 +191,7 @@ def _glm_image(args: dict, function) -> Built:
     from transformers import AutoProcessor, GlmImageConfig, GlmImageForConditionalGeneration
 
     from grpo_image.policies.glm_image import pipeline_processor_call, build_tiny_glm_image_processor
-    from grpo_image.policies.glm_image import glm_image_folders, glm_image_grids
+    from grpo_image.policies.glm_image import GlmImagePolicy, glm_image_folders, glm_image_grids
 
     model_dir, processor_dir = glm_image_folders(args["path"])
     path = config_json(model_dir, "policy.path")
@@ -210,7 +217,7 @@ def _glm_image(args: dict, function) -> Built:
     trainable = [p for p in model.parameters() if id(p) not in frozen]
     positions = preview[0] * preview[1] + grid[0] * grid[1]
     return Built(model, config.text_config, trainable, grid, positions, config.vq_config.num_embeddings, encode,
-                 str(path))  # fmt: skip
+                 str(path), GlmImagePolicy.image_head_of(model))  # fmt: skip
 
 
 FAMILIES = {  # policy components that load a folder: how to build their model from its config files alone
@@ -287,7 +294,7 @@ def _shape(built: Built, dtype, lora_node, prompts: list[str]) -> PolicyShape:
     trainable_ids = {id(p) for p in built.trainable}
     layers = _decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    linear = read_by_linears_only(model)
+    linear = rounded_by_autocast(model, built.image_head)
     lm_layers = _lm_layers(model, config.num_hidden_layers)
     cast = sum(m.weight.numel() for layer in lm_layers for m in layer.modules() if isinstance(m, nn.Linear))
     heads = config.num_attention_heads

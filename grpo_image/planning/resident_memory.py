@@ -90,7 +90,7 @@ def resident_rows(p: PolicyShape, s: Setup) -> tuple[list[tuple[str, float, str]
             note += f"; {count(p.params - p.trainable_params)} frozen, in the policy's dtype"
         how = "in fp32, as the policy computes"
         if p.dtype_bytes < 4:
-            how = ("layers" if s.fsdp else "Linear weights") + " in bf16, embeddings and norms in fp32"
+            how = ("layers" if s.fsdp else "Linear weights") + " in bf16, embeddings, norms and image head in fp32"
         if p.params > p.trainable_params:
             how += ", frozen weights shared"
         rows = [(f"weights{per}", held["weights"], note), ("gradients (fp32)", held["gradients"], ""),

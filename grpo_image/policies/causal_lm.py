@@ -125,6 +125,17 @@ class CausalLMPolicy:
         )
         return out.last_hidden_state, out.cache
 
+    @staticmethod
+    def image_head_of(model: nn.Module) -> list[nn.Module]:
+        """The Linears whose weights `image_logits` reads in fp32 (`fp32_head`), found on a bare model of the family
+        (also one built on the meta device for the memory plan). Full fine-tuning's reference keeps them in the
+        masters' dtype: rounded to bf16 they would move its logits away from the policy's, which reads fp32 masters."""
+        return [model.get_output_embeddings()]
+
+    def image_head(self) -> list[nn.Module]:
+        """`image_head_of` this policy's model."""
+        return self.image_head_of(self.model)
+
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the V image codes only, in fp32 (`fp32_head`): [..., H] -> [..., V]."""
         head = plain_linear(self.model.get_output_embeddings(), "the image head")

@@ -138,6 +138,15 @@ class JanusPolicy(CausalLMPolicy):
         )
         return out.last_hidden_state, out.cache
 
+    @staticmethod
+    def image_head_of(model: nn.Module) -> list[nn.Module]:
+        """generation_head's two Linears (`model`: JanusForConditionalGeneration)."""
+        head = model.model.generation_head
+        return [head.proj_out, head.vision_head]
+
+    def image_head(self) -> list[nn.Module]:
+        return self.image_head_of(self.janus)
+
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """generation_head only (never lm_head): proj_out, its activation and vision_head, all in fp32 (`fp32_head`),
         so neither the logits nor the CFG mixture is rounded to bf16: [..., H] -> [..., V]."""

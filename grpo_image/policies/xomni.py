@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from grpo_image.policies.causal_lm import CausalLMPolicy
 from grpo_image.policies.tokenizers import BYTE_TOKENS, EOS, PAD, byte_alphabet, byte_level_tokenizer
@@ -87,6 +88,11 @@ class XOmniPolicy(CausalLMPolicy):
     def check_code_range(self, model, tokenizer, image_token_offset: int, num_codes: int) -> None:
         """X-Omni's codes lie beyond the text head by design: check them against the config and tokenizer."""
         self.special_token_ids = check_tokenizer_layout(tokenizer, model.config)
+
+    @staticmethod
+    def image_head_of(model: nn.Module) -> list[nn.Module]:
+        """X-Omni's codes are scored by `mm_head` (its first image_vocab_size rows), never by the text head."""
+        return [model.mm_head]
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the V image codes only, never the text or full multimodal width: [..., H] -> [..., V]."""

@@ -130,7 +130,7 @@ class ShardedFullWeights(FullWeights):
             upcast_masters(policy.model.parameters())  # the previous stage's fp32 weights are not rounded
             load_saved_weights(policy, init_from, merge_adapter=True)
         model = policy.model
-        dtype_of = reference_dtype(model, self.compute_dtype)
+        dtype_of = reference_dtype(model, self.compute_dtype, policy.image_head())
         layers = [layer for _, stack in decoder_stacks(model) for layer in stack]
         inside = {id(m) for layer in layers for m in layer.modules()}
         outside = [m for m in model.modules() if id(m) not in inside]

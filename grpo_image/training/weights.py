@@ -16,7 +16,8 @@ weights, so bf16 parameters would round most updates away.
   Checkpoints hold the fp32 masters, so resume is exact.
 - The reference copy (full fine-tuning with a KL term) holds each weight in the precision the policy computes with
   it (`reference_dtype`): a Linear's weight in bf16, which is exactly what autocast rounds the master to for every
-  matrix multiply; the weights autocast leaves in their own dtype (embeddings, norms) as fp32 copies; frozen weights
+  matrix multiply; the weights autocast leaves in their own dtype (embeddings, norms) and the image head's rows, which
+  the policy reads in fp32 (`fp32_head`), as fp32 copies; frozen weights
   not copied at all but shared, since nothing ever changes them. Its log-probs before the first update are the
   policy's bit for bit, at about half the memory of an fp32 copy.
 """
@@ -149,7 +150,9 @@ class FullWeights(_TrainedWeights):
         self.reference_policy = None
         if keep_reference:
             self.reference_policy = copy.copy(policy)
-            self.reference_policy.model = frozen_copy(policy.model, reference_dtype(policy.model, self.compute_dtype))
+            self.reference_policy.model = frozen_copy(
+                policy.model, reference_dtype(policy.model, self.compute_dtype, policy.image_head())
+            )
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMPolicy]:
@@ -195,28 +198,33 @@ def keep_fp32_masters(model: nn.Module) -> torch.dtype | None:
     return compute_dtype
 
 
-def reference_dtype(model: nn.Module, compute_dtype: torch.dtype | None) -> Callable[[nn.Parameter], torch.dtype]:
+def reference_dtype(
+    model: nn.Module, compute_dtype: torch.dtype | None, image_head: Iterable[nn.Module] = ()
+) -> Callable[[nn.Parameter], torch.dtype]:
     """The dtype in which the reference copy keeps each trained parameter of `model`: the one the policy computes in.
 
     Under autocast a Linear's weight and bias enter the matrix multiply rounded to the compute dtype (to nearest
     even, as a `.to(bfloat16)` copy is), so a bf16 copy computes exactly what the fp32 master does. An embedding
     lookup or a norm's scale is not cast by autocast: it runs in the weight's own dtype, fp32 for a master, so those
     keep the master's dtype (a bf16 embedding would also turn the whole residual stream to bf16). A parameter that
-    anything but a Linear also reads (a head tied to the embedding) counts as the latter.
+    anything but a Linear also reads (a head tied to the embedding) counts as the latter, and so do the Linears of
+    the policy's `image_head`, whose weights `fp32_head` reads unrounded.
     """
     if compute_dtype is None:
         return lambda param: param.dtype
-    linear = read_by_linears_only(model)
-    return lambda param: compute_dtype if id(param) in linear else param.dtype
+    rounded = rounded_by_autocast(model, image_head)
+    return lambda param: compute_dtype if id(param) in rounded else param.dtype
 
 
-def read_by_linears_only(model: nn.Module) -> set[int]:
-    """The ids of the parameters of `model` that only nn.Linear modules hold (a tied one held elsewhere too is not)."""
+def rounded_by_autocast(model: nn.Module, image_head: Iterable[nn.Module] = ()) -> set[int]:
+    """The ids of the parameters of `model` that every forward sees rounded to the compute dtype: those only nn.Linear
+    modules hold (a tied one held elsewhere too is not), other than the image head's (read in fp32)."""
     readers: dict[int, list[bool]] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
             readers.setdefault(id(param), []).append(isinstance(module, nn.Linear))
-    return {key for key, linear in readers.items() if all(linear)}
+    unrounded = {id(param) for module in image_head for param in module.parameters()}
+    return {key for key, linear in readers.items() if all(linear) and key not in unrounded}
 
 
 def frozen_copy(
