@@ -15,10 +15,11 @@ learning rate is large enough for the weights it trains: the loss and the gradie
   it is computed in float64.
   Trainable parameters outside peft's LoRA layers (none in the shipped recipes) count as full weights.
 
-With several processes each rank adds up the parameters it holds: its shards of FSDP's sharded parameters, and,
-on rank 0 only, the replicated ones (equal on every rank); one all-reduce sums the squares, so every rank gets the
-global ratio. The weights before the step are copied to host memory (the trained parameters: adapters, or this
-rank's fp32 master shards, the replicated ones on rank 0 only) and compared a chunk at a time on the device.
+With several processes each rank adds up the parameters it holds: its shards of FSDP's sharded parameters, and
+every W-th of the replicated ones (equal on every rank, so each is counted once, and the copies below are spread
+evenly over the ranks rather than piled on one); one all-reduce sums the squares, so every rank gets the global
+ratio. The weights before the step are copied to host memory (this rank's share of the trained parameters: adapters,
+or its fp32 master shards and its W-th of the replicated ones) and compared a chunk at a time on the device.
 """
 
 from __future__ import annotations
@@ -51,13 +52,19 @@ class UpdateRatio:
 
     def __init__(self, model: nn.Module, world: World = World()):
         self.world = world
-        counted = world.is_main or not world.distributed  # replicated parameters count once, on rank 0
         layers = _lora_layers(model)
         in_adapters = {id(p) for a, b, _, _ in layers for p in (a, b)}
-        self.adapted = [_Adapted(a, b, s, base, _host_copy(a), _host_copy(b)) for a, b, s, base in layers
-                        if counted]
-        self.full = [(p, _host_copy(_local(p))) for p in model.parameters()
-                     if p.requires_grad and id(p) not in in_adapters and (_is_sharded(p) or counted)]
+        self.adapted = [_Adapted(a, b, s, base, _host_copy(a), _host_copy(b)) for index, (a, b, s, base)
+                        in enumerate(layers) if self._counts(index)]
+        replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in in_adapters
+                      and not _is_sharded(p)]
+        sharded = [p for p in model.parameters() if p.requires_grad and _is_sharded(p)]
+        self.full = [(p, _host_copy(_local(p))) for p in sharded] + [
+            (p, _host_copy(p)) for index, p in enumerate(replicated) if self._counts(index)]
+
+    def _counts(self, index: int) -> bool:
+        """Whether this rank counts the index-th replicated tensor: every rank holds it alike, so one counts it."""
+        return not self.world.distributed or index % self.world.size == self.world.rank
 
     def ratio(self) -> float:
         """||update|| / ||weights before it||, over every rank's parameters; the same value on every rank."""
