@@ -11,8 +11,8 @@ Sampling is different: hundreds of one-token forwards, and gathering each layer'
 would spend the rollout on communication, so `gathered` holds the whole weights for the length of the rollout
 (one gather per layer per step) and shards them again afterwards.
 
-Checkpoints hold whole weights and name-keyed optimizer state (gathered on rank 0), so a run saved with W ranks
-resumes with any other number of processes, FSDP or not.
+Checkpoints (FullWeights.save and load) hold each rank's shards and name-keyed optimizer state in a DCP folder,
+which torch reshards: a run saved with W ranks resumes with any other number of processes, FSDP or not.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
 
 from grpo_image.training.distributed import World
 from grpo_image.policies.causal_lm import CausalLMPolicy
-from grpo_image.training.weights import FULL_WEIGHTS_FILE, FullWeights, whole_state_options
+from grpo_image.training.weights import FullWeights
 
 
 def shard_layers(model: nn.Module, compute_dtype: torch.dtype | None = None) -> list[nn.Module]:
@@ -81,18 +80,3 @@ class ShardedFullWeights(FullWeights):
     def rollout_weights(self) -> Iterator[None]:
         with gathered(self.layers), self.compute():
             yield
-
-    def save(self, folder: Path | None) -> None:
-        """Gather the whole weights (every rank takes part); the rank given a folder writes them."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(self.policy.model, options=whole_state_options())
-        if folder is not None:
-            self.policy.save_pretrained(folder, state_dict=state)
-
-    def load(self, folder: Path) -> None:
-        """Every rank reads the whole weights and keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
-        set_model_state_dict(self.policy.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
