@@ -7,7 +7,8 @@ import torch.multiprocessing as mp
 
 from grpo_image.base.config import load_recipe
 from grpo_image.base.logging import read_metrics
-from grpo_image.planning.memory_plan import plan_recipe, resume_rows
+from grpo_image.planning.memory_plan import plan_recipe
+from grpo_image.planning.resume_plan import resume_rows
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.training.checkpoint import find_checkpoint
 from tests import helpers_distributed as helpers

@@ -9,9 +9,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 
-from grpo_image.planning.memory_plan import (
-    GIB, USABLE, Plan, count, resident_rows, resume_rows, rollout_bytes, update_bytes,
-)
+from grpo_image.planning.memory_plan import GIB, USABLE, Plan, count, resident_rows, rollout_bytes, update_bytes
+from grpo_image.planning.resume_plan import resume_rows
 
 LABEL = 72  # width of the label column
 LINE = 118

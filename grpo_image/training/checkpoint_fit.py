@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -67,7 +68,7 @@ def saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
 
 
-def refuse_unless_fits(folder: Path, wanted: dict[str, tuple[int, ...]], optional: set[str] = frozenset()) -> None:
+def refuse_unless_fits(folder: Path, wanted: dict[str, tuple[int, ...]], optional: Collection[str] = ()) -> None:
     """Refuse saved weights whose tensors are not, name for name and shape for shape, `wanted` (the recipe's model's,
     in its order); `optional`: names the file may leave out (tied weights that save_pretrained does not write)."""
     saved = saved_shapes(folder)
