@@ -130,3 +130,135 @@ def bf16_fsdp_step_on_rank(rank: int, port: int, out: str) -> None:
     dtypes = sorted({str(value.dtype) for value in local.values()})
     torch.save({"with_grad": with_grad, "moved": moved, "dtypes": dtypes, "metrics": metrics}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+# Checkpoints at real size, rehearsed: a collective timeout turned down from NCCL's 10 minutes, a slow disk, a kill.
+COLLECTIVE_TIMEOUT_S = 2  # the training process group's timeout in the slow-writer rehearsal
+SLOW_FLUSH_S = 5  # rank 0's first flush to disk of a checkpoint takes this long: more than the timeout
+SHARDED = ["train.mode=full", "train.fsdp=true", "keep_checkpoints=0", "logging.tensorboard=false"]
+
+
+def train_in_group(rank: int, port: int, out: str, overrides: list[str], timeout_s: float | None = None) -> dict:
+    """`grpo_image.training.train.train` on rank `rank` of 2, in a process group made here; with `timeout_s`, its
+    collectives time out after that long from the first step on (building the trainer keeps the default, so that
+    ranks that start unevenly on a loaded machine do not fail before the rehearsal begins)."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training import train as train_module
+
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if timeout_s is not None:
+        build = train_module.build_trainer
+
+        def build_then_shorten(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            _set_pg_timeout(timedelta(seconds=timeout_s))
+            return trainer
+
+        train_module.build_trainer = build_then_shorten
+    cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, *SHARDED, f"output_dir={out}/run", *overrides])
+    return train_module.train(cfg)  # joins the group made above and leaves it at the end
+
+
+def on_fsync(action) -> None:
+    """Call action(path) before every flush to disk of this process (os.fsync), whoever flushes."""
+    real = os.fsync
+
+    def fsync(fd):
+        action(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    os.fsync = fsync
+
+
+def slow_writer_on_rank(rank: int, port: int, out: str) -> None:
+    """Two FSDP steps, a checkpoint after each, under a 2 s collective timeout; rank 0's disk takes 5 s to flush the
+    first file of each checkpoint (a slow or shared filesystem at real size)."""
+    import time
+
+    slowed = []
+    if rank == 0:
+        def slow_first_flush(path: str) -> None:
+            step = path.split(".tmp-step_")[-1][:6] if ".tmp-step_" in path else None
+            if step is not None and step not in slowed:
+                slowed.append(step)
+                time.sleep(SLOW_FLUSH_S)
+
+        on_fsync(slow_first_flush)
+    summary = train_in_group(rank, port, out, ["steps=2", "save_every=1"], timeout_s=COLLECTIVE_TIMEOUT_S)
+    torch.save({"slowed": slowed, "summary": summary}, f"{out}/rank{rank}.pt")
+
+
+def killed_while_writing_on_rank(rank: int, port: int, out: str) -> None:
+    """Three FSDP steps, a checkpoint after each; rank 0 is killed (SIGKILL) while it writes step 2's."""
+    import signal
+
+    if rank == 0:
+        def kill_in_step_2(path: str) -> None:
+            if ".tmp-step_000002" in path:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        on_fsync(kill_in_step_2)
+    train_in_group(rank, port, out, ["steps=3", "save_every=1"])
+
+
+def resident_peak_kib() -> int:
+    """This process's peak resident memory since the last `reset_resident_peak` (Linux VmHWM)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def reset_resident_peak() -> int:
+    """Start a new peak-resident-memory measurement (Linux: clear_refs 5); returns the resident KiB now."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return resident_peak_kib()
+
+
+# Layers hold 97% of the weights, as in a 7B model, in tensors of megabytes: torch.load's constant look-ahead of about
+# 34 KB past each saved tensor (its zip reader) stays a small part of what a rank reads, as it is at real size.
+RESUME_MODEL = ["policy.hidden_size=1024", "policy.num_layers=2"]
+
+
+def resume_reads_on_rank(rank: int, port: int, out: str) -> None:
+    """Save an FSDP checkpoint after one step, then resume from it: what each rank reads and its resident peak while
+    the checkpoint is verified and loaded."""
+    import gc
+
+    import psutil
+
+    from grpo_image.base.config import load_recipe
+    from grpo_image.training import train as train_module
+    from grpo_image.training.stops import StepStart, save_step
+
+    world = join(rank, port)
+    run = f"{out}/run"
+    cfg = load_recipe("recipes/tiny_cpu.yaml", [*RECIPE_OVERRIDES, *SHARDED, *RESUME_MODEL, f"output_dir={run}"])
+    trainer = train_module.build_trainer(cfg, world)
+    train_module.grpo_step(trainer, 1)
+    save_step(trainer, run, 1, StepStart(torch.get_rng_state(), None))
+    del trainer
+    gc.collect()
+    process, measured = psutil.Process(), {}
+
+    def measure(name, function):
+        def measured_call(*args, **kwargs):
+            resident, chars = reset_resident_peak(), process.io_counters().read_chars
+            result = function(*args, **kwargs)
+            measured[name] = {"read": process.io_counters().read_chars - chars,
+                              "peak_growth": 1024 * (resident_peak_kib() - resident)}
+            return result
+
+        return measured_call
+
+    train_module.find_checkpoint = measure("verify", train_module.find_checkpoint)
+    train_module.load_checkpoint = measure("load", train_module.load_checkpoint)
+    cfg.resume = run
+    train_module.build_trainer(cfg, world)
+    torch.save(measured, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,4 +1,7 @@
-"""Checkpoints: atomic, verified on resume, corrupt ones skipped, only the newest K kept, exact restore."""
+"""Checkpoints: atomic, verified on resume, corrupt ones skipped, only the newest K kept, exact restore.
+
+Two processes, a slow disk and a kill mid-write are rehearsed in tests/test_sharded_checkpoints.py.
+"""
 
 import json
 
@@ -6,8 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_image.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from grpo_image.training.weights import FullWeights, LoraWeights
+from grpo_image.training.checkpoint import (
+    SIZES_ONLY, WEIGHTS, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
+)
+from grpo_image.training.weights import FullWeights, LoraWeights, load_saved_weights
 from grpo_image.policies.tiny import tiny_policy
 
 CONFIG = OmegaConf.create({"seed": 0})
@@ -49,15 +54,21 @@ def test_lora_checkpoint_is_a_standard_peft_adapter(tmp_path):
     folder = save_checkpoint(tmp_path, 1, weights, optimizer, scheduler, CONFIG, keep=0)
     adapter = json.loads((folder / "policy" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
-    assert (folder / "policy" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (folder / "policy").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
-def test_full_checkpoint_loads_as_a_policy(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_checkpoint_loads_into_the_recipes_policy(tmp_path, dtype):
     weights, optimizer, scheduler = trained("full")
     folder = save_checkpoint(tmp_path, 1, weights, optimizer, scheduler, CONFIG, keep=0)
-    loaded = tiny_policy(path=str(folder / "policy"))
-    assert torch.equal(loaded.model.lm_head.weight, weights.policy.model.lm_head.weight)
-    assert (loaded.image_token_offset, loaded.num_codes) == (weights.policy.image_token_offset, 8)
+    # one process's DCP folder: its metadata and the one file it wrote, of the weights and of AdamW's state
+    for part in ("policy", "optimizer"):
+        assert sorted(p.name for p in (folder / part).iterdir()) == [".metadata", "__0_0.distcp"]
+    loaded = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=1, dtype=dtype)
+    load_saved_weights(loaded, tmp_path, merge_adapter=False)  # as sample, eval and train.init_from do
+    for name, value in weights.policy.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value.to(getattr(torch, dtype))), name  # rounded once
 
 
 def test_newest_complete_checkpoint_is_found_and_a_corrupt_one_skipped(tmp_path):
@@ -65,11 +76,17 @@ def test_newest_complete_checkpoint_is_found_and_a_corrupt_one_skipped(tmp_path)
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, weights, optimizer, scheduler, CONFIG, keep=0)
     assert find_checkpoint(tmp_path).name == "step_000003"
-    with open(tmp_path / "checkpoints" / "step_000003" / "optimizer.pt", "r+b") as handle:
+    with open(tmp_path / "checkpoints" / "step_000003" / "optimizer" / "__0_0.distcp", "r+b") as handle:
         handle.seek(10)
         handle.write(b"\x00corrupt")
-    with pytest.warns(UserWarning, match="skipping checkpoint .*step_000003.*optimizer.pt"):
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_000003.*optimizer/__0_0.distcp"):
         assert find_checkpoint(tmp_path).name == "step_000002"
+    # sample and eval read the weights alone, which are whole; a look before a launch compares sizes only
+    assert find_checkpoint(tmp_path, hashed=WEIGHTS).name == "step_000003"
+    assert find_checkpoint(tmp_path, hashed=SIZES_ONLY).name == "step_000003"
+    (tmp_path / "checkpoints" / "step_000003" / "scheduler.pt").write_bytes(b"")  # truncated
+    with pytest.warns(UserWarning, match="scheduler.pt does not match its manifest entry \\(0 bytes"):
+        assert find_checkpoint(tmp_path, hashed=SIZES_ONLY).name == "step_000002"
     (tmp_path / "checkpoints" / "step_000002" / "manifest.json").unlink()  # a half-written one
     with pytest.warns(UserWarning):
         assert find_checkpoint(tmp_path).name == "step_000001"
@@ -94,3 +111,15 @@ def test_only_the_newest_k_are_kept(tmp_path):
 def test_a_folder_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         find_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_of_the_earlier_whole_format_is_not_resumed_but_its_weights_start_a_run(tmp_path):
+    weights, optimizer, scheduler = trained("full")
+    folder = tmp_path / "step_000001"
+    weights.policy.save_pretrained(folder / "policy")  # what a checkpoint held before: a model folder, optimizer.pt
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="earlier version .* train.init_from="):
+        load_checkpoint(folder, *trained("full", seed=1))
+    loaded = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=1)
+    load_saved_weights(loaded, folder, merge_adapter=True)
+    assert torch.equal(loaded.model.lm_head.weight, weights.policy.model.lm_head.weight)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
 from grpo_image.policies.tiny import tiny_policy
+from tests.helpers_checkpoint import saved_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
@@ -47,11 +47,11 @@ def test_three_step_run_writes_everything_and_changes_the_trainable_weights(tmp_
     policy_dir = tmp_path / "checkpoints" / "step_000003" / "policy"
     if mode == "full":
         start = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0).model.state_dict()
-        saved = load_file(policy_dir / "model.safetensors")
+        saved = saved_weights(policy_dir)
         changed = [name for name, value in saved.items() if not torch.equal(value, start[name])]
         assert len(changed) == len(saved), "every weight is trained in full mode"
     else:
-        adapter = load_file(policy_dir / "adapter_model.safetensors")
+        adapter = saved_weights(policy_dir)
         lora_b = [value for name, value in adapter.items() if "lora_B" in name]
         assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # lora_B starts at exactly 0
 
@@ -72,8 +72,8 @@ def test_resume_continues_exactly(tmp_path, mode, dtype):
     expected, got = comparable(read_metrics(straight / "metrics.jsonl")), comparable(read_metrics(split / "metrics.jsonl"))
     assert [row["step"] for row in got] == [1, 2, 3, 4]
     assert got == expected
-    a = load_file(next((straight / "checkpoints" / "step_000004" / "policy").glob("*.safetensors")))
-    b = load_file(next((split / "checkpoints" / "step_000004" / "policy").glob("*.safetensors")))
+    a = saved_weights(straight / "checkpoints" / "step_000004")
+    b = saved_weights(split / "checkpoints" / "step_000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -149,7 +149,7 @@ def test_micro_batches_and_gradient_checkpointing_give_the_same_update(tmp_path)
     weights = {}
     for name, extra in runs.items():
         assert run(tmp_path / name, "steps=1", "train.minibatches=1", *extra) == 0
-        weights[name] = load_file(tmp_path / name / "checkpoints" / "step_000001" / "policy" / "model.safetensors")
+        weights[name] = saved_weights(tmp_path / name / "checkpoints" / "step_000001")
     for name in ("micro", "ckpt"):
         for key, value in weights["whole"].items():
             torch.testing.assert_close(weights[name][key], value, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from grpo_image.core.advantages import group_advantages
 from grpo_image.app.cli import main
@@ -21,6 +20,7 @@ from grpo_image.policies.tiny import tiny_policy
 from grpo_image.core.sampling import SamplingSettings, sample_codes
 from grpo_image.core.seeding import minibatch_order
 from tests import helpers_distributed as helpers
+from tests.helpers_checkpoint import saved_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [  # the demo recipe at test size: N = 4 groups of 4 rollouts of 2 x 2 codes, two minibatches
@@ -141,20 +141,22 @@ def train(out: Path, processes: int, *overrides: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def weights_at(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / f"step_{step:06d}" / "policy" / name)
+def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return saved_weights(run / "checkpoints" / f"step_{step:06d}")
 
 
-def assert_same_run(one: Path, two: Path, steps: int, name: str) -> None:
-    a, b = weights_at(one, steps, name), weights_at(two, steps, name)
+def assert_same_run(one: Path, two: Path, steps: int, first: int = 1) -> None:
+    """The weights after `steps` and the metrics of steps first..steps (two's log begins at first) are one's."""
+    a, b = weights_at(one, steps), weights_at(two, steps)
     start = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0).model.state_dict()
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5)
         if key in start or "lora_B" in key:  # the steps moved the weights far more than the tolerance (B starts at 0)
             assert (a[key] - start.get(key, 0)).abs().max() > 1e-3, key
-    rows_one, rows_two = read_metrics(one / "metrics.jsonl")[:steps], read_metrics(two / "metrics.jsonl")[:steps]
-    assert [r["step"] for r in rows_two] == list(range(1, steps + 1))
+    rows_one = read_metrics(one / "metrics.jsonl")[first - 1 : steps]
+    rows_two = read_metrics(two / "metrics.jsonl")[: steps - first + 1]
+    assert [r["step"] for r in rows_two] == list(range(first, steps + 1))
     for key in ("reward/total/mean", "train/loss", "train/kl", "train/grad_norm", "adv/abs_mean"):
         np.testing.assert_allclose([r[key] for r in rows_two], [r[key] for r in rows_one], rtol=1e-4, atol=1e-6)
 
@@ -163,7 +165,7 @@ def assert_same_run(one: Path, two: Path, steps: int, name: str) -> None:
 def test_two_processes_with_lora_train_like_one(tmp_path):
     train(tmp_path / "one", 1, "steps=2", "train.mode=lora", "train.lr=1e-2")
     train(tmp_path / "two", 2, "steps=2", "train.mode=lora", "train.lr=1e-2")
-    assert_same_run(tmp_path / "one", tmp_path / "two", 2, "adapter_model.safetensors")
+    assert_same_run(tmp_path / "one", tmp_path / "two", 2)
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 2  # one line a step: rank 0 alone logs
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
 
@@ -174,10 +176,14 @@ def test_fsdp_full_fine_tuning_trains_like_one_process_and_resumes_on_one(tmp_pa
     # with activation checkpointing and micro-batches on the two processes, none of which changes the numbers
     train(tmp_path / "two", 2, "steps=2", "train.mode=full", "train.fsdp=true", "train.gradient_checkpointing=true",
           "train.micro_batch_size=2")
-    assert_same_run(tmp_path / "one", tmp_path / "two", 2, "model.safetensors")
-    # The two-process checkpoint (whole weights, optimizer state by name) continues in a single process.
+    assert_same_run(tmp_path / "one", tmp_path / "two", 2)
+    # The two-process checkpoint (each rank's shards, optimizer state by name) continues in a single process ...
     train(tmp_path / "two", 1, "steps=3", "train.mode=full", f"resume={tmp_path / 'two'}")
-    assert_same_run(tmp_path / "one", tmp_path / "two", 3, "model.safetensors")
+    assert_same_run(tmp_path / "one", tmp_path / "two", 3)
+    # ... and the single process's checkpoint after step 2 on two FSDP processes: DCP reshards both ways
+    back, after_2 = tmp_path / "back", tmp_path / "one" / "checkpoints" / "step_000002"
+    train(back, 2, "steps=3", "train.mode=full", "train.fsdp=true", f"resume={after_2}")
+    assert_same_run(tmp_path / "one", back, 3, first=3)
 
 
 @pytest.mark.parametrize("group_size, minibatches, count", [(4, 2, 16), (3, 2, 12), (4, 4, 32)])

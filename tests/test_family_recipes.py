@@ -119,7 +119,7 @@ def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mo
         assert row["reward/alignment/mean"] == pytest.approx(0.9, abs=1e-6)  # P("Yes") = exp(log 0.9), float32
     assert (tmp_path / "samples" / "step_000001.png").is_file()
     saved = tmp_path / "checkpoints" / "step_000001" / "policy"
-    assert (saved / ("adapter_model.safetensors" if mode == "lora" else "config.json")).is_file()
+    assert (saved / ("adapter_model.safetensors" if mode == "lora" else ".metadata")).is_file()
 
 
 @pytest.mark.timeout(900)

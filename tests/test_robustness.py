@@ -11,11 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import grpo_image.training.train as train_module
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
+from tests.helpers_checkpoint import saved_weights
 from tests.test_cli_train import RECIPE, REPO, SMALL, comparable
 
 PROMPTS = REPO / "prompts" / "tiny_colors.jsonl"
@@ -112,7 +112,7 @@ def test_a_non_finite_loss_skips_the_update_and_the_run_goes_on(tmp_path, monkey
     rows = read_metrics(tmp_path / "metrics.jsonl")
     # two minibatches a step: call 3 is step 2's first minibatch
     assert [row["train/skipped_updates"] for row in rows] == [0, 1, 0]
-    saved = load_file(tmp_path / "checkpoints" / "step_000003" / "policy" / "model.safetensors")
+    saved = saved_weights(tmp_path / "checkpoints" / "step_000003")
     assert all(torch.isfinite(value).all() for value in saved.values())
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from grpo_image.base.config import load_recipe
 from grpo_image.evaluation.generate import load_policy
+from tests.helpers_checkpoint import saved_weights
 from tests.helpers_eval import COLORS, RECIPE, SMALL, Images, cli, train_tiny, write_jsonl
 
 
@@ -56,13 +56,13 @@ def test_a_checkpoint_loads_its_trained_weights(runs, mode):
     for where in (runs[mode], folder, folder / "policy"):  # a run, a checkpoint, the weights folder itself
         policy = load_policy(cfg, where)
         if mode == "full":
-            saved = load_file(folder / "policy" / "model.safetensors")
+            saved = saved_weights(folder)
             state = policy.model.state_dict()
             assert all(torch.equal(state[name], value) for name, value in saved.items())
         else:
             from peft import get_peft_model_state_dict
 
-            saved = load_file(folder / "policy" / "adapter_model.safetensors")
+            saved = saved_weights(folder)
             state = get_peft_model_state_dict(policy.model)
             assert saved.keys() == state.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
             assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the init
@@ -154,7 +154,7 @@ def test_eval_usage_errors_exit_2(tmp_path, prompts, runs, capsys):
 
 def test_the_recipe_init_from_is_the_base_as_in_training(runs):
     # A recipe that starts from the full run's weights (train.init_from) samples from them without a checkpoint.
-    saved = load_file(runs["full"] / "checkpoints" / "step_000002" / "policy" / "model.safetensors")
+    saved = saved_weights(runs["full"] / "checkpoints" / "step_000002")
     cfg = load_recipe(RECIPE, [*SMALL, f"train.init_from={runs['full'] / 'checkpoints' / 'step_000002'}"])
     state = load_policy(cfg).model.state_dict()
     assert all(torch.equal(state[name], value) for name, value in saved.items())

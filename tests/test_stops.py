@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import grpo_image.training.train as train_module
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
 from grpo_image.scoring.score import RewardFailure
+from tests.helpers_checkpoint import saved_weights
 from tests.test_cli_train import RECIPE, SMALL, comparable
 
 # SMALL: 2 minibatches a step, a checkpoint every 2 steps
@@ -19,8 +19,8 @@ def train(out, *overrides: str) -> int:
 
 def same_run(straight, resumed) -> None:
     assert comparable(read_metrics(resumed / "metrics.jsonl")) == comparable(read_metrics(straight / "metrics.jsonl"))
-    a = load_file(straight / "checkpoints" / "step_000004" / "policy" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_000004" / "policy" / "model.safetensors")
+    a = saved_weights(straight / "checkpoints" / "step_000004")
+    b = saved_weights(resumed / "checkpoints" / "step_000004")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -129,6 +129,9 @@ def _train(cfg) -> int:
     except TrainingStopped as err:
         print(f"grpo-image: {err}", file=sys.stderr)
         return 1
+    except CheckpointError as err:  # resume or init_from weights that do not fit the recipe: refused before any step
+        print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

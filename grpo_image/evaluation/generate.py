@@ -51,9 +51,9 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
     init_from = OmegaConf.select(cfg, "train.init_from", default=None)
     if init_from:  # the weights the recipe's runs start from (and the base its adapters apply to)
         load_saved_weights(policy, init_from, merge_adapter=True)
-    if checkpoint is not None:
-        _warn_if_trained_from_elsewhere(cfg, policy_folder(checkpoint))
+    if checkpoint is not None:  # weights that do not fit the policy are refused first, in one line
         load_saved_weights(policy, checkpoint, merge_adapter=False)
+        _warn_if_trained_from_elsewhere(cfg, policy_folder(checkpoint))
     policy.model.eval()
     return policy
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from grpo_image.planning.memory_plan import GIB, USABLE, Plan, rollout_bytes, update_bytes
 from grpo_image.planning.resident_memory import count, held_terms, resident_rows, startup_bytes
+from grpo_image.planning.resume_plan import resume_rows
 
 LABEL = 72  # width of the label column
 LINE = 118
@@ -67,6 +68,7 @@ def format_plan(plan: Plan) -> str:
               f"  largest that fit: sampling.batch_size {plan.largest_sampler_rows} rows; train.micro_batch_size "
               f"{off} without gradient checkpointing, {on} with"]  # fmt: skip
     lines += _worker_lines(plan, scale, unit)
+    lines += _resume_lines(plan)
     advice = plan_advice(plan)
     if advice:
         lines += ["", "to fit:"] + [line for item in advice for line in _wrap(f"  - {item}")]
@@ -90,6 +92,13 @@ def _worker_lines(plan: Plan, scale: float, unit: str) -> list[str]:
         lines.append(f"  peak {plan.worker_peak / scale:.1f} -> {verdict} in {usable / scale:.1f}; largest "
                      f"decoder.max_batch_size that fits: {plan.largest_decode}")  # fmt: skip
     return lines
+
+
+def _resume_lines(plan: Plan) -> list[str]:
+    """The checkpoint's size and the host memory (not the GPU's) a resume needs, per process and per node."""
+    rows = resume_rows(plan.policy, plan.setup)
+    scale, unit = (GIB, "GiB") if max(b for _, b, _ in rows) >= GIB else (2**20, "MiB")
+    return [""] + _table("checkpoints and resume (disk and host memory)", rows, scale, unit)
 
 
 def plan_advice(plan: Plan) -> list[str]:

@@ -42,6 +42,7 @@ class PolicyShape:
     params: int
     sharded_params: int  # in the decoder layers (children of ModuleLists named `layers`): what FSDP shards
     largest_layer_params: int  # one such layer (FSDP gathers one at a time in training)
+    largest_tensor_params: int  # the largest single weight (an embedding or head): what a resume holds at once
     trainable_params: int  # what train.mode full trains (modules the policy freezes left out)
     trainable_sharded: int
     trainable_linear: int  # trained parameters only Linears hold: the reference keeps them in the compute dtype
@@ -308,6 +309,7 @@ def _shape(built: Built, dtype, lora_node, prompts: list[str]) -> PolicyShape:
         source=built.source, dtype_bytes=DTYPE_BYTES[dtype], params=param_count(model),
         sharded_params=sum(param_count(layer) for layer in layers),
         largest_layer_params=max((param_count(layer) for layer in layers), default=0),
+        largest_tensor_params=max(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in built.trainable),
         trainable_sharded=sum(p.numel() for p in model.parameters() if id(p) in trainable_ids and id(p) in in_layers),
         trainable_linear=sum(p.numel() for p in model.parameters() if id(p) in trainable_ids and id(p) in linear),

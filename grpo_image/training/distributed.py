@@ -13,7 +13,7 @@ A run with W processes computes exactly what one process computes at the same gl
   under DDP; the heads and embeddings under FSDP) are averaged by an all-reduce; FSDP's sharded layers are
   averaged by FSDP's own reduce-scatter;
 - metrics: reward metrics come from the gathered scores; train and time metrics are means over ranks; only
-  rank 0 writes logs, sample grids and checkpoints.
+  rank 0 writes logs and sample grids; every rank writes its shard of a checkpoint (grpo_image/training/checkpoint.py).
 
 The process group comes from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
 NCCL when CUDA is present, else gloo, so the same code runs two CPU processes in the tests. The World owns the

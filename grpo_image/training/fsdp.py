@@ -24,8 +24,8 @@ the GPU first, then each layer in turn is moved, turned into fp32 masters, made 
 sharded (`ShardedFullWeights`). The GPU's peak is the sharded weights plus a layer or two in flight
 (`grpo-image plan`'s start-up phase).
 
-Checkpoints hold whole weights and name-keyed optimizer state (gathered on rank 0), so a run saved with W ranks
-resumes with any other number of processes, FSDP or not.
+Checkpoints (FullWeights.save and load) hold each rank's shards and name-keyed optimizer state in a DCP folder,
+which torch reshards: a run saved with W ranks resumes with any other number of processes, FSDP or not.
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
 
 from grpo_image.training.distributed import World, broadcast_in_place_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 from grpo_image.training.weights import (
-    FULL_WEIGHTS_FILE, FullWeights, frozen_copy, load_saved_weights, master_compute_dtype, reference_dtype,
-    upcast_masters, whole_state_options,
+    FullWeights, frozen_copy, load_saved_weights, master_compute_dtype, reference_dtype, upcast_masters,
 )
 
 
@@ -164,21 +162,6 @@ class ShardedFullWeights(FullWeights):
     def rollout_weights(self) -> Iterator[None]:
         with gathered(self.layers), self.compute():
             yield
-
-    def save(self, folder: Path | None) -> None:
-        """Gather the whole weights (every rank takes part); the rank given a folder writes them."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(self.policy.model, options=whole_state_options())
-        if folder is not None:
-            self.policy.save_pretrained(folder, state_dict=state)
-
-    def load(self, folder: Path) -> None:
-        """Every rank reads the whole weights and keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
-        set_model_state_dict(self.policy.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _to_device(module: nn.Module, device: torch.device) -> None:

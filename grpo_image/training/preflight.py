@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import AGGREGATIONS, SCALES
-from grpo_image.training.checkpoint import find_checkpoint
+from grpo_image.training.checkpoint import SIZES_ONLY, find_checkpoint
 from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
 from grpo_image.training.data import load_recipe_prompts
 from grpo_image.core.sampling import CHECKPOINT_KEYS, SamplingSettings
@@ -56,7 +56,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "seed": AT_LEAST_0, "steps": AT_LEAST_1, "save_every": AT_LEAST_1, "sample_every": AT_LEAST_0,
-    "keep_checkpoints": AT_LEAST_0,
+    "keep_checkpoints": AT_LEAST_0, "checkpoint_timeout_s": POSITIVE,
     "data.batch_size": AT_LEAST_1, "data.max_passes": POSITIVE,
     "data.group_size": (lambda v: v >= 2, ">= 2 (advantages compare the rollouts of a group: one rollout alone "
                                           "always gets advantage 0 and nothing is learned)"),
@@ -120,8 +120,8 @@ def _check_run_paths(cfg: DictConfig) -> None:
             raise RecipeError(f"'workers.py_modules': {module} is not a folder (ship reward files inside a package folder)")
     if cfg.train.init_from and not Path(cfg.train.init_from).is_dir():
         raise RecipeError(f"'train.init_from': no such checkpoint folder: {cfg.train.init_from}")
-    if cfg.resume:
-        find_checkpoint(cfg.resume)
+    if cfg.resume:  # the files' hashes are checked when the run resumes, each process its share
+        find_checkpoint(cfg.resume, hashed=SIZES_ONLY)
 
 
 def check_batches(cfg: DictConfig, world_size: int, process_group: bool | None = None) -> None:

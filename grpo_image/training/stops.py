@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from grpo_image.training.checkpoint import CHECKPOINTS, PREFIX, CheckpointError, find_checkpoint, save_checkpoint
+from grpo_image.training.checkpoint import (
+    CHECKPOINTS, PREFIX, SIZES_ONLY, CheckpointError, find_checkpoint, save_checkpoint,
+)
 from grpo_image.training.distributed import gather_rows
 
 if TYPE_CHECKING:
@@ -39,7 +41,8 @@ def save_step(trainer: Trainer, run_dir: Path, step: int, state: StepStart) -> P
     return save_checkpoint(
         run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
         trainer.cfg.keep_checkpoints, prefetched=prefetched_tensors(trainer, state.prefetched, step + 1),
-        writer=trainer.world.is_main, rng_state=state.rng_state, loop_state={"health": trainer.health.state()},
+        world=trainer.world, timeout_s=trainer.cfg.checkpoint_timeout_s, rng_state=state.rng_state,
+        loop_state={"health": trainer.health.state()},
     )
 
 
@@ -102,11 +105,11 @@ def checkpoint_before(trainer: Trainer, run_dir: Path, step: int, before: StepSt
 
 
 def resume_hint(trainer: Trainer, run_dir: Path) -> str:
-    """Which checkpoint on disk a resumed run would continue from."""
+    """Which checkpoint on disk a resumed run would continue from (by the files' sizes: no checkpoint is re-read)."""
     for folder in (run_dir, trainer.cfg.resume):
         if folder:
             try:
-                return f"resume={folder} continues from {find_checkpoint(folder)}"
+                return f"resume={folder} continues from {find_checkpoint(folder, hashed=SIZES_ONLY)}"
             except CheckpointError:
                 continue
     return "no checkpoint is on disk, so there is nothing to resume"

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import group_advantages, weighted_total
 from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
+from grpo_image.training.checkpoint_fit import warn_changed_training_keys
 from grpo_image.base.config import instantiate, reward_specs
 from grpo_image.training.data import GroupSampler, load_recipe_prompts
 from grpo_image.training.distributed import (
@@ -95,10 +96,13 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
     )
     start_step, prefetched_codes, loop_state = 0, None, {}
-    if cfg.resume:
+    if cfg.resume:  # every rank hashes and reads its share; weights that do not fit the model are refused
+        checkpoint = find_checkpoint(cfg.resume, world=world, timeout_s=cfg.checkpoint_timeout_s)
         start_step, prefetched_codes, loop_state = load_checkpoint(
-            find_checkpoint(cfg.resume), weights, optimizer, scheduler
+            checkpoint, weights, optimizer, scheduler, world, cfg.checkpoint_timeout_s
         )
+        if world.is_main:
+            warn_changed_training_keys(checkpoint, cfg)
     specs = reward_specs(cfg)
     trainer = Trainer(
         cfg=cfg,

@@ -20,6 +20,10 @@ weights, so bf16 parameters would round most updates away.
   the policy reads in fp32 (`fp32_head`), as fp32 copies; frozen weights
   not copied at all but shared, since nothing ever changes them. Its log-probs before the first update are the
   policy's bit for bit, at about half the memory of an fp32 copy.
+
+Saving and restoring (grpo_image/training/checkpoint.py): an adapter is written whole by rank 0 in peft's format;
+full weights and every optimizer state go through torch.distributed.checkpoint, each rank writing and reading its
+own shard. Saved weights that do not fit the recipe's model are refused first (grpo_image/training/checkpoint_fit.py).
 """
 
 from __future__ import annotations
@@ -34,20 +38,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from grpo_image.training.checkpoint import CheckpointError, find_checkpoint
+from grpo_image.training.checkpoint import (
+    DCP_METADATA, POLICY, WEIGHTS, CheckpointError, find_checkpoint, is_first, read_sharded, write_sharded,
+)
+from grpo_image.training.checkpoint_fit import (
+    ADAPTER_FILE, FULL_WEIGHTS_FILE, refuse_adapter_unless_fits, refuse_other_mode, refuse_unless_fits, saved_kind,
+)
 from grpo_image.training.distributed import World, broadcast_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 
-ADAPTER_FILE = "adapter_model.safetensors"
-FULL_WEIGHTS_FILE = "model.safetensors"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _TrainedWeights:
     """What both modes share: optimizer state, the compute precision and the weights the rollouts are sampled with.
 
-    Optimizer state is keyed by parameter name, not position: the same file restores a plain, a DDP or an FSDP
-    optimizer, so a checkpoint resumes with a different number of processes.
+    Optimizer state is keyed by parameter name, not position, and saved in shards: the same folder restores a plain,
+    a DDP or an FSDP optimizer, so a checkpoint resumes with a different number of processes.
     """
 
     policy: CausalLMPolicy
@@ -68,15 +75,19 @@ class _TrainedWeights:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.model.parameters() if p.requires_grad]
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+    def save_optimizer_state(self, optimizer: torch.optim.Optimizer, folder: Path, group) -> None:
+        """Every rank writes the moments of the parameters it holds (its FSDP shards) into a DCP folder."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.policy.model, optimizer, options=whole_state_options())
+        write_sharded(get_optimizer_state_dict(self.policy.model, optimizer), folder, group)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, folder: Path, group) -> None:
+        """Every rank reads the moments of the parameters it holds, into the optimizer's own state tensors."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.policy.model, optimizer, state, options=whole_state_options())
+        state = get_optimizer_state_dict(self.policy.model, optimizer)  # AdamW's state made (zero), to be filled
+        read_sharded(state, folder, group)
+        set_optimizer_state_dict(self.policy.model, optimizer, state)
 
 
 @contextlib.contextmanager
@@ -85,13 +96,6 @@ def peft_quietly() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-def whole_state_options():
-    """Whole (unsharded) state, gathered to the CPU of rank 0 when sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class LoraWeights(_TrainedWeights):
@@ -112,21 +116,20 @@ class LoraWeights(_TrainedWeights):
         with self.policy.model.disable_adapter():
             yield self.policy
 
-    def save(self, folder: Path | None) -> None:
-        """The adapter in peft's standard format (adapter_config.json + adapter_model.safetensors).
-
-        None: another rank writes the checkpoint and this one has nothing to contribute.
-        """
-        if folder is not None:
+    def save(self, folder: Path, group=None) -> None:
+        """The adapter in peft's standard format (adapter_config.json + adapter_model.safetensors), written once by
+        the first rank: it is small, and every rank holds the same."""
+        if is_first(group):
             self.policy.model.save_pretrained(folder)
 
-    def load(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
+    def load(self, folder: Path, group=None) -> None:
+        """Every rank reads the adapter; one of another shape (model or rank r) is refused, naming its first tensor."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.policy.model, load_file(Path(folder) / ADAPTER_FILE))
-        lora_missing = [key for key in result.missing_keys if "lora_" in key]
-        if lora_missing:
-            raise ValueError(f"{folder}: the adapter lacks {len(lora_missing)} LoRA tensors, e.g. {lora_missing[0]}")
+        refuse_other_mode(folder, "lora")
+        wanted = {name: tuple(value.shape) for name, value in get_peft_model_state_dict(self.policy.model).items()}
+        refuse_unless_fits(folder, wanted)
+        set_peft_model_state_dict(self.policy.model, load_file(Path(folder) / ADAPTER_FILE))
 
 
 class FullWeights(_TrainedWeights):
@@ -161,13 +164,22 @@ class FullWeights(_TrainedWeights):
         with self.compute():
             yield self.reference_policy
 
-    def save(self, folder: Path | None) -> None:
-        """The whole model with its tokenizer: the folder loads as a policy checkpoint by itself (None: see LoRA)."""
-        if folder is not None:
-            self.policy.save_pretrained(folder)
+    def save(self, folder: Path, group=None) -> None:
+        """The fp32 masters (and any frozen weights) into a DCP folder, every rank its own FSDP shards; `sample`,
+        `eval` and `train.init_from` read it into the recipe's policy (see `load_saved_weights`)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    def load(self, folder: Path) -> None:
-        load_full_weights(self.policy.model, folder)
+        write_sharded(get_model_state_dict(self.policy.model), folder, group)
+
+    def load(self, folder: Path, group=None) -> None:
+        """Every rank reads its own shard (resharded for another number of processes) into the model's tensors."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        refuse_other_mode(folder, "full")
+        state = get_model_state_dict(self.policy.model)  # this rank's tensors (DTensor shards under FSDP)
+        refuse_unless_fits(folder, {name: tuple(value.shape) for name, value in state.items()})
+        read_sharded(state, folder, group)
+        set_model_state_dict(self.policy.model, state)
 
 
 def master_compute_dtype(model: nn.Module) -> torch.dtype | None:
@@ -254,12 +266,17 @@ def frozen_copy(
 
 
 def load_full_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Full weights from `folder`/model.safetensors into `model` in place (cast to each parameter's dtype)."""
-    state = load_file(Path(folder) / FULL_WEIGHTS_FILE)
-    model.load_state_dict(state, strict=False)
-    missing = set(model.state_dict()) - set(state)
-    if missing - _tied_names(model):
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+    """Full weights into a whole `model` in place, cast to each tensor's dtype: a checkpoint's DCP folder (this
+    process reads every shard, one tensor at a time, into the model's own tensors) or a model.safetensors."""
+    folder = Path(folder)
+    state = model.state_dict()  # the model's own tensors
+    shapes = {name: tuple(value.shape) for name, value in state.items()}
+    if (folder / DCP_METADATA).is_file():
+        refuse_unless_fits(folder, shapes)
+        read_sharded(state, folder, None)
+        return
+    refuse_unless_fits(folder, shapes, optional=_tied_names(model))
+    model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -269,16 +286,16 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
 
 
 def policy_folder(path: str | Path) -> Path:
-    """The folder holding saved weights: the path itself (an adapter or a full model), a checkpoint's `policy/`, or
-    the newest complete checkpoint's of a run folder."""
+    """The folder holding saved weights: the path itself (an adapter, a checkpoint's DCP weights, a model folder), a
+    checkpoint's `policy/`, or the newest checkpoint of a run folder whose weights are complete."""
     path = Path(path)
-    if (path / "adapter_config.json").is_file() or (path / FULL_WEIGHTS_FILE).is_file():
+    if saved_kind(path):
         return path
-    if (path / "policy").is_dir():
-        return path / "policy"
+    if (path / POLICY).is_dir():
+        return path / POLICY
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    return find_checkpoint(path) / "policy"
+    return find_checkpoint(path, hashed=WEIGHTS) / POLICY
 
 
 def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapter: bool) -> None:
@@ -289,11 +306,13 @@ def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapte
     loaded in place. Which parameters are trainable is left as it was.
     """
     folder = policy_folder(path)
-    if (folder / "adapter_config.json").is_file():
+    kind = saved_kind(folder)
+    if kind == "lora":
         from peft import PeftModel
 
         if not (folder / ADAPTER_FILE).is_file():
             raise CheckpointError(f"{folder}: adapter_config.json without {ADAPTER_FILE}")
+        refuse_adapter_unless_fits(folder, policy.model)
         trainable = [p.requires_grad for p in policy.model.parameters()]
         with peft_quietly():
             adapted = PeftModel.from_pretrained(policy.model, str(folder), is_trainable=False)
@@ -303,10 +322,12 @@ def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapte
         policy.model = adapted.merge_and_unload()
         for param, flag in zip(policy.model.parameters(), trainable):  # peft froze the base while attached
             param.requires_grad_(flag)
-    elif (folder / FULL_WEIGHTS_FILE).is_file():
+    elif kind == "full":
         load_full_weights(policy.model, folder)
     else:
-        raise CheckpointError(f"{folder}: holds neither a peft adapter nor {FULL_WEIGHTS_FILE}")
+        raise CheckpointError(
+            f"{folder}: holds neither a peft adapter nor full weights (a checkpoint's DCP folder, {FULL_WEIGHTS_FILE})"
+        )
 
 
 def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> LoraWeights | FullWeights:

@@ -1,0 +1,40 @@
+"""A checkpoint's size and what resuming from it takes on the host, for `grpo-image plan`.
+
+Every process writes and reads its own shard through torch.distributed.checkpoint
+(grpo_image/training/checkpoint.py), so a resume never gathers the whole checkpoint on one host: a process reads its
+FSDP share and the tensors it holds whole, one saved tensor at a time.
+"""
+
+from __future__ import annotations
+
+from grpo_image.planning.memory_plan import Setup
+from grpo_image.planning.model_sizes import PolicyShape
+
+
+def resume_rows(p: PolicyShape, s: Setup) -> list[tuple[str, float, str]]:
+    """A checkpoint on disk and what resuming from it takes on the host (not the GPU), per process and per node.
+
+    Each process writes and reads its own shard (torch.distributed.checkpoint, see grpo_image/training/checkpoint.py):
+    full fine-tuning saves the weights (fp32 what trains, the policy's dtype what is frozen) and AdamW's two fp32
+    moments, and a process reads its FSDP share of the decoder layers and every tensor it holds whole; a LoRA
+    checkpoint is the fp32 adapter and its moments, which every process reads. A process holds one saved tensor at a
+    time in host memory on its way to the GPU: the largest weight, in fp32, at most.
+    """
+    w = s.processes if s.fsdp else 1
+    if s.mode == "lora":
+        on_disk = 12 * p.lora_params  # the fp32 adapter and its two fp32 moments
+        per_process = on_disk  # every process holds them all
+        largest = 4 * p.lora_params  # the adapter file is read whole
+    else:
+        frozen, frozen_sharded = p.params - p.trainable_params, p.sharded_params - p.trainable_sharded
+        on_disk = 12 * p.trainable_params + p.dtype_bytes * frozen
+        per_process = 12 * (p.trainable_sharded / w + p.trainable_params - p.trainable_sharded)
+        per_process += p.dtype_bytes * (frozen_sharded / w + frozen - frozen_sharded)
+        largest = 4 * p.largest_tensor_params
+    share = "its FSDP share of the layers and every whole tensor" if s.fsdp else "all of it"
+    return [("checkpoint on disk: weights and AdamW state, all processes", on_disk,
+             "each process writes its own shard" if s.mode == "full" else "the adapter, written once"),
+            ("read by each process on resume", per_process, share),
+            ("host memory per process on resume", largest, "one saved tensor at a time, the largest"),
+            (f"host memory per node on resume ({s.processes} process{'es' if s.processes > 1 else ''})",
+             s.processes * largest, "")]  # fmt: skip
