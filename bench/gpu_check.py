@@ -11,18 +11,27 @@ Checks (each passes or fails; the script exits 1 if any fails):
   settings (bf16, min-p 0.03, temperature 1, clip 0.2 / 0.28, KL 0.01, 8 minibatches, G = 16, 1024 px): LoRA, and
   full fine-tuning with FSDP over the group of one (fp32 master shards, bf16 compute). Every update applied, every
   KL finite, each step's first minibatch at a ratio of 1 (within `--ratio-tolerance`), peak memory against
-  `grpo-image plan`'s prediction for the same recipe (within 25%);
+  `grpo-image plan`'s prediction for the same recipe (within 25%); each step's mismatch between behaviour and
+  training log-probs, filtered mass and update ratio recorded. Full fine-tuning also measures what FSDP holds: the
+  start-up's peak, the memory allocated after the rollout, the reference pass and the update against the plan's
+  resident terms (nothing left gathered), and a sharded checkpoint's write and read (seconds, GB/s, host memory growth
+  on resume against the plan's resume rows, the weights read back equal);
 - sampler: ms per decode step and GPU-seconds per image at G = 16, eager and compiled (CUDA graphs), against the
-  memory-bandwidth floor (every weight a step reads and the KV cache, once, at the GPU's HBM bandwidth);
+  memory-bandwidth floor (every weight a step reads and the KV cache, once, at the GPU's HBM bandwidth); the
+  mismatch between the sampler's log-probs (one-token steps, eager and compiled) and the teacher-forced pass at real
+  width, with the image head in fp32 as shipped and, for comparison, in bf16;
 - update: model FLOPs of the teacher-forced pass with backward over its time: MFU against the GPU's dense bf16 peak;
 - decoder: one denoising step of X-Omni's FLUX-based transformer at real width (hidden 3,072, 24 heads) with
   `--flux-blocks` double and single blocks, true CFG (two rows an image), per image; scaled to the full 19 + 38
-  blocks and 28 steps as an estimate of the decode time per image.
+  blocks and 28 steps as an estimate of the decode time per image;
+- placement: the GPUs `grpo-image launch` shares out are the ones CUDA sees.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -91,6 +100,23 @@ def peak_memory(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def allocated(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def host_peak_growth(work) -> tuple[object, float]:
+    """(what `work()` returns, how far this process's peak resident host memory rose above its resident memory at
+    the start): Linux's VmHWM, reset to the current VmRSS through /proc/self/clear_refs."""
+    def status(key: str) -> float:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+        return 1024.0 * int(line.split()[1])
+
+    Path("/proc/self/clear_refs").write_text("5")
+    start = status("VmRSS")
+    result = work()
+    return result, status("VmHWM") - start
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -152,32 +178,107 @@ def recipe_overrides(args, shape: dict, mode: str, run_dir: Path) -> list[str]:
     ]
 
 
+STEP_METRICS = ("train/skipped_updates", "train/kl", "train/ratio_mean_first", "train/grad_norm", "time/rollout",
+                "time/update", "train/logprob_diff/p50", "train/logprob_diff/p99", "train/logprob_diff/max",
+                "train/logprob_diff/outside_clip", "sampling/filtered_mass/mean", "train/update_ratio")
+
+
+def within(measured: float | None, planned: float, share: float) -> bool:
+    """A measured figure within `share` of the plan's (nothing measured on the CPU: nothing to compare)."""
+    return measured is None or abs(measured - planned) <= share * max(measured, planned)
+
+
 def check_training(args, shape: dict, world, mode: str) -> dict:
     from grpo_image.base.config import load_recipe
     from grpo_image.planning.memory_plan import plan_recipe
+    from grpo_image.planning.resident_memory import held_terms, startup_bytes
     from grpo_image.training.train import build_trainer, grpo_step
 
     recipe = REPO / "recipes" / ("xomni_en_full.yaml" if mode == "full" else "xomni_en_lora.yaml")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_recipe(recipe, recipe_overrides(args, shape, mode, Path(run_dir)))
+        plan = plan_recipe(cfg, str(recipe), gpus=1)
+        setup = dataclasses.replace(plan.setup, fsdp=bool(cfg.train.fsdp))  # a group of one shards too
+        held = held_terms(plan.policy, setup)
         reset_peak(world.device)
         trainer = build_trainer(cfg, world)
+        startup = {"measured": peak_memory(world.device), "planned": startup_bytes(plan.policy, setup, held)}
+        phases = PhaseMemory(trainer)
         steps = []
         for step in (1, 2):
             started = time.perf_counter()
             metrics, _ = grpo_step(trainer, step)
-            steps.append({"seconds": time.perf_counter() - started, **{k: metrics[k] for k in (
-                "train/skipped_updates", "train/kl", "train/ratio_mean_first", "train/grad_norm", "time/rollout",
-                "time/update")}})
+            steps.append({"seconds": time.perf_counter() - started, **{k: metrics.get(k) for k in STEP_METRICS}})
+        phases.after["update"] = allocated(world.device)
         peak = peak_memory(world.device)
-        plan = plan_recipe(cfg, str(recipe), gpus=1)
+        checkpoint = check_checkpoint(trainer, Path(run_dir), plan) if mode == "full" else None
     finite = all(math.isfinite(s["train/kl"]) and s["train/skipped_updates"] == 0 for s in steps)
     ratio_ok = all(abs(s["train/ratio_mean_first"] - 1) <= args.ratio_tolerance for s in steps)
     result = {"mode": mode, "steps": steps, "finite": finite, "ratio_ok": ratio_ok, "peak_bytes": peak,
-              "planned_bytes": plan.peak}
-    result["plan_ok"] = peak is None or abs(peak - plan.peak) <= 0.25 * peak
-    result["passed"] = bool(finite and ratio_ok and result["plan_ok"])
+              "planned_bytes": plan.peak, "startup": startup, "after_phase": phases.after,
+              "planned_held": sum(held.values()), "checkpoint": checkpoint}
+    result["plan_ok"] = within(peak, plan.peak, 0.25) and within(startup["measured"], startup["planned"], 0.25)
+    # between phases nothing but the resident terms stays allocated (FSDP holds no layer gathered); 10% leaves room
+    # for the allocator's own blocks and the few small tensors a step keeps (scheduler, RNG, the last metrics)
+    result["phases_ok"] = all(within(value, result["planned_held"], 0.1) for value in phases.after.values())
+    result["passed"] = bool(finite and ratio_ok and result["plan_ok"] and result["phases_ok"]
+                            and (checkpoint is None or checkpoint["passed"]))
     return result
+
+
+class PhaseMemory:
+    """The memory allocated when the trainer leaves its rollout and reference contexts (the update's is read after
+    the step): what a phase leaves behind, which under FSDP must be the resident terms alone."""
+
+    def __init__(self, trainer) -> None:
+        self.after: dict[str, float | None] = {}
+        weights, device = trainer.weights, trainer.world.device
+        for phase, name in (("rollout", "rollout_weights"), ("reference", "reference")):
+            setattr(weights, name, self._measured(getattr(weights, name), phase, device))
+
+    def _measured(self, context, phase: str, device: torch.device):
+        @contextlib.contextmanager
+        def wrapped(*args, **kwargs):
+            with context(*args, **kwargs) as value:
+                yield value
+            self.after[phase] = allocated(device)
+        return wrapped
+
+
+def check_checkpoint(trainer, run_dir: Path, plan) -> dict:
+    """A sharded checkpoint of the trained state, written and read back: time, size, host memory on resume."""
+    from grpo_image.planning.resume_plan import resume_rows
+    from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
+    from grpo_image.training.stops import StepStart, save_step
+
+    world, model = trainer.world, trainer.policy.model
+    sums = {name: float(p.detach().double().sum()) for name, p in model.named_parameters()}
+    sync(world.device)
+    started = time.perf_counter()
+    folder = save_step(trainer, run_dir, 2, StepStart(torch.get_rng_state(), None))
+    written = time.perf_counter() - started
+    size = sum(entry["bytes"] for entry in json.loads((folder / "manifest.json").read_text())["files"].values())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()  # what is read back must come from the files
+    started = time.perf_counter()
+    found = find_checkpoint(run_dir, world=world)
+    verified = time.perf_counter() - started
+    _, host_growth = host_peak_growth(lambda: load_checkpoint(found, trainer.weights, trainer.optimizer,
+                                                              trainer.scheduler, world=world))
+    read = time.perf_counter() - started - verified
+    rows = {name: value for name, value, _ in resume_rows(plan.policy, plan.setup)}
+    planned_disk = next(v for k, v in rows.items() if k.startswith("checkpoint on disk"))
+    planned_host = next(v for k, v in rows.items() if k.startswith("host memory per process"))
+    equal = all(float(p.detach().double().sum()) == sums[name] for name, p in model.named_parameters())
+    # the files hold what the plan counts, up to DCP's per-tensor headers (2%) and the small files (scheduler, RNG,
+    # config, metadata: under 1 MiB); on resume the host holds one saved tensor at a time (the plan's figure) plus
+    # what DCP and the file cache keep in passing: 25% and 256 MiB of room
+    size_ok = abs(size - planned_disk) <= 0.02 * planned_disk + 2**20
+    return {"bytes": size, "planned_bytes": planned_disk, "write_s": written, "write_gb_s": size / written / 1e9,
+            "verify_s": verified, "read_s": read, "read_gb_s": size / read / 1e9, "host_growth": host_growth,
+            "planned_host": planned_host, "weights_equal": equal,
+            "passed": bool(equal and size_ok and host_growth <= 1.25 * planned_host + 2**28)}
 
 
 def bandwidth_floor(policy, rows: int, prompt_tokens: int, bandwidth: float) -> float:
@@ -193,8 +294,29 @@ def bandwidth_floor(policy, rows: int, prompt_tokens: int, bandwidth: float) -> 
     return sum(weights + kv_token * rows * (prompt_tokens + t) for t in range(length)) / bandwidth
 
 
+def sampler_mismatch(policy, prompts, codes, behaviour, settings) -> dict:
+    """The teacher-forced pass's log-probs of sampled codes against the sampler's: quantiles of the difference and the
+    share outside the X-Omni recipes' clip band (0.2 / 0.28), as train/logprob_diff logs them."""
+    from grpo_image.core.logprobs import logprob_mismatch, teacher_forced_logprobs
+
+    trained = teacher_forced_logprobs(policy, prompts, codes, settings)  # [G, L]
+    return logprob_mismatch((trained - behaviour).reshape(-1), 0.2, 0.28)
+
+
+def bf16_head(policy):
+    """The policy with its image head in bf16, as before the fp32 head: to show what the fp32 head removes."""
+    import copy
+
+    import torch.nn.functional as F
+
+    rounded = copy.copy(policy)
+    rows = policy.model.mm_head.weight[: policy.num_codes]  # [V, H] bf16
+    rounded.image_logits = lambda hidden: F.linear(hidden, rows).float()  # [..., V]
+    return rounded
+
+
 def check_sampler(args, shape: dict, device: torch.device, bandwidth: float | None) -> dict:
-    from grpo_image.core.sampling import SamplingSettings, sample_codes
+    from grpo_image.core.sampling import SamplingSettings, sample_codes, sample_codes_with_mass
 
     policy = xomni_at_width(args.layers, shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"],
                             shape["vocab"], shape["codes"], shape["side"], "bfloat16")
@@ -205,8 +327,15 @@ def check_sampler(args, shape: dict, device: torch.device, bandwidth: float | No
     with torch.no_grad():
         eager = SamplingSettings(min_p=0.03)
         compiled = SamplingSettings(min_p=0.03, compile=True)
-        reference, _ = sample_codes(policy, prompts, seeds, eager)
-        codes, _ = sample_codes(policy, prompts, seeds, compiled)  # compiles (and captures the CUDA graph)
+        reference, behaviour, removed = sample_codes_with_mass(policy, prompts, seeds, eager)
+        codes, compiled_behaviour = sample_codes(policy, prompts, seeds, compiled)  # compiles (captures the graph)
+        result["filtered_mass"] = {"mean": float(removed.mean()), "max": float(removed.max())}
+        result["mismatch"] = {
+            "eager": sampler_mismatch(policy, prompts, reference, behaviour, eager),
+            "compiled": sampler_mismatch(policy, prompts, codes, compiled_behaviour, eager),
+            "eager, bf16 head": sampler_mismatch(bf16_head(policy), prompts, *sample_codes(
+                bf16_head(policy), prompts, seeds, eager), eager),
+        }
         for name, settings in (("eager", eager), ("compiled", compiled)):
             seconds = statistics.median(timed(lambda: sample_codes(policy, prompts, seeds, settings), device)
                                         for _ in range(args.repeats))
@@ -285,6 +414,15 @@ def check_flux_step(args, flux: dict, side: int, device: torch.device) -> dict:
             "passed": True}
 
 
+def check_placement(device: torch.device) -> dict:
+    """`grpo-image launch` shares out the GPUs it reads: with no CUDA_VISIBLE_DEVICES, every device CUDA counts."""
+    from grpo_image.training.launch import visible_gpus
+
+    seen = visible_gpus({})
+    expected = [str(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
+    return {"visible": seen, "passed": seen == expected}
+
+
 def timed_check(check, *args) -> dict:
     started = time.perf_counter()
     result = check(*args)
@@ -333,8 +471,9 @@ def main(argv=None) -> int:
     results["sampler"] = timed_check(check_sampler, args, shape, device, bandwidth)
     results["update"] = timed_check(check_update_mfu, args, shape, device, peak_flops)
     results["decoder"] = timed_check(check_flux_step, args, flux, shape["side"], device)
+    results["placement"] = check_placement(device)
     results["seconds"] = time.perf_counter() - started
-    checks = ["collectives", "train_lora", "train_full", "sampler", "update", "decoder"]
+    checks = ["collectives", "train_lora", "train_full", "sampler", "update", "decoder", "placement"]
     results["passed"] = all(results[c]["passed"] for c in checks)
     torch.distributed.destroy_process_group()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -353,19 +492,34 @@ def summary_table(r: dict) -> str:
     for mode in ("lora", "full"):
         t = r[f"train_{mode}"]
         ratios = ", ".join(f"{s['train/ratio_mean_first']:.5f}" for s in t["steps"])
-        rows.append([f"train {mode}", f"ratio {ratios}; peak {gib(t['peak_bytes'])} vs plan {gib(t['planned_bytes'])}",
+        diff = ", ".join(f"{s['train/logprob_diff/p99']:.3g}" for s in t["steps"])
+        after = ", ".join(f"{name} {gib(value)}" for name, value in t["after_phase"].items())
+        rows.append([f"train {mode}", f"ratio {ratios}; logprob diff p99 {diff}; peak {gib(t['peak_bytes'])} vs plan "
+                     f"{gib(t['planned_bytes'])}; start-up {gib(t['startup']['measured'])} vs "
+                     f"{gib(t['startup']['planned'])}; after {after} vs held {gib(t['planned_held'])}",
                      "passed" if t["passed"] else "FAILED"])
+        c = t["checkpoint"]
+        if c:
+            rows.append(["checkpoint", f"{gib(c['bytes'])} (plan {gib(c['planned_bytes'])}): write {c['write_gb_s']:.2f}"
+                         f" GB/s, verify {c['verify_s']:.1f} s, read {c['read_gb_s']:.2f} GB/s; host growth "
+                         f"{gib(c['host_growth'])} (plan {gib(c['planned_host'])})", "passed" if c["passed"] else "FAILED"])
     s = r["sampler"]
     floor = f", floor {s['floor_ms_per_step']:.2f} ms ({s['compiled_over_floor']:.2f}x)" if "floor_ms_per_step" in s else ""
     rows.append(["sampler", f"eager {s['eager']['ms_per_step']:.2f} ms/step, compiled {s['compiled']['ms_per_step']:.2f}"
                  f" ms/step, {s['compiled']['gpu_s_per_image']:.3f} GPU-s/image{floor}",
                  "passed" if s["passed"] else "FAILED"])
+    mismatch = "; ".join(f"{name} p99 {m['logprob_diff/p99']:.3g} max {m['logprob_diff/max']:.3g} outside "
+                         f"{m['logprob_diff/outside_clip']:.2%}" for name, m in s["mismatch"].items())
+    rows.append(["log-probs", f"sampler vs teacher-forced: {mismatch}; filtered mass "
+                 f"{s['filtered_mass']['mean']:.3f}", "measured"])
     u = r["update"]
     rows.append(["update", f"{u['tflops_per_s']:.1f} TFLOP/s" + (f", MFU {100 * u['mfu']:.1f}%" if "mfu" in u else ""),
                  "passed"])
     d = r["decoder"]
     rows.append(["decoder", f"{d['seconds_per_image_step']:.4f} s per image-step ({d['blocks']} blocks); full decode "
                  f"about {d['estimated_decode_s_per_image']:.1f} s per image", "passed"])
+    rows.append(["placement", ", ".join(r["placement"]["visible"]) or "no GPU",
+                 "passed" if r["placement"]["passed"] else "FAILED"])
     return table(["check", "figures", "result"], rows)
 
 

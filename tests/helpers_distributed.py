@@ -232,6 +232,8 @@ def resume_reads_on_rank(rank: int, port: int, out: str) -> None:
 
     import psutil
 
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     from grpo_image.base.config import load_recipe
     from grpo_image.training import train as train_module
     from grpo_image.training.stops import StepStart, save_step
@@ -248,6 +250,11 @@ def resume_reads_on_rank(rank: int, port: int, out: str) -> None:
 
     def measure(name, function):
         def measured_call(*args, **kwargs):
+            if name == "load":  # AdamW's moments: on a GPU the device's memory; here the host's, made and touched
+                _, weights, optimizer, _ = args[:4]  # before measuring, so that only what passes through counts
+                for state in get_optimizer_state_dict(weights.policy.model, optimizer)["state"].values():
+                    for tensor in state.values():
+                        tensor.fill_(0)
             resident, chars = reset_resident_peak(), process.io_counters().read_chars
             result = function(*args, **kwargs)
             measured[name] = {"read": process.io_counters().read_chars - chars,

@@ -49,6 +49,34 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path, m
     assert torch.equal(torch.rand(3), expected_draw)  # the global RNG continues where it was saved
 
 
+def test_a_trained_parameter_that_never_had_a_gradient_resumes_without_state(tmp_path):
+    """X-Omni's text head is trainable under train.mode full but image codes never reach it: AdamW holds no state
+    for it, so the checkpoint has none, and a resumed optimizer must hold none either (before this, reading the
+    checkpoint failed on the missing key, and zero moments would have cost memory an uninterrupted run never spends)."""
+    def trained_but_the_head(seed: int):
+        policy = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=seed)
+        weights = FullWeights(policy, False)
+        head = policy.model.get_output_embeddings().weight
+        optimizer = torch.optim.AdamW(weights.trainable_parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        for _ in range(2):
+            sum(p.square().sum() for p in weights.trainable_parameters() if p is not head).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return weights, optimizer, scheduler, head
+
+    weights, optimizer, scheduler, head = trained_but_the_head(0)
+    assert head.requires_grad and head not in optimizer.state
+    folder = save_checkpoint(tmp_path, 2, weights, optimizer, scheduler, CONFIG, keep=0)
+    fresh, fresh_optimizer, fresh_scheduler, fresh_head = trained_but_the_head(1)
+    load_checkpoint(folder, fresh, fresh_optimizer, fresh_scheduler)
+    assert fresh_head not in fresh_optimizer.state and len(fresh_optimizer.state) == len(optimizer.state) > 0
+    for ours, theirs in zip(weights.trainable_parameters(), fresh.trainable_parameters()):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])
+
+
 def test_lora_checkpoint_is_a_standard_peft_adapter(tmp_path):
     weights, optimizer, scheduler = trained("lora")
     folder = save_checkpoint(tmp_path, 1, weights, optimizer, scheduler, CONFIG, keep=0)

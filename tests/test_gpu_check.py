@@ -22,3 +22,8 @@ def test_gpu_check_smoke_passes(tmp_path):
         steps = result[f"train_{mode}"]["steps"]
         assert all(s["train/skipped_updates"] == 0 and s["train/grad_norm"] > 0 for s in steps)
     assert result["sampler"]["compiled_codes_equal"]
+    # the real-run figures it records: the log-prob mismatch of each sampler path, the checkpoint read back equal
+    assert set(result["sampler"]["mismatch"]) == {"eager", "compiled", "eager, bf16 head"}
+    assert all(0 <= m["logprob_diff/p99"] <= m["logprob_diff/max"] < 1 for m in result["sampler"]["mismatch"].values())
+    checkpoint = result["train_full"]["checkpoint"]
+    assert checkpoint["weights_equal"] and checkpoint["bytes"] > 0 and checkpoint["read_s"] > 0

@@ -193,6 +193,13 @@ def write_sharded(state: dict, folder: Path, group) -> None:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), process_group=group, no_dist=group is None)
 
 
+def saved_keys(folder: Path) -> set[str]:
+    """The flattened keys a DCP folder holds (e.g. `state.lm_head.weight.step` of an optimizer's state)."""
+    import torch.distributed.checkpoint as dcp
+
+    return set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+
+
 def read_sharded(state: dict, folder: Path, group) -> None:
     """A DCP folder into `state`'s own tensors, in place: each rank reads the part of each tensor it holds, one saved
     tensor at a time, whatever the number of processes that wrote it. `group`: None reads every tensor here."""

@@ -39,7 +39,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from grpo_image.training.checkpoint import (
-    DCP_METADATA, POLICY, WEIGHTS, CheckpointError, find_checkpoint, is_first, read_sharded, write_sharded,
+    DCP_METADATA, POLICY, WEIGHTS, CheckpointError, find_checkpoint, is_first, read_sharded, saved_keys,
+    write_sharded,
 )
 from grpo_image.training.checkpoint_fit import (
     ADAPTER_FILE, FULL_WEIGHTS_FILE, refuse_adapter_unless_fits, refuse_other_mode, refuse_unless_fits, saved_kind,
@@ -82,12 +83,26 @@ class _TrainedWeights:
         write_sharded(get_optimizer_state_dict(self.policy.model, optimizer), folder, group)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, folder: Path, group) -> None:
-        """Every rank reads the moments of the parameters it holds, into the optimizer's own state tensors."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        """Every rank reads the moments of the parameters it holds, into the optimizer's own state tensors.
+
+        A trainable parameter that never had a gradient (X-Omni's text head: image codes never reach it) has no
+        AdamW state in the checkpoint, as it had none in the run that wrote it; it gets none here either (neither a
+        missing-key error nor zero moments that an uninterrupted run would not hold).
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+        )
 
         state = get_optimizer_state_dict(self.policy.model, optimizer)  # AdamW's state made (zero), to be filled
+        saved = saved_keys(folder)
+        trained = {name: param for name, param in self.policy.model.named_parameters() if param.requires_grad}
+        stateless = [name for name in trained if f"state.{name}.step" not in saved]
+        for name in stateless:
+            state["state"].pop(name, None)
         read_sharded(state, folder, group)
-        set_optimizer_state_dict(self.policy.model, optimizer, state)
+        set_optimizer_state_dict(self.policy.model, optimizer, state, options=StateDictOptions(strict=not stateless))
+        for name in stateless:
+            optimizer.state.pop(trained[name], None)
 
 
 @contextlib.contextmanager
