@@ -106,16 +106,34 @@ def test_summary_reports_start_and_end_reward(tmp_path):
     assert summary["reward_start"] == pytest.approx(sum(r["reward/total/mean"] for r in rows) / 2)
 
 
-@pytest.mark.timeout(1200)  # 100 training steps: about a minute alone, several on a busy machine
-def test_the_demo_recipe_learns(tmp_path):
-    # The demo recipe at 100 of its 120 steps, otherwise unchanged: the schedule is constant and every draw is
-    # seeded by (seed, step), so these are exactly the demo's first 100 steps. Rewards are in [0, 1]
-    # (0.8 * colour fraction + 0.2 * JPEG compressibility); a random policy scores about 0.21.
-    assert main(["train", RECIPE, f"data.prompts={REPO / 'prompts' / 'tiny_colors.jsonl'}", "steps=100",
-                 "save_every=100", "sample_every=0", "logging.tensorboard=false", f"output_dir={tmp_path}"]) == 0
+COLOURS = [json.loads(line)["metadata"]["color_name"] for line in (REPO / "prompts" / "tiny_colors.jsonl").open()]
+
+
+@pytest.mark.timeout(1200)  # 120 steps of 128 rollouts: under a minute alone, a few minutes on a busy machine
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_demo_recipe_learns_every_colour(tmp_path, seed):
+    # The demo recipe as shipped (seed 0) and with two other seeds. Rewards are in [0, 1]: 0.8 * the share of the
+    # image in the prompt's colour + 0.2 * JPEG compressibility. A random policy scores about 0.21; one that paints
+    # every prompt one flat colour 0.8 / 8 + 0.2 * 0.8 = 0.26 (one colour in 8 right, flat images compress to about
+    # 0.8). Over five seeds on both CPU kernel families the gain was 0.71 to 0.74 and the worst colour scored 0.88
+    # to 0.99 (README); the margins below sit halfway to a collapse.
+    prompts = REPO / "prompts" / "tiny_colors.jsonl"
+    assert main(["train", RECIPE, f"data.prompts={prompts}", f"seed={seed}", f"policy.seed={seed}", "sample_every=0",
+                 "logging.tensorboard=false", f"output_dir={tmp_path}"]) == 0
     totals = [row["reward/total/mean"] for row in read_metrics(tmp_path / "metrics.jsonl")]
     first, last = sum(totals[:10]) / 10, sum(totals[-10:]) / 10
-    assert last - first >= 0.25, (first, last)
+    assert last - first >= 0.45, (first, last)
+    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == []  # no collapse, nothing else either
+    # No colour left behind: 8 images of each of the 24 prompts from the final weights, the colour score by colour.
+    assert main(["eval", RECIPE, f"policy.seed={seed}", "--prompts", str(prompts), "--checkpoint", str(tmp_path),
+                 "--n", "8", "--out", str(tmp_path / "eval")]) == 0
+    by_colour: dict[str, list[float]] = {}
+    for line in (tmp_path / "eval" / "scores.jsonl").open():
+        row = json.loads(line)
+        by_colour.setdefault(COLOURS[row["prompt_id"]], []).append(row["scores"]["color"])
+    means = {colour: sum(scores) / len(scores) for colour, scores in by_colour.items()}
+    # A colour left behind scored 0.00 to 0.33 with the recipe's former settings (G 8, lr 3e-3); random is 1/16.
+    assert len(means) == 8 and min(means.values()) >= 0.5, means
 
 
 def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path):

@@ -160,6 +160,34 @@ def test_no_tradeoff_without_opposite_steady_trends(slopes):
     assert steps(monitor, [(HEALTHY, s) for s in trend_scores(14, slopes)]) == []
 
 
+def agreement_rows(n_steps: int, agreement_slope: float, slopes: list[float]) -> list[tuple[dict, np.ndarray]]:
+    """Steps whose other-prompt code agreement climbs from 1/16 (a random policy over 16 codes) by a slope a step,
+    with noiseless scores [8, K]: each reward's mean 0.5 + slope_k * step, its per-sample spread 0.1."""
+    spread = np.tile([[-0.1], [0.1]], (4, len(slopes)))  # [8, K], standard deviation 0.1 around the mean
+    return [({**HEALTHY, "sampling/agreement/other_prompts": 1 / 16 + agreement_slope * t},
+             (0.5 + np.array(slopes) * t + spread).astype(np.float32)) for t in range(n_steps)]
+
+
+def test_prompts_converging_on_one_output_while_a_reward_stays_flat_warn_once():
+    monitor = HealthMonitor({"trend_window": 10}, ["color", "jpeg"], 4)
+    # Over 10 steps the agreement rises by 9 x 0.08 = 0.72 (> collapse_rise 0.1); jpeg +0.03 a step (2.7 of its
+    # spread 0.1, past trend_change 0.5), color flat (a change of 0).
+    warnings = steps(monitor, agreement_rows(14, 0.08, [0.0, 0.03]))
+    assert [(w.step, w.check, w.metric) for w in warnings] == [(10, "prompt_collapse", "sampling/agreement/other_prompts")]
+    assert "reward 'color' stayed flat" in warnings[0].message and "'jpeg'" not in warnings[0].message
+    assert "rose by 0.72 to 0.78" in warnings[0].message  # 1/16 + 9 x 0.08 = 0.7825 at step 10
+
+
+@pytest.mark.parametrize("agreement_slope, slopes", [
+    (0.08, [0.03, 0.03]),  # a policy that sharpens on what every prompt asks: every reward rises with the agreement
+    (0.0, [0.0, 0.03]),  # outputs that stay apart: a flat reward alone is no collapse
+    (0.005, [0.0, 0.03]),  # agreement up by 0.045 over the window: under collapse_rise
+])
+def test_no_collapse_warning_without_converging_outputs_and_a_flat_reward(agreement_slope, slopes):
+    monitor = HealthMonitor({"trend_window": 10}, ["color", "jpeg"], 4)
+    assert steps(monitor, agreement_rows(14, agreement_slope, slopes)) == []
+
+
 def test_disabled_monitor_is_silent_and_bad_settings_fail():
     flat = np.zeros((8, 1), np.float32)
     assert steps(HealthMonitor({"enabled": False, "patience": 1}, ["r"], 4), [({"train/grad_norm": 0.0}, flat)]) == []
@@ -167,6 +195,8 @@ def test_disabled_monitor_is_silent_and_bad_settings_fail():
         HealthSettings(patience=0)
     with pytest.raises(ValueError, match="zero_spread_frac"):
         HealthSettings(zero_spread_frac=0.0)
+    with pytest.raises(ValueError, match="collapse_rise"):
+        HealthSettings(collapse_rise=0.0)
     with pytest.raises(ValueError, match=r"scores must be \[N, K=1\]"):
         HealthMonitor({}, ["r"], 4).observe(1, HEALTHY, np.zeros((6, 1)))
 
@@ -240,6 +270,20 @@ def test_a_reward_falling_while_another_rises_warns(tmp_path):
                     f"rewards=[{red}, {less}]")
     assert [(w["metric"], w["step"]) for w in summary["warnings"]] == [("reward/less_red", 8)]
     assert "reward 'red' rose" in summary["warnings"][0]["message"]
+
+
+def test_a_policy_rewarded_for_compressibility_alone_paints_every_prompt_alike_and_is_named(tmp_path):
+    # JPEG compressibility does not read the prompt: the policy learns one flat image for all of them, whatever colour
+    # they name. ColorAdherence, watched at weight 0, stays where a random policy had it while the agreement between
+    # the rollouts of different prompts climbs from 1/16 (random over 16 codes) towards 1.
+    color = reward("color", "rewards.color.ColorAdherence", 0.0, tolerance=60.0)
+    jpeg = reward("jpeg", "rewards.jpeg.JPEGCompressibility", 1.0, quality=75)
+    summary = train(tmp_path, "steps=16", "train.lr=3e-2", "train.beta=0", "health.trend_window=8",
+                    f"rewards=[{color}, {jpeg}]")
+    collapse = [w for w in summary["warnings"] if w["metric"] == "sampling/agreement/other_prompts"]
+    assert len(collapse) == 1 and "reward 'color' stayed flat" in collapse[0]["message"], summary["warnings"]
+    agreement = [row["sampling/agreement/other_prompts"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    assert agreement[-1] - agreement[0] >= 0.5, agreement
 
 
 def test_lora_at_too_small_a_learning_rate_warns_and_at_a_learning_one_does_not(tmp_path):

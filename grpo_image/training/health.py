@@ -34,7 +34,8 @@ class HealthWarning:
     """One warning: the step it fired at, the check, the metric it is about and a sentence for the user."""
 
     step: int
-    check: str  # zero_spread, nan_reward, zero_grad, kl_runaway, clip_runaway, reward_tradeoff or small_update
+    check: str  # zero_spread, nan_reward, zero_grad, kl_runaway, clip_runaway, reward_tradeoff, prompt_collapse or
+    # small_update
     metric: str  # e.g. "reward/ocr", "train/grad_norm"
     message: str
 
@@ -59,6 +60,7 @@ class HealthSettings:
     trend_floor: float = 0.05
     trend_steadiness: float = 0.7
     update_ratio_min: float = 1e-5
+    collapse_rise: float = 0.1
 
     def __post_init__(self) -> None:
         if self.patience < 1 or self.trend_window < 0 or self.trend_window == 1:
@@ -71,6 +73,8 @@ class HealthSettings:
                              "trend_change > 0")
         if not 0 <= self.trend_steadiness <= 1:
             raise ValueError(f"health.trend_steadiness must be in [0, 1], got {self.trend_steadiness}")
+        if self.collapse_rise <= 0:
+            raise ValueError(f"health.collapse_rise must be > 0, got {self.collapse_rise}")
         if self.update_ratio_min < 0:
             raise ValueError(f"health.update_ratio_min must be >= 0, got {self.update_ratio_min}")
 
@@ -95,13 +99,16 @@ class HealthMonitor:
         self._streaks: dict[str, int] = {}  # condition key -> steps in a row it has held
         self._means: deque[np.ndarray] = deque(maxlen=max(self.settings.trend_window, 1))  # [K] per step
         self._stds: deque[np.ndarray] = deque(maxlen=max(self.settings.trend_window, 1))  # [K] per step
+        self._agreement: deque[float] = deque(maxlen=max(self.settings.trend_window, 1))  # other-prompt agreement
         self._tradeoff_active = False
+        self._collapse_active = False
 
     def state(self) -> dict:
         """What the checks remember (streaks, the trend window), as JSON, so that a resumed run warns where an
         uninterrupted one would."""
         return {"streaks": dict(self._streaks), "means": [m.tolist() for m in self._means],
-                "stds": [v.tolist() for v in self._stds], "tradeoff_active": self._tradeoff_active}
+                "stds": [v.tolist() for v in self._stds], "tradeoff_active": self._tradeoff_active,
+                "agreement": list(self._agreement), "collapse_active": self._collapse_active}
 
     def restore(self, state: dict) -> None:
         self._streaks = {key: int(value) for key, value in state["streaks"].items()}
@@ -110,6 +117,9 @@ class HealthMonitor:
         self._means.extend(np.asarray(m, dtype=np.float64) for m in state["means"])
         self._stds.extend(np.asarray(v, dtype=np.float64) for v in state["stds"])
         self._tradeoff_active = bool(state["tradeoff_active"])
+        self._agreement.clear()
+        self._agreement.extend(float(a) for a in state.get("agreement", []))  # absent in checkpoints before the check
+        self._collapse_active = bool(state.get("collapse_active", False))
 
     def observe(self, step: int, metrics: Mapping[str, float], scores: np.ndarray) -> list[HealthWarning]:
         """Check one step: `metrics` is the step's metrics dict, `scores` its raw scores float32 [N, K]."""
@@ -120,8 +130,29 @@ class HealthMonitor:
         if k != len(self.reward_names) or n % self.group_size:
             raise ValueError(f"HealthMonitor: scores must be [N, K={len(self.reward_names)}] with N a multiple of "
                              f"group_size={self.group_size}, got shape {scores.shape}")
+        self._remember_trends(scores, metrics)
         return [*self._score_checks(step, scores), *self._training_checks(step, metrics),
-                *self._tradeoff_check(step, scores), *self._update_size_check(step, metrics)]
+                *self._tradeoff_check(step), *self._collapse_check(step), *self._update_size_check(step, metrics)]
+
+    def _remember_trends(self, scores: np.ndarray, metrics: Mapping[str, float]) -> None:
+        """Add this step to the trend window: each reward's mean and spread, and the other-prompt agreement."""
+        if self.settings.trend_window < 2:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN reward has no mean: NaN, skipped by _trends
+            self._means.append(np.nanmean(scores, axis=0))  # [K]
+            self._stds.append(np.nanstd(scores, axis=0))  # [K]
+        agreement = _number(metrics, "sampling/agreement/other_prompts")
+        self._agreement.append(np.nan if agreement is None else agreement)
+
+    def _reward_trends(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each reward's change over a full trend window (in units of its spread) and steadiness, or None."""
+        s = self.settings
+        if s.trend_window < 2 or len(self._means) < s.trend_window:
+            return None
+        means, stds = np.stack(self._means), np.stack(self._stds)  # [W, K] each
+        scale = np.maximum(stds.mean(axis=0), s.trend_floor * np.abs(means.mean(axis=0)))  # [K]
+        return _trends(means, scale)  # [K], [K]
 
     def _held(self, key: str, condition: bool) -> bool:
         """Count the streak of `key`; True exactly when it reaches `patience` (the step to warn at)."""
@@ -198,7 +229,7 @@ class HealthMonitor:
             f"is too small for them to change the policy (LoRA needs about 10x the full fine-tuning lr: raise "
             f"train.lr; docs/recipes.md, \"Learning rates\")"))]
 
-    def _tradeoff_check(self, step: int, scores: np.ndarray) -> list[HealthWarning]:
+    def _tradeoff_check(self, step: int) -> list[HealthWarning]:
         """Over the last `trend_window` steps, one reward rose steadily while another fell steadily.
 
         A trend is the least-squares line through a reward's per-step means; its change over the window is measured
@@ -206,18 +237,11 @@ class HealthMonitor:
         times its mean magnitude (a nearly constant reward's wobble is no trend); it is steady when the means
         correlate with the step by at least `trend_steadiness` in absolute value.
         """
-        s, k = self.settings, scores.shape[1]
-        if s.trend_window < 2 or k < 2:
+        s, trends = self.settings, self._reward_trends()
+        if trends is None or len(self.reward_names) < 2:
             return []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN reward has no mean: NaN, skipped below
-            self._means.append(np.nanmean(scores, axis=0))  # [K]
-            self._stds.append(np.nanstd(scores, axis=0))  # [K]
-        if len(self._means) < s.trend_window:
-            return []
-        means, stds = np.stack(self._means), np.stack(self._stds)  # [W, K] each
-        scale = np.maximum(stds.mean(axis=0), s.trend_floor * np.abs(means.mean(axis=0)))  # [K]
-        changes, steady = _trends(means, scale)  # [K], [K]
+        changes, steady = trends
+        k = len(self.reward_names)
         rising = [j for j in range(k) if steady[j] >= s.trend_steadiness and changes[j] >= s.trend_change]
         falling = [j for j in range(k) if steady[j] >= s.trend_steadiness and changes[j] <= -s.trend_change]
         active = bool(rising and falling)
@@ -230,6 +254,35 @@ class HealthMonitor:
             f"over steps {step - s.trend_window + 1}-{step} reward '{up}' rose by {changes[rising[0]]:.2f} of its "
             f"spread while reward '{down}' fell by {-changes[falling[0]]:.2f}: the policy is buying one with the "
             f"other; check the reward weights (and train.beta)"))]
+
+    def _collapse_check(self, step: int) -> list[HealthWarning]:
+        """Over the last `trend_window` steps, the rollouts of different prompts converged on one output (their code
+        agreement, `sampling/agreement/other_prompts`, rose steadily by at least `collapse_rise`) while a reward stayed
+        flat (its change, up or down, under `trend_change` of its spread; one that falls is the trade-off check's).
+
+        A policy that follows its prompts also agrees more across prompts as it sharpens (prompts that ask for the
+        same picture), but then every reward rises with it; a reward left flat while outputs converge is one that
+        depends on the prompt, and the policy is no longer reading it.
+        """
+        s, trends = self.settings, self._reward_trends()
+        if trends is None:
+            return []
+        agreement = np.asarray(self._agreement, dtype=np.float64)[:, None]  # [W, 1]
+        rise, steadiness = _trends(agreement, np.ones(1))  # [1], [1]: the fitted change in agreement, absolute
+        changes, _ = trends
+        flat = [j for j in range(len(self.reward_names)) if abs(changes[j]) < s.trend_change]
+        active = bool(rise[0] >= s.collapse_rise and steadiness[0] >= s.trend_steadiness and flat)
+        fired = active and not self._collapse_active
+        self._collapse_active = active
+        if not fired:
+            return []
+        names = ", ".join(f"'{self.reward_names[j]}'" for j in flat)
+        return [HealthWarning(step, "prompt_collapse", "sampling/agreement/other_prompts", (
+            f"over steps {step - s.trend_window + 1}-{step} the rollouts of different prompts converged on the same "
+            f"codes (their agreement rose by {rise[0]:.2f} to {agreement[-1, 0]:.2f}) while "
+            f"{'reward' if len(flat) == 1 else 'rewards'} {names} stayed flat: the policy paints prompts alike "
+            f"instead of following them; lower train.lr, raise data.group_size (more rollouts find what each prompt "
+            f"asks for) or train.beta, or lower the weight of rewards that favour one output for every prompt"))]
 
 
 def _trends(means: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

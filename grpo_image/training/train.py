@@ -25,12 +25,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import group_advantages, weighted_total
+from grpo_image.core.agreement import code_agreement
 from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
 from grpo_image.training.checkpoint_fit import warn_changed_training_keys
 from grpo_image.base.config import instantiate, reward_specs
 from grpo_image.training.data import GroupSampler, load_recipe_prompts
 from grpo_image.training.distributed import (
-    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_scored,
+    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
 from grpo_image.training.health import HealthMonitor
@@ -240,6 +241,7 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         "adv/zero_std_frac": adv_stats["zero_std_frac"],
         "adv/abs_mean": float(advantages.abs().mean()),
         "time/reward_worker": scored.worker_seconds,
+        **_agreement_metrics(trainer, codes),
     }
     return metrics, _captioned_samples(scored, prompts) if scored.thumbnail_rows else None
 
@@ -399,6 +401,14 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
     tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
     return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
+
+
+def _agreement_metrics(trainer: Trainer, codes: torch.Tensor) -> dict[str, float]:
+    """`sampling/agreement/same_prompt` and `.../other_prompts` over every rank's rollouts (a few MB of codes at
+    real size; groups never straddle ranks, so the gathered rows are whole groups)."""
+    every = gather_rows(trainer.world, codes.cpu().numpy())  # int [N, L]
+    return {f"sampling/agreement/{name}": value
+            for name, value in code_agreement(every, trainer.cfg.data.group_size).items()}
 
 
 def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
