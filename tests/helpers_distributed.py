@@ -42,6 +42,7 @@ def collectives_on_rank(rank: int, port: int, out: str) -> None:
         param.grad = (rank + 1) * torch.arange(float(param.numel()))  # rank 0: 0, 1, ...; rank 1: twice that
     distributed.average_replicated_gradients(world, params)
     torch.save({"advantages": advantages, "grads": [p.grad for p in params]}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -66,6 +67,7 @@ def sharded_policy_on_rank(rank: int, port: int, out: str) -> None:
         codes, logprobs = sample_codes(policy, ["red", "blue"], torch.tensor([3, 4]), SamplingSettings(cfg_scale=2.0))
     still_sharded = all(isinstance(p, DTensor) for p in layer_params)
     torch.save({**shards, "still_sharded": still_sharded, "codes": codes, "logprobs": logprobs}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -101,6 +103,7 @@ def replicas_on_rank(rank: int, port: int, out: str) -> None:
         if mode != "lora":
             result[f"{mode} reference"] = whole_parameters(trainer.weights.reference_policy.model)
     torch.save(result, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -129,6 +132,7 @@ def bf16_fsdp_step_on_rank(rank: int, port: int, out: str) -> None:
         moved += int((stepped & (local[name].detach() != before[name])).sum())
     dtypes = sorted({str(value.dtype) for value in local.values()})
     torch.save({"with_grad": with_grad, "moved": moved, "dtypes": dtypes, "metrics": metrics}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 
@@ -268,4 +272,5 @@ def resume_reads_on_rank(rank: int, port: int, out: str) -> None:
     cfg.resume = run
     train_module.build_trainer(cfg, world)
     torch.save(measured, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()

@@ -166,4 +166,5 @@ def fsdp_memory_on_rank(rank: int, port: int, out: str) -> None:
         "same_logprobs": bool(torch.equal(reference, policy_logprobs)), "metrics": metrics,
         "rollout": (rollout.prompts, rollout.codes, policy_logprobs),
     }, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()

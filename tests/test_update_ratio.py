@@ -181,6 +181,7 @@ def ratios_on_rank(rank: int, port: int, out: str) -> None:
         result[mode] = {"ratio": moved.ratio(), "copies": len(moved.full) + len(moved.adapted),
                         "expected": brute_force_ratio(before, whole(policy.model), 2.0 if mode == "lora" else None)}
     torch.save(result, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while a peer's last collective is in flight
     dist.destroy_process_group()
 
 

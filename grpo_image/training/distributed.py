@@ -99,7 +99,10 @@ def join_world() -> World:
 
 
 def leave_world(world: World) -> None:
+    """Tear the process group down once every rank is here: a rank that left first would close the connections
+    under a peer's last collective, and gloo aborts that peer ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
