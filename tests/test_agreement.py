@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from grpo_image.core.agreement import code_agreement
+from grpo_image.core.agreement import agreement_counts, agreement_from_counts, code_agreement
 
 
 def test_a_hand_counted_batch():
@@ -42,3 +42,18 @@ def test_figures_without_pairs_are_left_out_and_partial_groups_refused():
     assert set(code_agreement(codes, 4)) == {"same_prompt"}  # one prompt
     with pytest.raises(ValueError, match="not whole groups of 3"):
         code_agreement(codes, 3)
+
+
+def test_counts_of_two_processes_add_up_to_the_pairs_inside_each():
+    # Two ranks of two prompts each (G = 3, L = 4): the summed counts give the mean over the pairs each rank holds,
+    # the figures the training loop logs with several processes (their pair counts averaged over ranks).
+    codes = np.random.default_rng(7).integers(0, 3, (12, 4))  # [N, L]
+    halves = [agreement_counts(codes[:6], 3), agreement_counts(codes[6:], 3)]
+    summed = agreement_from_counts({key: halves[0][key] + halves[1][key] for key in halves[0]})
+    same, other = [], []
+    for rows in (range(0, 6), range(6, 12)):
+        for i, j in itertools.combinations(rows, 2):
+            (same if i // 3 == j // 3 else other).append(np.mean(codes[i] == codes[j]))
+    # integer counts over 6 x 4 comparisons a pair: float64 rounding only, 1e-12
+    assert summed["same_prompt"] == pytest.approx(np.mean(same), abs=1e-12)
+    assert summed["other_prompts"] == pytest.approx(np.mean(other), abs=1e-12)

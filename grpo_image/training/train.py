@@ -25,13 +25,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import group_advantages, weighted_total
-from grpo_image.core.agreement import code_agreement
+from grpo_image.core.agreement import agreement_counts, agreement_from_counts
 from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
 from grpo_image.training.checkpoint_fit import warn_changed_training_keys
 from grpo_image.base.config import instantiate, reward_specs
 from grpo_image.training.data import GroupSampler, load_recipe_prompts
 from grpo_image.training.distributed import (
-    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_rows, gather_scored,
+    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_scored,
     join_world, leave_world, mean_over_ranks,
 )
 from grpo_image.training.health import HealthMonitor
@@ -193,6 +193,9 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
     return summary
 
 
+AGREEMENT_COUNT = "_agreement_count/"  # pair counts summed over ranks, turned into sampling/agreement/* (not logged)
+
+
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
     """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
     cfg, timer = trainer.cfg, _Timer(trainer)
@@ -235,14 +238,19 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
             **train_stats,
             "sampling/filtered_mass/mean": float(rollout.filtered_mass.mean()),  # this rank's sampled codes
             "sampling/filtered_mass/max": float(rollout.filtered_mass.max()),
+            **{AGREEMENT_COUNT + key: float(value)
+               for key, value in agreement_counts(codes.cpu().numpy(), cfg.data.group_size).items()},
             **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
             "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
         }),
         "adv/zero_std_frac": adv_stats["zero_std_frac"],
         "adv/abs_mean": float(advantages.abs().mean()),
         "time/reward_worker": scored.worker_seconds,
-        **_agreement_metrics(trainer, codes),
     }
+    # code agreement within and across prompts, from each rank's own groups (its pair counts, averaged over the
+    # ranks above, keep their ratios): sampling/agreement/{same_prompt,other_prompts}
+    counts = {key[len(AGREEMENT_COUNT):]: metrics.pop(key) for key in list(metrics) if key.startswith(AGREEMENT_COUNT)}
+    metrics.update({f"sampling/agreement/{name}": value for name, value in agreement_from_counts(counts).items()})
     return metrics, _captioned_samples(scored, prompts) if scored.thumbnail_rows else None
 
 
@@ -401,14 +409,6 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
     tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
     return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
-
-
-def _agreement_metrics(trainer: Trainer, codes: torch.Tensor) -> dict[str, float]:
-    """`sampling/agreement/same_prompt` and `.../other_prompts` over every rank's rollouts (a few MB of codes at
-    real size; groups never straddle ranks, so the gathered rows are whole groups)."""
-    every = gather_rows(trainer.world, codes.cpu().numpy())  # int [N, L]
-    return {f"sampling/agreement/{name}": value
-            for name, value in code_agreement(every, trainer.cfg.data.group_size).items()}
 
 
 def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
