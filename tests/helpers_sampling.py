@@ -43,3 +43,13 @@ def logprob_tolerance(roundings: int, max_logit: float, *, cfg_scale: float = 1.
     u = torch.finfo(dtype).eps / 2
     amplification = math.hypot(cfg_scale, cfg_scale - 1) / temperature
     return 4 * 2 * math.sqrt(roundings) * u * max(1.0, amplification * max_logit)
+
+
+def assert_on_policy_ratio_within_the_logged_mismatch(row: dict) -> None:
+    """A step's metrics from one process. The first minibatch is on-policy: each of its ratios is exp(d), d its
+    training minus behaviour log-prob, and |d| <= train/logprob_diff/max (logged from the same minibatch), so their
+    mean lies within exp(-max) .. exp(max), up to the float32 rounding of a mean of a few hundred ratios near 1 (1e-6
+    leaves a margin of ten)."""
+    bound = row["train/logprob_diff/max"]
+    assert math.isfinite(bound) and 0 <= bound < 1, row  # under a nat: more is no rounding but another computation
+    assert math.expm1(-bound) - 1e-6 <= row["train/ratio_mean_first"] - 1 <= math.expm1(bound) + 1e-6, row

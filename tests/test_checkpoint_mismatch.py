@@ -56,7 +56,7 @@ def test_resume_with_other_training_keys_names_each_with_both_values_and_goes_on
     messages = [str(w.message) for w in warned if "resuming" in str(w.message)]
     assert len(messages) == 3, messages  # one a key
     for message, (key, theirs, ours) in zip(messages, (("data.group_size", "4", "2"), ("sampling.temperature",
-                                                       "1.0", "0.7"), ("train.lr", "0.003", "0.5"))):
+                                                       "1.0", "0.7"), ("train.lr", "0.001", "0.5"))):
         assert f"'{key}' is {ours} in the recipe and was {theirs} in the checkpoint" in message, message
     # not train.micro_batch_size: how rows are split over forwards changes no number that is trained
     assert [row["step"] for row in read_metrics(run / "metrics.jsonl")] == [2]

@@ -52,9 +52,11 @@ def test_advantages_across_ranks_equal_the_single_process_values(collectives):
     std = np.sqrt(9.5 / 6)
     expected = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]) / (std + 1e-6)
     single, _ = group_advantages(helpers.SCORES, [1.0], group_size=helpers.GROUP_SIZE, scale="batch", eps=1e-6)
+    # float32 against the float64 derivation rounded once: the float32 defaults (rtol 1.3e-6, atol 1e-5) cover the
+    # few float32 roundings of a mean, a std and a division
     torch.testing.assert_close(single, expected.float())
     ranks = [rank["advantages"] for rank in collectives]
-    torch.testing.assert_close(torch.cat(ranks), single, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(ranks), single, rtol=0, atol=0)  # the same operations on the same scores
     # Rank 1 alone would divide by the std of [0, 0, 3] (sqrt 2): gathering the scores is what makes them equal.
     alone, _ = group_advantages(helpers.SCORES[3:], [1.0], group_size=helpers.GROUP_SIZE, scale="batch", eps=1e-6)
     assert not torch.allclose(alone, ranks[1])
@@ -91,7 +93,7 @@ def test_replicas_start_as_rank_0s_even_when_seeded_differently(tmp_path, monkey
         zero, one = ranks[0][part], ranks[1][part]
         assert zero.keys() == one.keys()
         for name in zero:
-            torch.testing.assert_close(one[name], zero[name], rtol=0, atol=0, msg=f"{part}: {name}")
+            torch.testing.assert_close(one[name], zero[name], rtol=0, atol=0, msg=f"{part}: {name}")  # copies: bitwise
     differed = [n for n, v in seed_1.items() if n in ranks[0]["fsdp"] and not torch.equal(v, ranks[0]["fsdp"][n])]
     assert differed  # rank 1 was built from another seed: only the broadcast made it rank 0's
     # A bf16 run from the fp32 stage (rank 0 alone reads it) holds its fp32 weights unrounded as masters, on every
@@ -151,6 +153,11 @@ def assert_same_run(one: Path, two: Path, steps: int, first: int = 1) -> None:
     a, b = weights_at(one, steps), weights_at(two, steps)
     start = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=2, seed=0).model.state_dict()
     assert set(a) == set(b)
+    # Two processes sum each gradient over ranks in another order than one process does (fp32: a few ulps of the
+    # terms, 1e-7 relative). AdamW moves a weight by about lr (1e-3 or 1e-2 here) a step whatever its gradient, and
+    # a 1e-7 relative change of the gradient moves that step by about lr * 1e-7 <= 1e-9 (by up to lr only where a
+    # gradient is within rounding of 0, which none is in these runs); 2e-5 admits the first, and the steps moved the
+    # weights by more than 1e-3 (checked below), so a different run cannot pass.
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5)
         if key in start or "lora_B" in key:  # the steps moved the weights far more than the tolerance (B starts at 0)
@@ -158,6 +165,8 @@ def assert_same_run(one: Path, two: Path, steps: int, first: int = 1) -> None:
     rows_one = read_metrics(one / "metrics.jsonl")[first - 1 : steps]
     rows_two = read_metrics(two / "metrics.jsonl")[: steps - first + 1]
     assert [r["step"] for r in rows_two] == list(range(first, steps + 1))
+    # The same weights (above) give the same rollouts and scores; the metrics carry the weights' 1e-9 differences and
+    # the gathered means' summation order (1e-7 relative): rtol 1e-4, atol 1e-6 for the KL, which starts at 0
     for key in ("reward/total/mean", "train/loss", "train/kl", "train/grad_norm", "adv/abs_mean"):
         np.testing.assert_allclose([r[key] for r in rows_two], [r[key] for r in rows_one], rtol=1e-4, atol=1e-6)
 

@@ -281,7 +281,11 @@ def test_decoder_is_the_pipeline_called_with_the_large_grid(decoder, glm_folder)
         assert torch.equal(prior, upsample_codes(codes[i : i + 1, 247:], (2, 3)))
         direct = pipe(prompt=PROMPTS[0], prior_token_ids=prior, height=64, width=96, num_inference_steps=3,
                       guidance_scale=1.5, generator=torch.Generator().manual_seed(11 + i)).images[0]  # fmt: skip
-        assert np.array_equal(images[i], np.asarray(direct))  # the pipeline's PIL image, pixel for pixel
+        # The decoder ran both rollouts in one batch, the pipeline here one: fp32 sums in another order (which some
+        # CPU kernels take, e.g. the portable ones, for another batch size) differ in the last bits, far under one
+        # 8-bit level, and rounding to uint8 turns that into at most one level, at a few pixels
+        difference = np.abs(images[i].astype(int) - np.asarray(direct).astype(int))  # the pipeline's PIL image
+        assert difference.max() <= 1 and np.mean(difference) < 0.01, (difference.max(), np.mean(difference))
 
 
 def test_a_group_in_one_call_is_its_rollouts_one_by_one_and_groups_are_decoded_apart(decoder):

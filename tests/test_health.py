@@ -283,7 +283,7 @@ def test_a_policy_rewarded_for_compressibility_alone_paints_every_prompt_alike_a
     collapse = [w for w in summary["warnings"] if w["metric"] == "sampling/agreement/other_prompts"]
     assert len(collapse) == 1 and "reward 'color' stayed flat" in collapse[0]["message"], summary["warnings"]
     agreement = [row["sampling/agreement/other_prompts"] for row in read_metrics(tmp_path / "metrics.jsonl")]
-    assert agreement[-1] - agreement[0] >= 0.5, agreement
+    assert agreement[-1] - agreement[0] >= 0.5, agreement  # from about 1/16 towards 1: at least half of the way
 
 
 def test_lora_at_too_small_a_learning_rate_warns_and_at_a_learning_one_does_not(tmp_path):

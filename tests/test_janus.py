@@ -238,7 +238,7 @@ def test_lora_adapters_change_outputs_and_disabling_restores_the_base(folder):
         adapted = teacher_forced_logprobs(policy, prompts, codes, settings)
         with weights.reference() as reference_policy:
             restored = teacher_forced_logprobs(reference_policy, prompts, codes, settings)
-    assert max_diff(adapted, base) > 1e-2
+    assert max_diff(adapted, base) > 1e-2  # past any rounding (1e-5 here): B of std 0.2 is no small change
     assert torch.equal(restored, base)
     teacher_forced_logprobs(policy, prompts, codes, settings).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm_lora_b)

@@ -178,7 +178,7 @@ def test_truncated_importance_sampling_without_a_mismatch_is_the_plain_update(tm
         grpo_step(trainer, 1)
         moved.append({name: p.detach().clone() for name, p in trainer.policy.model.named_parameters()})
     # AdamW's first step moves each weight by lr * g / (|g| + eps): a 1e-6 relative change of g (the weights' and
-    # ratios' rounding) changes it by at most lr * 1e-6 = 3e-9 (lr 3e-3), far inside 1e-7
+    # ratios' rounding) changes it by at most lr * 1e-6 = 1e-9 (the recipe's lr 1e-3), far inside 1e-7
     for name, value in moved[0].items():
         torch.testing.assert_close(moved[1][name], value, atol=1e-7, rtol=0, msg=name)
 

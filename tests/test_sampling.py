@@ -330,4 +330,4 @@ def test_settings_reject_bad_values():
         SamplingSettings(temperature=0.0)
     with pytest.raises(ValueError, match="cfg_logprobs"):
         SamplingSettings(cfg_logprobs="both")
-    assert math.isclose(SamplingSettings(cfg_scale=5.0).cfg_scale, 5.0)
+    assert math.isclose(SamplingSettings(cfg_scale=5.0).cfg_scale, 5.0)  # a float stored and read back: exact

@@ -274,7 +274,7 @@ def test_lora_adapters_change_outputs_and_disabling_restores_the_base():
         adapted = teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0))
         with weights.reference() as reference_policy:
             restored = teacher_forced_logprobs(reference_policy, prompts, codes, SamplingSettings(cfg_scale=2.0))
-    assert max_diff(adapted, base) > 1e-2
+    assert max_diff(adapted, base) > 1e-2  # past the rounding bound above: B of std 0.2 is no small change
     assert max_diff(restored, base) <= tiny_tolerance(policy, prompts, codes, cfg_scale=2.0)  # as at B = 0 above
     assert all(p.requires_grad for p in lora_b) and not policy.model.get_base_model().mm_head.weight.requires_grad
     teacher_forced_logprobs(policy, prompts, codes, SamplingSettings(cfg_scale=2.0)).sum().backward()
