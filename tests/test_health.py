@@ -173,7 +173,8 @@ def test_prompts_converging_on_one_output_while_a_reward_stays_flat_warn_once():
     # Over 10 steps the agreement rises by 9 x 0.08 = 0.72 (> collapse_rise 0.1); jpeg +0.03 a step (2.7 of its
     # spread 0.1, past trend_change 0.5), color flat (a change of 0).
     warnings = steps(monitor, agreement_rows(14, 0.08, [0.0, 0.03]))
-    assert [(w.step, w.check, w.metric) for w in warnings] == [(10, "prompt_collapse", "sampling/agreement/other_prompts")]
+    expected = [(10, "prompt_collapse", "sampling/agreement/other_prompts")]
+    assert [(w.step, w.check, w.metric) for w in warnings] == expected
     assert "reward 'color' stayed flat" in warnings[0].message and "'jpeg'" not in warnings[0].message
     assert "rose by 0.72 to 0.78" in warnings[0].message  # 1/16 + 9 x 0.08 = 0.7825 at step 10
 

@@ -66,6 +66,23 @@ def test_lora_weights_load_into_a_bf16_base():
     assert {p.dtype for p in weights.trainable_parameters()} == {torch.float32}
 
 
+def reference_scores_as_the_policy(weights: FullWeights, prompts: list[str], settings: SamplingSettings,
+                                   rounded: nn.Module) -> float:
+    """Sample codes for `prompts`, check that the reference's log-probs of them are the policy's bit for bit, and
+    return how far (max |difference|) the policy's log-probs lie from those of the same policy on `rounded`, a copy
+    of the reference with some weights rounded otherwise."""
+    policy = weights.policy
+    with torch.no_grad(), weights.rollout_weights():
+        codes, _ = sample_codes(policy, prompts, torch.arange(len(prompts)), settings)
+    with torch.no_grad(), weights.compute():
+        logprobs = teacher_forced_logprobs(policy, prompts, codes, settings)  # [n, L]
+        with weights.reference() as reference_policy:
+            assert torch.equal(teacher_forced_logprobs(reference_policy, prompts, codes, settings), logprobs)
+        on_rounded = copy.copy(policy)
+        on_rounded.model = rounded
+        return (teacher_forced_logprobs(on_rounded, prompts, codes, settings) - logprobs).abs().max().item()
+
+
 def test_full_fine_tunings_reference_computes_the_policys_log_probs_bit_for_bit_at_half_the_memory(one_thread):
     """The reference copy of a bf16 policy's fp32 masters: Linear weights in bf16 (what autocast rounds the masters
     to for every matrix multiply), embeddings, norms and the image head (lm_head, read in fp32 by `fp32_head`) in
@@ -78,18 +95,11 @@ def test_full_fine_tunings_reference_computes_the_policys_log_probs_bit_for_bit_
     for name, param in reference.named_parameters():
         module = name.rsplit(".", 1)[0]
         assert param.dtype == (torch.bfloat16 if module in linears and module != "lm_head" else torch.float32), name
-    prompts, settings = ["a red square", "two cats on a mat", "blue", "a green circle"], SamplingSettings()
-    with torch.no_grad(), weights.rollout_weights():
-        codes, _ = sample_codes(policy, prompts, torch.arange(4), settings)
-    with torch.no_grad(), weights.compute():
-        logprobs = teacher_forced_logprobs(policy, prompts, codes, settings)  # [4, 16]
-        with weights.reference() as reference_policy:
-            assert torch.equal(teacher_forced_logprobs(reference_policy, prompts, codes, settings), logprobs)
-        # Every weight in bf16 instead: the embedding's rows move by up to 2^-9 of themselves and the residual stream
-        # becomes bf16 (8 bits of mantissa); the log-probs move by about 1e-3 (2.3e-3 measured), far above 1e-4.
-        rounded = copy.copy(policy)
-        rounded.model = copy.deepcopy(reference).to(torch.bfloat16)
-        assert (teacher_forced_logprobs(rounded, prompts, codes, settings) - logprobs).abs().max() > 1e-4
+    prompts = ["a red square", "two cats on a mat", "blue", "a green circle"]
+    # Every weight in bf16 instead: the embedding's rows move by up to 2^-9 of themselves and the residual stream
+    # becomes bf16 (8 bits of mantissa); the log-probs move by about 1e-3 (2.3e-3 measured), far above 1e-4.
+    all_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    assert reference_scores_as_the_policy(weights, prompts, SamplingSettings(), all_bf16) > 1e-4
     # 91,712 Linear parameters, of which lm_head's 277 x 64 = 17,728 stay fp32 with the 18,048 others (embedding
     # 277 x 64, norms): 73,984 in bf16 and 35,776 in fp32, 66% of an fp32 copy
     assert sum(p.numel() * p.element_size() for p in reference.parameters()) == 2 * 73_984 + 4 * 35_776
@@ -112,19 +122,12 @@ def test_from_an_fp32_stage_the_reference_keeps_the_image_heads_rows_unrounded(o
     reference = weights.reference_policy.model
     assert reference.mm_head.weight.dtype == torch.float32 and reference.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(reference.mm_head.weight, stage.model.mm_head.weight)  # the stage's rows, not rounded
-    prompts, settings = ["a red square", "blue"], SamplingSettings(min_p=0.03)
-    with torch.no_grad(), weights.rollout_weights():
-        codes, _ = sample_codes(policy, prompts, torch.arange(2), settings)
-    with torch.no_grad(), weights.compute():
-        logprobs = teacher_forced_logprobs(policy, prompts, codes, settings)  # [2, 12]
-        with weights.reference() as reference_policy:
-            assert torch.equal(teacher_forced_logprobs(reference_policy, prompts, codes, settings), logprobs)
-        # The head's rows rounded to bf16 instead (relative steps of 2^-9): the logits, hence the log-probs, move
-        # by about 2^-9 of a logit's size, far above 0.
-        rounded = copy.copy(reference_policy)
-        rounded.model = copy.deepcopy(reference)
-        rounded.model.mm_head.weight.data = reference.mm_head.weight.data.bfloat16().float()
-        assert (teacher_forced_logprobs(rounded, prompts, codes, settings) - logprobs).abs().max() > 0
+    # The head's rows rounded to bf16 instead (relative steps of 2^-9): the logits, hence the log-probs, move by
+    # about 2^-9 of a logit's size, far above 0.
+    head_bf16 = copy.deepcopy(reference)
+    head_bf16.mm_head.weight.data = reference.mm_head.weight.data.bfloat16().float()
+    settings = SamplingSettings(min_p=0.03)
+    assert reference_scores_as_the_policy(weights, ["a red square", "blue"], settings, head_bf16) > 0
 
 
 def test_the_reference_shares_the_frozen_weights_instead_of_copying_them(one_thread):

@@ -104,7 +104,7 @@ def test_any_other_crash_is_raised_with_a_note_on_where_to_resume(tmp_path, monk
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(train_module, "_reward_metrics", broken)
+    monkeypatch.setattr(train_module, "reward_metrics", broken)
     with pytest.raises(KeyError) as raised:
         train(tmp_path, "steps=3")
     note = " ".join(raised.value.__notes__)

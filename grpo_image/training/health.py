@@ -131,8 +131,10 @@ class HealthMonitor:
             raise ValueError(f"HealthMonitor: scores must be [N, K={len(self.reward_names)}] with N a multiple of "
                              f"group_size={self.group_size}, got shape {scores.shape}")
         self._remember_trends(scores, metrics)
+        trends = self._reward_trends()
         return [*self._score_checks(step, scores), *self._training_checks(step, metrics),
-                *self._tradeoff_check(step), *self._collapse_check(step), *self._update_size_check(step, metrics)]
+                *self._tradeoff_check(step, trends), *self._collapse_check(step, trends),
+                *self._update_size_check(step, metrics)]
 
     def _remember_trends(self, scores: np.ndarray, metrics: Mapping[str, float]) -> None:
         """Add this step to the trend window: each reward's mean and spread, and the other-prompt agreement."""
@@ -229,7 +231,7 @@ class HealthMonitor:
             f"is too small for them to change the policy (LoRA needs about 10x the full fine-tuning lr: raise "
             f"train.lr; docs/recipes.md, \"Learning rates\")"))]
 
-    def _tradeoff_check(self, step: int) -> list[HealthWarning]:
+    def _tradeoff_check(self, step: int, trends: tuple[np.ndarray, np.ndarray] | None) -> list[HealthWarning]:
         """Over the last `trend_window` steps, one reward rose steadily while another fell steadily.
 
         A trend is the least-squares line through a reward's per-step means; its change over the window is measured
@@ -237,7 +239,7 @@ class HealthMonitor:
         times its mean magnitude (a nearly constant reward's wobble is no trend); it is steady when the means
         correlate with the step by at least `trend_steadiness` in absolute value.
         """
-        s, trends = self.settings, self._reward_trends()
+        s = self.settings
         if trends is None or len(self.reward_names) < 2:
             return []
         changes, steady = trends
@@ -255,7 +257,7 @@ class HealthMonitor:
             f"spread while reward '{down}' fell by {-changes[falling[0]]:.2f}: the policy is buying one with the "
             f"other; check the reward weights (and train.beta)"))]
 
-    def _collapse_check(self, step: int) -> list[HealthWarning]:
+    def _collapse_check(self, step: int, trends: tuple[np.ndarray, np.ndarray] | None) -> list[HealthWarning]:
         """Over the last `trend_window` steps, the rollouts of different prompts converged on one output (their code
         agreement, `sampling/agreement/other_prompts`, rose steadily by at least `collapse_rise`) while a reward stayed
         flat (its change, up or down, under `trend_change` of its spread; one that falls is the trade-off check's).
@@ -264,7 +266,7 @@ class HealthMonitor:
         same picture), but then every reward rises with it; a reward left flat while outputs converge is one that
         depends on the prompt, and the policy is no longer reading it.
         """
-        s, trends = self.settings, self._reward_trends()
+        s = self.settings
         if trends is None:
             return []
         agreement = np.asarray(self._agreement, dtype=np.float64)[:, None]  # [W, 1]

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_image.core.advantages import group_advantages, weighted_total
-from grpo_image.core.agreement import agreement_counts, agreement_from_counts
+from grpo_image.core.advantages import group_advantages
 from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
 from grpo_image.training.checkpoint_fit import warn_changed_training_keys
 from grpo_image.base.config import instantiate, reward_specs
@@ -40,6 +39,9 @@ from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher
 from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.training.weights import make_weights
 from grpo_image.training.preflight import check_batches, check_reward_placement
+from grpo_image.training.step_metrics import (
+    agreement_counts_to_average, agreement_from_averaged_counts, captioned_samples, reward_metrics, thumbnail_rows,
+)
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.training.update_ratio import UpdateRatio
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes_with_mass
@@ -193,9 +195,6 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
     return summary
 
 
-AGREEMENT_COUNT = "_agreement_count/"  # pair counts summed over ranks, turned into sampling/agreement/* (not logged)
-
-
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
     """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
     cfg, timer = trainer.cfg, _Timer(trainer)
@@ -232,14 +231,13 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine, trainer_old)
     busy = sum(timer.seconds.values())
     metrics = {
-        **_reward_metrics(scored, trainer.reward_weights),
+        **reward_metrics(scored, trainer.reward_weights),
         **scored.info,
         **mean_over_ranks(trainer.world, {
             **train_stats,
             "sampling/filtered_mass/mean": float(rollout.filtered_mass.mean()),  # this rank's sampled codes
             "sampling/filtered_mass/max": float(rollout.filtered_mass.max()),
-            **{AGREEMENT_COUNT + key: float(value)
-               for key, value in agreement_counts(codes.cpu().numpy(), cfg.data.group_size).items()},
+            **agreement_counts_to_average(codes, cfg.data.group_size),
             **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
             "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
         }),
@@ -247,11 +245,8 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
         "adv/abs_mean": float(advantages.abs().mean()),
         "time/reward_worker": scored.worker_seconds,
     }
-    # code agreement within and across prompts, from each rank's own groups (its pair counts, averaged over the
-    # ranks above, keep their ratios): sampling/agreement/{same_prompt,other_prompts}
-    counts = {key[len(AGREEMENT_COUNT):]: metrics.pop(key) for key in list(metrics) if key.startswith(AGREEMENT_COUNT)}
-    metrics.update({f"sampling/agreement/{name}": value for name, value in agreement_from_counts(counts).items()})
-    return metrics, _captioned_samples(scored, prompts) if scored.thumbnail_rows else None
+    agreement_from_averaged_counts(metrics)
+    return metrics, captioned_samples(scored, prompts) if scored.thumbnail_rows else None
 
 
 @torch.no_grad()
@@ -316,7 +311,7 @@ def _gather_or_fail(trainer: Trainer, pending) -> ScoredBatch:
 
 def _submit(trainer: Trainer, step: int, rollout: Rollout):
     """Hand a rollout to the reward pool, asking for thumbnails on sample steps."""
-    return trainer.pool.submit(rollout, _thumbnail_rows(trainer.cfg, step, len(rollout.records)))
+    return trainer.pool.submit(rollout, thumbnail_rows(trainer.cfg, step, len(rollout.records)))
 
 
 @torch.no_grad()
@@ -409,38 +404,6 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
     tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
     return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
-
-
-def _reward_metrics(scored: ScoredBatch, weights: list[float]) -> dict[str, float]:
-    """Per reward mean, spread and NaN count, and the weighted total (NaN scores left out of the sum)."""
-    scores = scored.scores  # [N, K]
-    metrics: dict[str, float] = {}
-    for k, name in enumerate(scored.reward_names):
-        column = scores[:, k]  # [N]
-        valid = column[~np.isnan(column)]
-        metrics[f"reward/{name}/mean"] = float(valid.mean()) if valid.size else float("nan")
-        metrics[f"reward/{name}/std"] = float(valid.std()) if valid.size else float("nan")
-        metrics[f"reward/{name}/nan"] = int(np.isnan(column).sum())
-    total = weighted_total(scores, weights)  # [N]
-    metrics["reward/total/mean"] = float(np.nanmean(total)) if not np.isnan(total).all() else float("nan")
-    return metrics
-
-
-def _thumbnail_rows(cfg: DictConfig, step: int, n: int) -> list[int]:
-    """First rollout of up to `logging.num_samples` groups, on the first, every sample_every-th and last step."""
-    every = cfg.sample_every
-    if every <= 0 or not (step == 1 or step % every == 0 or step == cfg.steps):
-        return []
-    group = cfg.data.group_size
-    return list(range(0, n, group))[: cfg.logging.num_samples]
-
-
-def _captioned_samples(scored: ScoredBatch, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
-    captions = []
-    for row in scored.thumbnail_rows:
-        scores = "  ".join(f"{name} {scored.scores[row, k]:.2f}" for k, name in enumerate(scored.reward_names))
-        captions.append(f"{prompts[row]}\n{scores}")
-    return scored.thumbnails, captions
 
 
 def _wandb(cfg: DictConfig) -> dict | None:
