@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from grpo_image.training.checkpoint import DCP_METADATA, read_sharded
 from grpo_image.training.checkpoint_fit import ADAPTER_FILE, saved_shapes
-from grpo_image.training.weights import policy_folder
+from grpo_image.training.saved_weights import policy_folder
 
 
 def saved_weights(path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from grpo_image.training.checkpoint import (
     SIZES_ONLY, WEIGHTS, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
 )
-from grpo_image.training.weights import FullWeights, LoraWeights, load_saved_weights
+from grpo_image.training.saved_weights import load_stages
+from grpo_image.training.weights import FullWeights, LoraWeights
 from grpo_image.policies.tiny import tiny_policy
 
 CONFIG = OmegaConf.create({"seed": 0})
@@ -94,7 +95,7 @@ def test_full_checkpoint_loads_into_the_recipes_policy(tmp_path, dtype):
     for part in ("policy", "optimizer"):
         assert sorted(p.name for p in (folder / part).iterdir()) == [".metadata", "__0_0.distcp"]
     loaded = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=1, dtype=dtype)
-    load_saved_weights(loaded, tmp_path, merge_adapter=False)  # as sample, eval and train.init_from do
+    load_stages(loaded, tmp_path, merge=False)  # as sample, eval and train.init_from do
     for name, value in weights.policy.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value.to(getattr(torch, dtype))), name  # rounded once
 
@@ -149,5 +150,5 @@ def test_a_checkpoint_of_the_earlier_whole_format_is_not_resumed_but_its_weights
     with pytest.raises(CheckpointError, match="earlier version .* train.init_from="):
         load_checkpoint(folder, *trained("full", seed=1))
     loaded = tiny_policy(num_codes=8, grid=(2, 2), hidden_size=16, num_layers=1, seed=1)
-    load_saved_weights(loaded, folder, merge_adapter=True)
+    load_stages(loaded, folder, merge=True)
     assert torch.equal(loaded.model.lm_head.weight, weights.policy.model.lm_head.weight)

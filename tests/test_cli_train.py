@@ -139,7 +139,8 @@ def test_the_demo_recipe_learns_every_colour(tmp_path, seed):
 
 def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path):
     from grpo_image.base.config import load_recipe
-    from grpo_image.training.weights import LoraWeights, load_saved_weights
+    from grpo_image.training.saved_weights import load_stages
+    from grpo_image.training.weights import LoraWeights
 
     assert run(tmp_path / "en", "steps=1", "train.mode=lora", "train.lr=5e-2") == 0
     checkpoint = tmp_path / "en" / "checkpoints" / "step_000001"
@@ -150,7 +151,7 @@ def test_init_from_merges_a_previous_adapter_into_the_starting_weights(tmp_path)
     weights.load(checkpoint / "policy")
     # ... equals the merged starting point of the next one
     merged = tiny_policy(num_codes=16, grid=(2, 2), hidden_size=32, num_layers=1, seed=0)
-    load_saved_weights(merged, checkpoint, merge_adapter=True)
+    load_stages(merged, checkpoint, merge=True)
     ids = torch.tensor([trained.encode(["a red square"])[0]])
     with torch.no_grad():
         want, base = trained.model(input_ids=ids).logits, None

@@ -115,6 +115,9 @@ def test_family_recipe_runs_one_step_on_tiny_models(assets, tmp_path, recipe, mo
     for key, value in row.items():
         if key.startswith(("reward/", "train/", "adv/")) and not key.endswith(("/nan", "/std")):
             assert value is not None and math.isfinite(value), (key, row)
+    # before the first update the policy is its reference, bit for bit: the base with a zero adapter, the English
+    # stage's adapter attached frozen under the new one (xomni_zh_stage), or the reference copy of the fp32 masters
+    assert row["train/kl_first"] == 0.0, row["train/kl_first"]
     if "reward/unified/mean" in row:
         assert row["reward/unified/mean"] == pytest.approx(0.8)  # "Final Score: 4" / 5, a float32 mean: rel 1e-6
     if "reward/alignment/mean" in row:

@@ -20,7 +20,7 @@ from grpo_image.base.logging import read_metrics
 from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
 from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
-from grpo_image.training.weights import load_saved_weights
+from grpo_image.training.saved_weights import load_stages
 from tests.helpers_checkpoint import saved_weights
 from tests.helpers_rewards import write_tiny_hps
 from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
@@ -371,7 +371,7 @@ def test_recipe_runs_one_step_in_its_own_bf16_and_validates(policy, glm_folder, 
         assert "language_model" in adapter["target_modules"]
     else:  # a full checkpoint's weights load into the recipe's GLM-Image policy, as sample and eval read them
         loaded = glm_image_policy(str(glm_folder), HEIGHT, WIDTH, dtype="float32")
-        load_saved_weights(loaded, saved, merge_adapter=False)
+        load_stages(loaded, saved, merge=False)
         for name, value in saved_weights(saved).items():
             assert torch.equal(loaded.model.state_dict()[name], value), name
     assert (tmp_path / "samples" / "step_000001.png").is_file()

@@ -63,7 +63,7 @@ def test_a_checkpoint_loads_its_trained_weights(runs, mode):
             from peft import get_peft_model_state_dict
 
             saved = saved_weights(folder)
-            state = get_peft_model_state_dict(policy.model)
+            state = get_peft_model_state_dict(policy.model, adapter_name="stage_1")  # the run's only stage
             assert saved.keys() == state.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
             assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the init
     base = load_policy(cfg).model.state_dict()

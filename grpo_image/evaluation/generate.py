@@ -23,7 +23,7 @@ from grpo_image.training.distributed import training_device
 from grpo_image.base.image_files import image_name, save_images
 from grpo_image.base.progress import progress
 from grpo_image.evaluation.longtext import is_longtext_file, read_longtext
-from grpo_image.training.weights import load_saved_weights, policy_folder
+from grpo_image.training.saved_weights import load_stages, policy_folder
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes
 from grpo_image.core.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
 from grpo_image.core.types import PromptRecord
@@ -43,32 +43,31 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
 
     `checkpoint`: a run folder (its newest complete checkpoint), a checkpoint folder (`checkpoints/step_N`), or a
     `policy/` folder (or any peft adapter folder, or a full-model folder with model.safetensors) directly.
-    As in training, the recipe's `train.init_from` weights are loaded first: they are the base its adapters apply to.
+    As in training, the stages the checkpoint continued (its run's `train.init_from`, and theirs) come first, their
+    adapters attached, not merged; without a checkpoint, the recipe's `train.init_from` weights.
     """
     torch.manual_seed(cfg.seed)  # as in training, so that a seeded random policy is the same one
     policy = instantiate(cfg.policy)
     policy.model.to(training_device())  # the GPU when there is one, as in training
-    init_from = OmegaConf.select(cfg, "train.init_from", default=None)
-    if init_from:  # the weights the recipe's runs start from (and the base its adapters apply to)
-        load_saved_weights(policy, init_from, merge_adapter=True)
-    if checkpoint is not None:  # weights that do not fit the policy are refused first, in one line
-        load_saved_weights(policy, checkpoint, merge_adapter=False)
+    if checkpoint is None:  # the weights the recipe's runs start from (and the base its adapters apply to)
+        load_stages(policy, OmegaConf.select(cfg, "train.init_from", default=None), merge=False)
+    else:  # the checkpoint and every stage it continued, as its run computed them; misfits refused in one line
+        load_stages(policy, checkpoint, merge=False)
         _warn_if_trained_from_elsewhere(cfg, policy_folder(checkpoint))
     policy.model.eval()
     return policy
 
 
 def _warn_if_trained_from_elsewhere(cfg: DictConfig, folder: Path) -> None:
-    """A checkpoint trained from another policy (or init_from) than the recipe's is loaded anyway, with a warning."""
+    """A checkpoint trained from another policy than the recipe's is loaded anyway, with a warning."""
     saved = folder.parent / "config.yaml"
     if not saved.is_file():
         return
     trained = OmegaConf.load(saved)
-    for key in ("policy", "train.init_from"):
-        theirs, ours = OmegaConf.select(trained, key, default=None), OmegaConf.select(cfg, key, default=None)
-        if _plain(theirs) != _plain(ours):
-            print(f"warning: {saved} was trained with another '{key}' than the recipe's ({_plain(theirs)!r}); "
-                  f"loading its weights into the recipe's policy", file=sys.stderr, flush=True)
+    theirs = OmegaConf.select(trained, "policy", default=None)
+    if _plain(theirs) != _plain(cfg.policy):
+        print(f"warning: {saved} was trained with another 'policy' than the recipe's ({_plain(theirs)!r}); "
+              f"loading its weights into the recipe's policy", file=sys.stderr, flush=True)
 
 
 def _plain(node):

@@ -40,8 +40,9 @@ from torch import nn
 
 from grpo_image.training.distributed import World, broadcast_in_place_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
+from grpo_image.training.saved_weights import load_stages
 from grpo_image.training.weights import (
-    FullWeights, frozen_copy, load_saved_weights, master_compute_dtype, reference_dtype, upcast_masters,
+    FullWeights, frozen_copy, master_compute_dtype, reference_dtype, upcast_masters,
 )
 
 
@@ -126,7 +127,7 @@ class ShardedFullWeights(FullWeights):
         self.compute_dtype = master_compute_dtype(policy.model)
         if init_from and world.is_main:
             upcast_masters(policy.model.parameters())  # the previous stage's fp32 weights are not rounded
-            load_saved_weights(policy, init_from, merge_adapter=True)
+            load_stages(policy, init_from, merge=True)
         model = policy.model
         dtype_of = reference_dtype(model, self.compute_dtype, policy.image_head())
         layers = [layer for _, stack in decoder_stacks(model) for layer in stack]

@@ -399,6 +399,8 @@ def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, 
     metrics = {f"train/{key}": float(np.mean(values)) for key, values in totals.items()}
     metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
     metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
+    if "kl" in totals:  # the first minibatch of a run's first step: 0 when the reference is the model it starts from
+        metrics["train/kl_first"] = totals["kl"][0]
     metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["train/update_ratio"] = moved.ratio()  # ||update|| / ||weights||, global over the ranks
     mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -38,13 +37,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from grpo_image.training.checkpoint import (
-    DCP_METADATA, POLICY, WEIGHTS, CheckpointError, find_checkpoint, is_first, read_sharded, saved_keys,
-    write_sharded,
-)
-from grpo_image.training.checkpoint_fit import (
-    ADAPTER_FILE, FULL_WEIGHTS_FILE, refuse_adapter_unless_fits, refuse_other_mode, refuse_unless_fits, saved_kind,
-)
+from grpo_image.training.checkpoint import is_first, read_sharded, saved_keys, write_sharded
+from grpo_image.training.checkpoint_fit import ADAPTER_FILE, refuse_other_mode, refuse_unless_fits
+from grpo_image.training.saved_weights import TRAINED_ADAPTER, load_stages, peft_quietly
 from grpo_image.training.distributed import World, broadcast_from_rank0
 from grpo_image.policies.causal_lm import CausalLMPolicy
 
@@ -105,37 +100,63 @@ class _TrainedWeights:
             optimizer.state.pop(trained[name], None)
 
 
-@contextlib.contextmanager
-def peft_quietly() -> Iterator[None]:
-    """peft reads `is_gradient_checkpointing`, which transformers has deprecated: its notice is not ours to fix."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 class LoraWeights(_TrainedWeights):
-    """Train peft LoRA adapters (fp32) on the policy's model; the reference is the base model (adapters off)."""
+    """Train peft LoRA adapters (fp32) on the policy's model; the reference is the model with them off.
 
-    def __init__(self, policy: CausalLMPolicy, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
+    On a run that continues earlier stages, their adapters are attached frozen (`frozen`, by `load_stages`) and stay
+    on in the reference, which is then the model the run started from; the trained adapter is peft's "default".
+    """
+
+    def __init__(
+        self,
+        policy: CausalLMPolicy,
+        *,
+        r: int,
+        alpha: int,
+        dropout: float,
+        target_modules: list[str] | str,
+        frozen: list[str] = (),
+    ):
         """`target_modules`: module-name suffixes (a list), or one regex over full module names (a string)."""
         from peft import LoraConfig, get_peft_model
 
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
         with peft_quietly():  # autocast_adapter_dtype (peft's default) keeps bf16/fp16 bases' adapters in fp32
-            policy.model = get_peft_model(policy.model, config, autocast_adapter_dtype=True)
-        self.policy = policy
+            if frozen:
+                policy.model.add_adapter(TRAINED_ADAPTER, config, autocast_adapter_dtype=True)
+            else:
+                policy.model = get_peft_model(policy.model, config, autocast_adapter_dtype=True)
+        self.policy, self.frozen = policy, list(frozen)
+        if self.frozen:  # every adapter on; only the new one trainable, as get_peft_model leaves a base
+            policy.model.requires_grad_(False)
+            policy.model.base_model.set_adapter([*self.frozen, TRAINED_ADAPTER])
+            policy.model.base_model.set_requires_grad(self.frozen, False)
+
+    def _activate(self, names: list[str]) -> None:
+        """Only `names` active (their outputs add up); whether each parameter is trainable stays as it was."""
+        trainable = [p.requires_grad for p in self.policy.model.parameters()]
+        self.policy.model.base_model.set_adapter(names)
+        for param, flag in zip(self.policy.model.parameters(), trainable):
+            param.requires_grad_(flag)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMPolicy]:
-        with self.policy.model.disable_adapter():
+        if not self.frozen:
+            with self.policy.model.disable_adapter():
+                yield self.policy
+            return
+        self._activate(self.frozen)
+        try:
             yield self.policy
+        finally:
+            self._activate([*self.frozen, TRAINED_ADAPTER])
 
     def save(self, folder: Path, group=None) -> None:
         """The adapter in peft's standard format (adapter_config.json + adapter_model.safetensors), written once by
         the first rank: it is small, and every rank holds the same."""
         if is_first(group):
-            self.policy.model.save_pretrained(folder)
+            self.policy.model.save_pretrained(folder, selected_adapters=[TRAINED_ADAPTER])
 
     def load(self, folder: Path, group=None) -> None:
         """Every rank reads the adapter; one of another shape (model or rank r) is refused, naming its first tensor."""
@@ -162,8 +183,7 @@ class FullWeights(_TrainedWeights):
         self.policy = policy
         policy.model.to(world.device)  # this process's GPU (cuda:LOCAL_RANK) when there is one
         self.compute_dtype = keep_fp32_masters(policy.model)
-        if init_from:
-            load_saved_weights(policy, init_from, merge_adapter=True)
+        load_stages(policy, init_from, merge=True)  # adapters merged into the fp32 masters
         broadcast_from_rank0(world, policy.model)  # replicas (and their references) start as rank 0's
         self.reference_policy = None
         if keep_reference:
@@ -181,7 +201,7 @@ class FullWeights(_TrainedWeights):
 
     def save(self, folder: Path, group=None) -> None:
         """The fp32 masters (and any frozen weights) into a DCP folder, every rank its own FSDP shards; `sample`,
-        `eval` and `train.init_from` read it into the recipe's policy (see `load_saved_weights`)."""
+        `eval` and `train.init_from` read it into the recipe's policy (see `saved_weights.py`)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         write_sharded(get_model_state_dict(self.policy.model), folder, group)
@@ -280,71 +300,6 @@ def frozen_copy(
     return copy.deepcopy(module, memo).eval()
 
 
-def load_full_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Full weights into a whole `model` in place, cast to each tensor's dtype: a checkpoint's DCP folder (this
-    process reads every shard, one tensor at a time, into the model's own tensors) or a model.safetensors."""
-    folder = Path(folder)
-    state = model.state_dict()  # the model's own tensors
-    shapes = {name: tuple(value.shape) for name, value in state.items()}
-    if (folder / DCP_METADATA).is_file():
-        refuse_unless_fits(folder, shapes)
-        read_sharded(state, folder, None)
-        return
-    refuse_unless_fits(folder, shapes, optional=_tied_names(model))
-    model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """Weights that save_pretrained leaves out because they are tied to another one."""
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if model.config.tie_word_embeddings else set()
-
-
-def policy_folder(path: str | Path) -> Path:
-    """The folder holding saved weights: the path itself (an adapter, a checkpoint's DCP weights, a model folder), a
-    checkpoint's `policy/`, or the newest checkpoint of a run folder whose weights are complete."""
-    path = Path(path)
-    if saved_kind(path):
-        return path
-    if (path / POLICY).is_dir():
-        return path / POLICY
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    return find_checkpoint(path, hashed=WEIGHTS) / POLICY
-
-
-def load_saved_weights(policy: CausalLMPolicy, path: str | Path, *, merge_adapter: bool) -> None:
-    """A saved policy's weights into `policy` in place, whichever mode saved them (see `policy_folder` for `path`).
-
-    A peft adapter is merged into the base weights (`merge_adapter`: training from a previous stage, so that the
-    new run's reference is the model it starts from) or attached for inference (`sample`, `eval`); full weights are
-    loaded in place. Which parameters are trainable is left as it was.
-    """
-    folder = policy_folder(path)
-    kind = saved_kind(folder)
-    if kind == "lora":
-        from peft import PeftModel
-
-        if not (folder / ADAPTER_FILE).is_file():
-            raise CheckpointError(f"{folder}: adapter_config.json without {ADAPTER_FILE}")
-        refuse_adapter_unless_fits(folder, policy.model)
-        trainable = [p.requires_grad for p in policy.model.parameters()]
-        with peft_quietly():
-            adapted = PeftModel.from_pretrained(policy.model, str(folder), is_trainable=False)
-        if not merge_adapter:
-            policy.model = adapted
-            return
-        policy.model = adapted.merge_and_unload()
-        for param, flag in zip(policy.model.parameters(), trainable):  # peft froze the base while attached
-            param.requires_grad_(flag)
-    elif kind == "full":
-        load_full_weights(policy.model, folder)
-    else:
-        raise CheckpointError(
-            f"{folder}: holds neither a peft adapter nor full weights (a checkpoint's DCP folder, {FULL_WEIGHTS_FILE})"
-        )
-
-
 def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> LoraWeights | FullWeights:
     """Build the recipe's training mode (`train.mode`: lora or full) around the policy, from `train.init_from`.
 
@@ -353,11 +308,12 @@ def make_weights(policy: CausalLMPolicy, train_cfg, world: World = World()) -> L
     """
     if train_cfg.mode == "lora":
         policy.model.to(world.device)
-        if train_cfg.init_from:  # merged into the base, under the new adapters
-            load_saved_weights(policy, train_cfg.init_from, merge_adapter=True)
+        frozen = load_stages(policy, train_cfg.init_from, merge=False)  # earlier stages' adapters, under the new one
         lora = train_cfg.lora
         targets = lora.target_regex if lora.target_regex else list(lora.target_modules)
-        weights = LoraWeights(policy, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
+        weights = LoraWeights(
+            policy, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets, frozen=frozen
+        )
         broadcast_from_rank0(world, policy.model)
         return weights
     if train_cfg.mode != "full":
