@@ -21,6 +21,7 @@ from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
 from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
 from grpo_image.training.saved_weights import load_stages
+from tests.helpers_glm_image import tiny_dit_parts
 from tests.helpers_checkpoint import saved_weights
 from tests.helpers_rewards import write_tiny_hps
 from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
@@ -221,30 +222,6 @@ def test_lora_regex_of_the_recipe_adapts_the_language_model_only(policy):
 
 
 # 3. the decoder against GlmImagePipeline -------------------------------------------------------------------------
-
-
-def tiny_dit_parts(num_codes: int) -> dict:
-    """A toy DiT, VAE (8 px per latent: 32 px per large-grid code, as GLM-Image's), ByT5 and scheduler, seeded."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformer = GlmImageTransformer2DModel(
-            patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-            text_embed_dim=16, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=num_codes,
-        )  # fmt: skip
-        vae = AutoencoderKL(
-            latent_channels=4, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-            latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.0, 0.9, 1.1, 1.2],
-        )  # fmt: skip
-        text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                               feed_forward_proj="gated-gelu"))  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                base_shift=0.25, max_shift=0.75)  # fmt: skip
-    return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                tokenizer=ByT5Tokenizer(), scheduler=scheduler)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.training.saved_weights import TRAINED_ADAPTER, load_stages, stage_folders
 from grpo_image.training.weights import make_weights
+from tests.helpers_stages import small_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.py
 
@@ -31,21 +32,6 @@ def train_cfg(init_from: Path | None, r: int):
     return OmegaConf.create({"mode": "lora", "init_from": str(init_from) if init_from else None, "beta": 0.01,
                              "fsdp": False, "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_regex": None,
                                                      "target_modules": ["q_proj", "v_proj", "up_proj"]}})
-
-
-def small_update(weights, seed: int, relative: float) -> None:
-    """Set the trained adapter to a random update of `relative` of each adapted weight (lora_A as peft made it)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = weights.policy.model
-    for name, module in model.named_modules():
-        if not hasattr(module, "lora_B") or TRAINED_ADAPTER not in module.lora_B:
-            continue
-        a, b = module.lora_A[TRAINED_ADAPTER].weight, module.lora_B[TRAINED_ADAPTER].weight  # [r, in], [out, r]
-        direction = torch.randn(b.shape, generator=generator)
-        delta = module.scaling[TRAINED_ADAPTER] * direction @ a.detach()  # [out, in]
-        size = relative * module.base_layer.weight.float().norm() / delta.norm()
-        with torch.no_grad():
-            b.copy_(direction * size)
 
 
 def run_stage(root: Path, init_from: Path | None, r: int, seed: int, relative: float = VISIBLE):

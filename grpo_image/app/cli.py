@@ -9,6 +9,8 @@
     grpo-image eval [RECIPE [key=value ...]] --prompts FILE | --longtext FILE ... [--checkpoint CKPT]
                     [--compare CKPT|base] [--seeds S ...] [--images DIR ...]
     grpo-image ablate RECIPE [key=value ...] --grid FILE [--out DIR]
+    grpo-image export RUN_OR_CHECKPOINT --out DIR [--dtype bfloat16|float32] [--format auto|peft] [--link]
+                                                 the trained model in its family's own format (or the adapter alone)
 
 A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
 code 2. A run that stops cleanly (a required reward that keeps failing, repeated non-finite updates) checkpoints
@@ -36,16 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from grpo_image.evaluation.ablate import AblationError
     from grpo_image.evaluation.longtext import TextBenchError
+    from grpo_image.export.source_folders import ExportError
     from grpo_image.scoring.score import RewardFailure
 
     try:
         if args.command not in ("train", "validate"):
             return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan,
-                    "launch": _launch}[args.command](args)
+                    "launch": _launch, "export": _export}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
         validating = args.command == "validate"  # a recipe that `grpo-image launch` may place: no placement check
         checked = preflight(cfg, _processes(cfg) if validating else None, placement=not validating)
-    except (*USAGE_ERRORS, TextBenchError, AblationError) as err:
+    except (*USAGE_ERRORS, TextBenchError, AblationError, ExportError) as err:
         print(f"grpo-image: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the source
         return 2
     except RewardFailure as err:  # a required reward failed while eval scored images
@@ -105,6 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_arguments(ablate)
     ablate.add_argument("--grid", required=True, help="YAML grid of reward weights (see docs/evaluation.md)")
     ablate.add_argument("--out", help="output folder (default: OUTPUT_DIR_ablation of the recipe)")
+
+    export = commands.add_parser("export", help="the trained model in its family's own format, or the adapter alone")
+    export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or "
+                        "checkpoints/step_N")
+    export.add_argument("--out", required=True, help="a new (or empty) folder")
+    export.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                        help="the exported weights' dtype (adapters are merged in float32 first; default bfloat16)")
+    export.add_argument("--format", default="auto", choices=("auto", "peft"), dest="fmt",
+                        help="auto: the family's own folder (default); peft: the adapter alone")
+    export.add_argument("--link", action="store_true", help="link the source's unchanged files instead of copying")
     return parser
 
 
@@ -199,6 +212,15 @@ def _ablate(args) -> int:
     out = Path(args.out or f"{cfg.output_dir}_ablation")
     result = ablate(args.recipe, args.overrides, args.grid, out)
     print(f"{len(result['runs'])} runs; table {result['table']}; plots in {out / 'plots'}")
+    return 0
+
+
+def _export(args) -> int:
+    from grpo_image.export.export import export
+
+    _quiet_libraries()
+    out = export(args.checkpoint, args.out, dtype=args.dtype, fmt=args.fmt, link=args.link)
+    print(f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
 
 

@@ -1,0 +1,177 @@
+"""`grpo-image export`: a run's trained model, in its family's own format or as a peft adapter.
+
+auto (the default): the source folder the run was trained from (`policy.path`) with the trained weights in it,
+loadable by the family's own code without grpo-image (source_folders.py says which files change). The trained
+model is rebuilt in float32 from the source's weights and every stage of the run (`saved_weights.stage_folders`),
+adapters merged there, and cast once to `--dtype`: a LoRA update of 1e-5 of a weight survives float32 whole, and
+loses only the final rounding in bfloat16. A causal LM built in memory (no source folder) is written by its own
+`save_pretrained`, with its tokenizer.
+
+peft: the adapter alone, its `base_model_name_or_path` the source folder; a run that continued earlier stages, or
+trained full weights, has no adapter that stands alone and is refused.
+
+Bad input is refused in one line before anything is written: a missing checkpoint or source folder, a source of
+another model, an output folder that is not empty, an unknown family. The export is written into a temporary folder
+beside `--out` and renamed at the end, so a failure never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import typing
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from grpo_image.base.config import import_dotted, instantiate
+from grpo_image.export.model_card import REWARD_CURVE, trainer_step, write_model_card
+from grpo_image.export.safetensors_shards import write_shards
+from grpo_image.export.source_folders import (
+    CONFIG, FAMILIES, ExportError, Family, carry_files, check_source, family_of, rewrite_config, weight_files,
+)
+from grpo_image.training.checkpoint_fit import ADAPTER_CONFIG, ADAPTER_FILE, saved_kind
+from grpo_image.training.saved_weights import load_stages, policy_folder, stage_folders
+
+DTYPES = ("bfloat16", "float32", "float16")
+FORMATS = ("auto", "peft")
+
+
+def export(
+    path: str | Path, out: str | Path, *, dtype: str = "bfloat16", fmt: str = "auto", link: bool = False,
+    max_shard_size: str | int = "5GB", progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the model trained by the run or checkpoint `path` into `out`; returns `out`."""
+    say = progress or (lambda line: print(f"grpo-image export: {line}", file=sys.stderr, flush=True))
+    out = Path(out)
+    if dtype not in DTYPES or fmt not in FORMATS:
+        raise ExportError(f"--dtype must be one of {DTYPES} and --format one of {FORMATS}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not an empty folder; choose a new --out")
+    weights = policy_folder(path)  # a run folder's newest complete checkpoint, a checkpoint, or its policy/
+    checkpoint = weights.parent
+    if not (checkpoint / "config.yaml").is_file() or not (checkpoint / "trainer_state.json").is_file():
+        raise ExportError(f"{path}: not a checkpoint of a run (no config.yaml and trainer_state.json beside "
+                          f"{weights.name}/): export a run folder or one of its checkpoints/step_N")
+    config_text = (checkpoint / "config.yaml").read_text()
+    cfg = OmegaConf.create(config_text)
+    source = _source(cfg)
+    stages = stage_folders(weights)
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    if fmt == "peft":
+        _refuse_unless_one_adapter(weights, stages)
+        partial.mkdir(parents=True)
+        _write_adapter(weights, partial, source)
+        family, written_dtype = None, None
+    else:
+        family = _family(cfg)
+        if source is not None:
+            check_source(source, family)
+        elif family.name != "causal LM":
+            raise ExportError(f"the run's {family.name} policy was built in memory (no policy.path): there is no "
+                              "source folder to export into")
+        say(f"rebuilding the trained model in float32 from {len(stages)} saved stage(s)")
+        policy = _trained_policy(cfg, weights)
+        state = {name: value.to(getattr(torch, dtype)) if value.is_floating_point() else value
+                 for name, value in policy.model.state_dict().items()}
+        partial.mkdir(parents=True)
+        if source is None:
+            policy.save_pretrained(partial, state_dict=state)
+        else:
+            _write_into_source(source, family, state, partial, dtype, link, max_shard_size, say)
+        written_dtype = dtype
+    write_model_card(
+        partial, out, family=family, source=source, checkpoint=checkpoint, config_text=config_text,
+        steps=trainer_step(checkpoint), mode=_mode(cfg), stages=stages, dtype=written_dtype, name=out.name,
+    )
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    partial.rename(out)
+    say(f"wrote {out}")
+    return out
+
+
+def _source(cfg) -> Path | None:
+    path = OmegaConf.select(cfg, "policy.path", default=None)
+    if path is None:
+        return None
+    source = Path(str(path))
+    if not source.is_dir():
+        raise ExportError(f"{source}: the run's policy.path is not there; the export is that folder with the "
+                          "trained weights in it (pass policy.path's new place with the recipe, or restore it)")
+    return source
+
+
+def _family(cfg) -> Family:
+    """The family the recipe's policy component builds, from its return annotation: known before loading weights."""
+    builder = import_dotted(cfg.policy._component_)
+    built = typing.get_type_hints(builder).get("return")
+    for kind, family in FAMILIES.items():
+        if isinstance(built, type) and issubclass(built, kind):
+            return family
+    raise ExportError(f"unknown model family: {cfg.policy._component_} builds {built}; export knows "
+                      f"{', '.join(f.name for f in FAMILIES.values())}; use --format peft for an adapter")
+
+
+def _trained_policy(cfg, weights: Path):
+    """The recipe's policy in float32 (from the source's own weights) with every stage merged in float32."""
+    node = OmegaConf.to_container(cfg.policy, resolve=True)
+    if "dtype" in node:
+        node["dtype"] = "float32"
+    torch.manual_seed(cfg.seed)  # as in training, so that a seeded model built in memory is the same one
+    policy = instantiate(node)
+    family_of(policy)
+    load_stages(policy, weights, merge=True)
+    return policy
+
+
+def _write_into_source(
+    source: Path, family: Family, state: dict[str, torch.Tensor], partial: Path, dtype: str, link: bool,
+    max_shard_size: str | int, say: Callable[[str], None],
+) -> None:
+    """The source folder with the language model's weights and config replaced, the rest carried over."""
+    from safetensors import safe_open
+
+    model_dir = source / family.weights_folder
+    replaced = set(weight_files(model_dir)) | {model_dir / CONFIG, source / "README.md", source / REWARD_CURVE}
+    names: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(model_dir):
+        if file.suffix == ".safetensors":
+            with safe_open(file, "pt") as handle:
+                names.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    for name, shape in names.items():
+        if name not in state or tuple(state[name].shape) != shape:
+            held = list(state[name].shape) if name in state else "nothing"
+            raise ExportError(f"{model_dir}: its tensor '{name}' {list(shape)} does not fit the trained model "
+                              f"({held}): policy.path names another model than the one the run trained")
+    say(f"carrying {source}'s other files ({'linked' if link else 'copied'})")
+    carry_files(source, partial, replaced, link)
+    (partial / family.weights_folder).mkdir(parents=True, exist_ok=True)
+    rewrite_config(model_dir / CONFIG, partial / family.weights_folder / CONFIG, dtype)
+    write_shards({name: state[name] for name in names}, partial / family.weights_folder, max_shard_size, say)
+
+
+def _refuse_unless_one_adapter(weights: Path, stages: list[Path]) -> None:
+    if saved_kind(weights) != "lora":
+        raise ExportError(f"{weights}: holds full weights, not an adapter; export them with --format auto")
+    if len(stages) > 1:
+        raise ExportError(f"{weights}: its run continued {stages[0]}; its adapter applies on top of that stage's "
+                          "and is no model alone: export with --format auto")
+
+
+def _write_adapter(weights: Path, partial: Path, source: Path | None) -> None:
+    config = json.loads((weights / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(source.resolve()) if source is not None else None
+    (partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(weights / ADAPTER_FILE, partial / ADAPTER_FILE)
+
+
+def _mode(cfg) -> str:
+    if cfg.train.mode == "lora":
+        lora = cfg.train.lora
+        return f"LoRA r {lora.r}, alpha {lora.alpha}"
+    return "full weights"
