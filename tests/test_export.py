@@ -333,3 +333,32 @@ def test_an_rl_sized_update_survives_the_fp32_export_whole(trained, tmp_path):
     assert (got - (source + delta)).norm() <= 1e-2 * delta.norm()
     kept = (got - source).flatten() @ delta.flatten() / delta.norm() ** 2
     assert abs(kept - 1) <= 1e-2, kept
+
+
+def test_a_sharded_source_exports_into_shards_with_an_index(trained, exports, tmp_path):
+    """A source in shards (as the real checkpoints are) and an export in shards of at most 100 kB: the same tensors
+    as the single-file export, and transformers reads them through the index."""
+    from transformers import AutoModelForCausalLM
+
+    root, _, runs = trained
+    out, _ = exports
+    sharded = tmp_path / "causal_lm_sharded"
+    AutoModelForCausalLM.from_pretrained(root / "causal_lm").save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(root / "causal_lm" / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    shutil.copytree(runs["causal_lm", "lora"] / "checkpoints" / "step_000002", checkpoint)
+    config = OmegaConf.load(checkpoint / "config.yaml")
+    config.policy.path = str(sharded)
+    OmegaConf.save(config, checkpoint / "config.yaml")
+    export(checkpoint, tmp_path / "out", dtype="float32", max_shard_size="100KB", progress=lambda line: None)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "out" / shard).is_file() for shard in shards)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    whole = load_file(out / "causal_lm_lora_float32" / "model.safetensors")
+    parts = {name: value for shard in shards for name, value in load_file(tmp_path / "out" / shard).items()}
+    assert parts.keys() == whole.keys() and all(torch.equal(parts[k], whole[k]) for k in whole)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in whole.items())

@@ -26,15 +26,16 @@ from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 
 from grpo_image.base.config import import_dotted, instantiate
 from grpo_image.export.model_card import REWARD_CURVE, trainer_step, write_model_card
-from grpo_image.export.safetensors_shards import write_shards
+from grpo_image.export.safetensors_shards import cast, write_shards
 from grpo_image.export.source_folders import (
     CONFIG, FAMILIES, ExportError, Family, carry_files, check_source, family_of, rewrite_config, weight_files,
 )
 from grpo_image.training.checkpoint_fit import ADAPTER_CONFIG, ADAPTER_FILE, saved_kind
-from grpo_image.training.saved_weights import load_stages, policy_folder, stage_folders
+from grpo_image.training.saved_weights import load_stages, policy_folder, stage_folders, tied_names
 
 DTYPES = ("bfloat16", "float32", "float16")
 FORMATS = ("auto", "peft")
@@ -71,22 +72,23 @@ def export(
         family = _family(cfg)
         if source is not None:
             check_source(source, family)
+            _warn_if_decoded_elsewhere(cfg, source, say)
         elif family.name != "causal LM":
             raise ExportError(f"the run's {family.name} policy was built in memory (no policy.path): there is no "
                               "source folder to export into")
         say(f"rebuilding the trained model in float32 from {len(stages)} saved stage(s)")
         policy = _trained_policy(cfg, weights)
-        state = {name: value.to(getattr(torch, dtype)) if value.is_floating_point() else value
-                 for name, value in policy.model.state_dict().items()}
         partial.mkdir(parents=True)
         if source is None:
+            state = {name: cast(value, getattr(torch, dtype)) for name, value in policy.model.state_dict().items()}
             policy.save_pretrained(partial, state_dict=state)
         else:
-            _write_into_source(source, family, state, partial, dtype, link, max_shard_size, say)
+            _write_into_source(source, family, policy, partial, dtype, link, max_shard_size, say)
         written_dtype = dtype
     write_model_card(
         partial, out, family=family, source=source, checkpoint=checkpoint, config_text=config_text,
         steps=trainer_step(checkpoint), mode=_mode(cfg), stages=stages, dtype=written_dtype, name=out.name,
+        decoder=_decoder(cfg),
     )
     if out.exists():
         out.rmdir()  # empty, checked above
@@ -130,29 +132,50 @@ def _trained_policy(cfg, weights: Path):
 
 
 def _write_into_source(
-    source: Path, family: Family, state: dict[str, torch.Tensor], partial: Path, dtype: str, link: bool,
-    max_shard_size: str | int, say: Callable[[str], None],
+    source: Path, family: Family, policy, partial: Path, dtype: str, link: bool, max_shard_size: str | int,
+    say: Callable[[str], None],
 ) -> None:
-    """The source folder with the language model's weights and config replaced, the rest carried over."""
-    from safetensors import safe_open
+    """The source folder with the language model's weights and config replaced, the rest carried over.
 
+    Every tensor of the source's weights is written: the trained model's where it has one (same shape, or the
+    source is another model), the source's own where it has none (a part the policy does not load). A trained tensor
+    the source lacks is refused, unless it is one save_pretrained leaves out (tied to another).
+    """
     model_dir = source / family.weights_folder
-    replaced = set(weight_files(model_dir)) | {model_dir / CONFIG, source / "README.md", source / REWARD_CURVE}
-    names: dict[str, tuple[int, ...]] = {}
-    for file in weight_files(model_dir):
-        if file.suffix == ".safetensors":
-            with safe_open(file, "pt") as handle:
-                names.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
-    for name, shape in names.items():
-        if name not in state or tuple(state[name].shape) != shape:
-            held = list(state[name].shape) if name in state else "nothing"
-            raise ExportError(f"{model_dir}: its tensor '{name}' {list(shape)} does not fit the trained model "
-                              f"({held}): policy.path names another model than the one the run trained")
+    files = weight_files(model_dir)
+    state = policy.model.state_dict()
+    target = getattr(torch, dtype)
+    tensors = {}
+    for file in (f for f in files if f.suffix == ".safetensors"):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name not in state:
+                    tensors[name] = (partial_tensor(file, name), shape, target)
+                elif tuple(state[name].shape) != shape:
+                    raise ExportError(f"{model_dir}: its tensor '{name}' {list(shape)} is {list(state[name].shape)} "
+                                      "in the trained model: policy.path names another model than the run trained")
+                else:
+                    tensors[name] = ((lambda value=state[name]: value), shape, target)
+    lacking = sorted(set(state) - set(tensors) - tied_names(policy.model))
+    if lacking:
+        raise ExportError(f"{model_dir}: has no tensor '{lacking[0]}' of the trained model ({len(lacking)} missing): "
+                          "policy.path names another model than the run trained")
     say(f"carrying {source}'s other files ({'linked' if link else 'copied'})")
+    replaced = {*files, model_dir / CONFIG, source / "README.md", source / REWARD_CURVE}
     carry_files(source, partial, replaced, link)
     (partial / family.weights_folder).mkdir(parents=True, exist_ok=True)
     rewrite_config(model_dir / CONFIG, partial / family.weights_folder / CONFIG, dtype)
-    write_shards({name: state[name] for name in names}, partial / family.weights_folder, max_shard_size, say)
+    write_shards(tensors, partial / family.weights_folder, max_shard_size, say)
+
+
+def partial_tensor(file: Path, name: str):
+    """A source tensor, read when its shard is written."""
+    def read() -> torch.Tensor:
+        with safe_open(file, "pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
 
 
 def _refuse_unless_one_adapter(weights: Path, stages: list[Path]) -> None:
@@ -168,6 +191,21 @@ def _write_adapter(weights: Path, partial: Path, source: Path | None) -> None:
     config["base_model_name_or_path"] = str(source.resolve()) if source is not None else None
     (partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copy2(weights / ADAPTER_FILE, partial / ADAPTER_FILE)
+
+
+def _decoder(cfg) -> str:
+    """The decoder component and the folders it read, as the recipe names them."""
+    node = OmegaConf.to_container(cfg.decoder, resolve=True) if "decoder" in cfg else {}
+    paths = ", ".join(f"{key} `{value}`" for key, value in node.items() if key.endswith("path") and value)
+    return f"`{node.get('_component_', 'none')}`" + (f" ({paths})" if paths else "")
+
+
+def _warn_if_decoded_elsewhere(cfg, source: Path, say: Callable[[str], None]) -> None:
+    """X-Omni's decoder files travel in its model folder: say so when the run's rewards saw another folder's."""
+    decoder_folder = OmegaConf.select(cfg, "decoder.xomni_path", default=None)
+    if decoder_folder and Path(str(decoder_folder)).resolve() != source.resolve():
+        say(f"warning: the run decoded with {decoder_folder}'s decoder; the export carries {source}'s vision and "
+            "decoder files (the model card names the run's decoder)")
 
 
 def _mode(cfg) -> str:

@@ -22,9 +22,10 @@ FLUX_NOTE = ("X-Omni's image decoder is built on FLUX.1-dev, which is distribute
 LOADING = {
     "X-Omni": """```python
 # X-Omni's own code (its remote code, transformers 4.51.3 as X-Omni pins it):
-#   python generate.py --model_name_or_path {out} --flux_model_name_or_path /path/to/FLUX.1-dev ...
-from transformers import AutoModel
-model = AutoModel.from_pretrained("{out}", trust_remote_code=True, torch_dtype="auto")
+#   python generate.py --model_name_or_path {out} --flux_model_name_or_path /path/to/FLUX.1-dev \\
+#     --prompt "..." --image-size 1024 1024 --cfg-scale 1.0 --min-p 0.03 --output-path out.png
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True, torch_dtype="auto")
 ```""",
     "GLM-Image": """```python
 from diffusers import GlmImagePipeline
@@ -78,7 +79,7 @@ def reward_table(rows: list[dict]) -> list[tuple[str, float | None, float | None
 
 def write_model_card(
     folder: Path, out: Path, *, family: Family | None, source: Path | None, checkpoint: Path, config_text: str, steps: int,
-    mode: str, stages: list[Path], dtype: str | None, name: str,
+    mode: str, stages: list[Path], dtype: str | None, name: str, decoder: str,
 ) -> Path:
     """README.md (and the reward curve beside it) into `folder`, which becomes `out`; `family` None: an adapter."""
     run_dir = checkpoint.parent.parent
@@ -100,6 +101,7 @@ def write_model_card(
              f"| recipe | `config.yaml` of `{checkpoint.name}`, sha256 `{recipe_hash}` |",
              f"| steps | {steps} |",
              f"| trained | {mode} |",
+             f"| decoder the rewards saw | {decoder} |",
              f"| stages | {' → '.join(f'`{stage}`' for stage in stages)} |",
              f"| weights | {dtype} (adapters merged in float32, cast once) |" if dtype else "| weights | peft adapter |",
              ""]

@@ -86,11 +86,11 @@ def load_full_weights(model: torch.nn.Module, folder: str | Path) -> None:
         refuse_unless_fits(folder, shapes)
         read_sharded(state, folder, None)
         return
-    refuse_unless_fits(folder, shapes, optional=_tied_names(model))
+    refuse_unless_fits(folder, shapes, optional=tied_names(model))
     model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
+def tied_names(model: torch.nn.Module) -> set[str]:
     """Weights that save_pretrained leaves out because they are tied to another one."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied) if model.config.tie_word_embeddings else set()
