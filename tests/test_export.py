@@ -299,6 +299,10 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(trained, tmp_pa
         err = capsys.readouterr().err
         assert reason in err and err.count("\n") == 1, (reason, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["missing_run", "moved_run", "taken"]
+    moved_source = [str(missing / "checkpoints" / "step_000002"), "--out", str(tmp_path / "b"),
+                    "--source", str(root / "janus")]  # the folder the run trained from, at its new place
+    assert main(["export", *moved_source]) == 0 and (tmp_path / "b" / "model.safetensors").is_file()
+    shutil.rmtree(tmp_path / "b")
     assert [p.name for p in taken.iterdir()] == ["file"]
     unknown = tmp_path / "unknown_run"
     shutil.copytree(runs["causal_lm", "full"], unknown)

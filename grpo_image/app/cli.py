@@ -10,6 +10,7 @@
                     [--compare CKPT|base] [--seeds S ...] [--images DIR ...]
     grpo-image ablate RECIPE [key=value ...] --grid FILE [--out DIR]
     grpo-image export RUN_OR_CHECKPOINT --out DIR [--dtype bfloat16|float32] [--format auto|peft] [--link]
+                      [--source DIR]
                                                  the trained model in its family's own format (or the adapter alone)
 
 A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
@@ -118,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="auto", choices=("auto", "peft"), dest="fmt",
                         help="auto: the family's own folder (default); peft: the adapter alone")
     export.add_argument("--link", action="store_true", help="link the source's unchanged files instead of copying")
+    export.add_argument("--source", metavar="DIR", help="the folder the run was trained from, where it has moved "
+                        "since (default: the run's policy.path)")
     return parser
 
 
@@ -219,7 +222,7 @@ def _export(args) -> int:
     from grpo_image.export.export import export
 
     _quiet_libraries()
-    out = export(args.checkpoint, args.out, dtype=args.dtype, fmt=args.fmt, link=args.link)
+    out = export(args.checkpoint, args.out, dtype=args.dtype, fmt=args.fmt, link=args.link, source=args.source)
     print(f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0
 

@@ -43,9 +43,13 @@ FORMATS = ("auto", "peft")
 
 def export(
     path: str | Path, out: str | Path, *, dtype: str = "bfloat16", fmt: str = "auto", link: bool = False,
-    max_shard_size: str | int = "5GB", progress: Callable[[str], None] | None = None,
+    source: str | Path | None = None, max_shard_size: str | int = "5GB",
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the model trained by the run or checkpoint `path` into `out`; returns `out`."""
+    """Write the model trained by the run or checkpoint `path` into `out`; returns `out`.
+
+    `source`: the folder the run was trained from, where it has moved since (default: the run's `policy.path`).
+    """
     say = progress or (lambda line: print(f"grpo-image export: {line}", file=sys.stderr, flush=True))
     out = Path(out)
     if dtype not in DTYPES or fmt not in FORMATS:
@@ -59,42 +63,56 @@ def export(
                           f"{weights.name}/): export a run folder or one of its checkpoints/step_N")
     config_text = (checkpoint / "config.yaml").read_text()
     cfg = OmegaConf.create(config_text)
+    if source is not None:
+        cfg.policy.path = str(source)
     source = _source(cfg)
     stages = stage_folders(weights)
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    if fmt == "peft":
-        _refuse_unless_one_adapter(weights, stages)
-        partial.mkdir(parents=True)
-        _write_adapter(weights, partial, source)
-        family, written_dtype = None, None
-    else:
-        family = _family(cfg)
-        if source is not None:
-            check_source(source, family)
-            _warn_if_decoded_elsewhere(cfg, source, say)
-        elif family.name != "causal LM":
-            raise ExportError(f"the run's {family.name} policy was built in memory (no policy.path): there is no "
-                              "source folder to export into")
-        say(f"rebuilding the trained model in float32 from {len(stages)} saved stage(s)")
-        policy = _trained_policy(cfg, weights)
-        partial.mkdir(parents=True)
-        if source is None:
-            state = {name: cast(value, getattr(torch, dtype)) for name, value in policy.model.state_dict().items()}
-            policy.save_pretrained(partial, state_dict=state)
-        else:
-            _write_into_source(source, family, policy, partial, dtype, link, max_shard_size, say)
-        written_dtype = dtype
-    write_model_card(
-        partial, out, family=family, source=source, checkpoint=checkpoint, config_text=config_text,
-        steps=trainer_step(checkpoint), mode=_mode(cfg), stages=stages, dtype=written_dtype, name=out.name,
-        decoder=_decoder(cfg),
-    )
+    try:
+        family, written_dtype = _write(cfg, weights, stages, source, partial, dtype, fmt, link, max_shard_size, say)
+        write_model_card(
+            partial, out, family=family, source=source, checkpoint=checkpoint, config_text=config_text,
+            steps=trainer_step(checkpoint), mode=_mode(cfg), stages=stages, dtype=written_dtype, name=out.name,
+            decoder=_decoder(cfg),
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
     if out.exists():
         out.rmdir()  # empty, checked above
     partial.rename(out)
     say(f"wrote {out}")
     return out
+
+
+def _write(
+    cfg, weights: Path, stages: list[Path], source: Path | None, partial: Path, dtype: str, fmt: str, link: bool,
+    max_shard_size: str | int, say: Callable[[str], None],
+) -> tuple[Family | None, str | None]:
+    """The export's weights (and the files carried with them) into `partial`: (its family, its dtype), or
+    (None, None) for an adapter alone."""
+    if fmt == "peft":
+        _refuse_unless_one_adapter(weights, stages)
+        partial.mkdir(parents=True)
+        _write_adapter(weights, partial, source)
+        return None, None
+    family = _family(cfg)
+    if source is not None:
+        check_source(source, family)
+        _warn_if_decoded_elsewhere(cfg, source, say)
+    elif family.name != "causal LM":
+        raise ExportError(f"the run's {family.name} policy was built in memory (no policy.path): there is no "
+                          "source folder to export into")
+    say(f"rebuilding the trained model in float32 from {len(stages)} saved stage(s)")
+    policy = _trained_policy(cfg, weights)
+    partial.mkdir(parents=True)
+    if source is None:
+        state = {name: cast(value, getattr(torch, dtype)) for name, value in policy.model.state_dict().items()}
+        policy.save_pretrained(partial, state_dict=state)
+    else:
+        _write_into_source(source, family, policy, partial, dtype, link, max_shard_size, say)
+    return family, dtype
 
 
 def _source(cfg) -> Path | None:
@@ -104,7 +122,7 @@ def _source(cfg) -> Path | None:
     source = Path(str(path))
     if not source.is_dir():
         raise ExportError(f"{source}: the run's policy.path is not there; the export is that folder with the "
-                          "trained weights in it (pass policy.path's new place with the recipe, or restore it)")
+                          "trained weights in it (give its new place with --source)")
     return source
 
 
