@@ -127,6 +127,7 @@ def test_reward_specs_fill_in_weight_and_required(tmp_path):
     ("sampling.temperature=0", "'sampling.temperature' must be > 0, got 0"),
     ("sampling.top_p=1.5", "'sampling.top_p' must be in (0, 1], got 1.5"),
     ("workers.backend=threads", "'workers.backend' must be one of inprocess, ray"),
+    ("decoder_seeds=prompt", "'decoder_seeds' must be one of rollout, group"),
     ("save_every=0", "'save_every' must be >= 1, got 0"),
     ("data.max_passes=0", "'data.max_passes' must be > 0, got 0"),
     ("health.update_ratio_min=-1e-5", "'health.update_ratio_min' must be >= 0, got -1e-05"),

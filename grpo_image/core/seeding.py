@@ -24,6 +24,20 @@ def derive_seeds(seed: int, step: int, stream: int, count: int) -> torch.Tensor:
     return torch.from_numpy((words >> np.uint64(1)).astype(np.int64))
 
 
+def decode_seeds(seed: int, step: int, group_size: int, count: int, per: str = "rollout") -> torch.Tensor:
+    """The decoder's seed of each of a step's `count` rollouts (groups of `group_size`, contiguous): int64 [count].
+
+    per "rollout": each its own; "group": every rollout of a group takes its group's first seed, so that a diffusion
+    decoder adds the same noise to all of them and only their codes tell them apart.
+    """
+    seeds = derive_seeds(seed, step, STREAM_DECODE, count)  # [count]
+    if per == "rollout":
+        return seeds
+    if per != "group":
+        raise ValueError(f"decoder seeds are per 'rollout' or per 'group', got {per!r}")
+    return seeds[::group_size].repeat_interleave(group_size)  # [count]
+
+
 def minibatch_order(
     *, seed: int, step: int, epoch: int, group_size: int, minibatches: int, first_row: int, count: int
 ) -> torch.Tensor:

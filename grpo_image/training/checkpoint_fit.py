@@ -25,7 +25,7 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 HOLDS = {"lora": "a LoRA adapter", "full": "full weights"}
 ADAPTER_TENSOR = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")  # peft's names: the adapted Linear
 # What a resumed run computes depends on these keys; a change is named in a warning (the run goes on).
-TRAINING_KEYS = ("seed", "policy", "decoder", "rewards", "data", "sampling", "train", "advantages")
+TRAINING_KEYS = ("seed", "policy", "decoder", "decoder_seeds", "rewards", "data", "sampling", "train", "advantages")
 # ... except these, which say how the same numbers are split over forwards, processes and memory (or compiled).
 SCHEDULING_KEYS = {"train.micro_batch_size", "train.gradient_checkpointing", "train.fsdp", "train.logprob_chunk",
                    "sampling.batch_size", "sampling.compile"}

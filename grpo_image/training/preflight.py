@@ -101,6 +101,7 @@ def _check_values(cfg: DictConfig) -> None:
     _check_choice("advantages.scale", cfg.advantages.scale, SCALES)
     _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
     _check_choice("workers.backend", cfg.workers.backend, ("inprocess", "ray"))
+    _check_choice("decoder_seeds", cfg.decoder_seeds, ("rollout", "group"))
     for index, entry in enumerate(cfg.rewards):
         if not math.isfinite(float(entry.get("weight", 1.0))):
             raise RecipeError(f"'rewards.{index}.weight' must be a finite number, got {entry.weight}")

@@ -45,7 +45,7 @@ from grpo_image.training.step_metrics import (
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
 from grpo_image.training.update_ratio import UpdateRatio
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes_with_mass
-from grpo_image.core.seeding import STREAM_DECODE, STREAM_SAMPLE, derive_seeds, minibatch_order
+from grpo_image.core.seeding import STREAM_SAMPLE, decode_seeds, derive_seeds, minibatch_order
 from grpo_image.core.types import Rollout, ScoredBatch
 from grpo_image.scoring.ray_pool import RayRewardPool
 from grpo_image.scoring.score import RewardFailure
@@ -259,8 +259,7 @@ def sample_rollout(trainer: Trainer, step: int) -> Rollout:
         codes, old_logprobs, filtered_mass = sample_codes_with_mass(
             trainer.policy, [r.prompt for r in records], sample_seeds, trainer.settings
         )  # [N/W, L] each
-    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
-                   filtered_mass)
+    return Rollout(codes, old_logprobs, _decode_seeds(trainer, step), records, trainer.policy.grid, filtered_mass)
 
 
 PREFETCHED = ("codes", "old_logprobs", "filtered_mass")  # what a checkpoint keeps of rollouts sampled a step early
@@ -270,8 +269,7 @@ def rebuild_rollout(trainer: Trainer, step: int, codes: torch.Tensor, old_logpro
                     filtered_mass: torch.Tensor) -> Rollout:
     """A rollout saved in a checkpoint: prompts and seeds derive from (seed, step), the tensors come from the file."""
     records, _ = trainer.sampler.sample(step)
-    return Rollout(codes, old_logprobs, _rank_seeds(trainer, step, STREAM_DECODE), records, trainer.policy.grid,
-                   filtered_mass)
+    return Rollout(codes, old_logprobs, _decode_seeds(trainer, step), records, trainer.policy.grid, filtered_mass)
 
 
 def rank_advantages(world: World, scored: ScoredBatch, weights: list[float], cfg: DictConfig):
@@ -293,6 +291,14 @@ def _rank_seeds(trainer: Trainer, step: int, stream: int) -> torch.Tensor:
     """This rank's rows of the whole batch's seeds: rollout i has the same seed whatever the number of ranks."""
     n = trainer.cfg.data.batch_size * trainer.cfg.data.group_size
     return derive_seeds(trainer.cfg.seed, step, stream, n)[trainer.world.rows(n)]  # [N/W]
+
+
+def _decode_seeds(trainer: Trainer, step: int) -> torch.Tensor:
+    """This rank's rows of the whole batch's decoder seeds (`decoder_seeds`: per rollout or per group)."""
+    cfg = trainer.cfg
+    n = cfg.data.batch_size * cfg.data.group_size
+    seeds = decode_seeds(cfg.seed, step, cfg.data.group_size, n, cfg.decoder_seeds)  # [N]
+    return seeds[trainer.world.rows(n)]  # [N/W]
 
 
 def _gather_or_fail(trainer: Trainer, pending) -> ScoredBatch:
