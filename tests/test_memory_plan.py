@@ -240,6 +240,8 @@ def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
         assert p.params == 1_207_894_016 + 36 * 233_057_792 + 2 * 3584
         # 36 layers x (K, V) x 4 KV heads x 128: bf16 under LoRA; fp32 keys (RoPE's output) under autocast
         assert kv_bytes_per_token(p, plan.setup.mode) == 36 * 4 * 128 * (2 + (4 if plan.setup.mode == "full" else 2))
+        if name == "xomni_zh_stage":  # the English stage's adapter, not written yet: assumed of this recipe's shape
+            assert plan.held["weights"] == 2 * p.params + 4 * 2 * p.lora_params
     elif name.startswith("glm_image"):
         # 40 GLM-4 layers of 203,969,024 (q and k, v with biases, o, gate_up of 2 x 13,696, down, 4 norms), the
         # 168,064-row embedding and the final norm; the 16,512-row head; the vision encoder and the VQ tokenizer

@@ -119,3 +119,14 @@ def test_an_update_of_1e5_survives_in_fp32_and_rounds_away_merged_into_bf16(tmp_
     bf16_merge = (w + delta(first, TRAINED_ADAPTER)).to(torch.bfloat16).float()  # what stages did before
     kept = (bf16_merge - w).flatten() @ delta(first, TRAINED_ADAPTER).flatten() / delta(first, TRAINED_ADAPTER).norm() ** 2
     assert kept < 0.1, kept  # an update of 1e-5 against half a bf16 ULP (2e-3 relative): almost all of it is gone
+
+
+def test_the_memory_plan_counts_the_earlier_stages_adapters(stages):
+    from grpo_image.planning.memory_plan import stage_adapter_params
+
+    first, first_ckpt, second, second_ckpt = stages
+    adapter = lambda weights: sum(p.numel() for n, p in weights.policy.model.named_parameters()  # noqa: E731
+                                  if f".{TRAINED_ADAPTER}." in n)
+    assert stage_adapter_params(first_ckpt) == adapter(first)  # r 4 on q, v and up of 2 layers
+    assert stage_adapter_params(second_ckpt) == adapter(first) + adapter(second)
+    assert stage_adapter_params(None) == 0 and stage_adapter_params(first_ckpt.parent / "step_000009") is None

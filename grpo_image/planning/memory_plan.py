@@ -77,6 +77,7 @@ class Setup:
     micro: int  # rows per forward/backward
     checkpointing: bool
     chunk: int  # image positions per chunk of the image head
+    stage_adapters: int | None = 0  # LoRA: the earlier stages' frozen adapter parameters (None: not saved yet)
 
 
 @dataclass
@@ -131,7 +132,25 @@ def setup_of(cfg: DictConfig, gpus: int | None = None, gpu_memory_gb: float | No
         minibatch=minibatch, sampler_rows=min(sampler_rows, rollouts * cfg_rows),
         micro=min(cfg.train.micro_batch_size or minibatch, minibatch),
         checkpointing=bool(cfg.train.gradient_checkpointing), chunk=int(cfg.train.logprob_chunk),
+        stage_adapters=stage_adapter_params(cfg.train.init_from) if cfg.train.mode == "lora" else 0,
     )  # fmt: skip
+
+
+def stage_adapter_params(init_from: str | None) -> int | None:
+    """The parameters of the adapters a LoRA run attaches frozen for its earlier stages (training/saved_weights.py),
+    from their files' headers; None when `init_from` names a checkpoint not written yet."""
+    if not init_from:
+        return 0
+    from grpo_image.training.checkpoint import CheckpointError
+    from grpo_image.training.checkpoint_fit import saved_kind, saved_shapes
+    from grpo_image.training.saved_weights import stage_folders
+
+    try:
+        folders = stage_folders(init_from)
+    except CheckpointError:
+        return None
+    return sum(math.prod(shape) for folder in folders if saved_kind(folder) == "lora"
+               for shape in saved_shapes(folder).values())
 
 
 def kv_bytes_per_token(p: PolicyShape, mode: str) -> int:

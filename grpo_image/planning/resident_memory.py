@@ -38,8 +38,8 @@ def held_terms(p: PolicyShape, s: Setup) -> dict[str, float]:
     frozen = frozen_sharded / w + (p.params - p.trainable_params) - frozen_sharded
     if s.mode == "lora":
         adapters = p.lora_params
-        return {"weights": p.params * b + 4 * adapters, "reference": 0.0, "gradients": 4 * adapters,
-                "optimizer": 8 * adapters}  # fmt: skip
+        return {"weights": p.params * b + 4 * (adapters + stage_adapters(p, s)), "reference": 0.0,
+                "gradients": 4 * adapters, "optimizer": 8 * adapters}  # fmt: skip
     if s.beta <= 0:
         reference = 0.0
     elif s.fsdp:
@@ -50,6 +50,12 @@ def held_terms(p: PolicyShape, s: Setup) -> dict[str, float]:
         reference = b * p.trainable_linear + 4 * (p.trainable_params - p.trainable_linear)
     return {"weights": 4 * trained + b * frozen, "reference": reference, "gradients": 4 * trained,
             "optimizer": 8 * trained}  # fmt: skip
+
+
+def stage_adapters(p: PolicyShape, s: Setup) -> int:
+    """The earlier stages' frozen fp32 adapters a LoRA run holds: as saved, or, before they are, one of the recipe's
+    own adapter shape (a stage continued with the same train.lora settings)."""
+    return p.lora_params if s.stage_adapters is None else s.stage_adapters
 
 
 def startup_bytes(p: PolicyShape, s: Setup, held: dict[str, float]) -> float:
@@ -81,6 +87,10 @@ def resident_rows(p: PolicyShape, s: Setup) -> tuple[list[tuple[str, float, str]
         adapters = p.lora_params
         rows = [("weights (frozen, the policy's dtype)", p.params * p.dtype_bytes, f"{count(p.params)} parameters"),
                 ("master weights (fp32 adapters)", 4 * adapters, f"{count(adapters)} adapter parameters"),
+                *([("earlier stages' adapters (fp32, frozen)", 4 * stage_adapters(p, s),
+                    f"{count(stage_adapters(p, s))} parameters"
+                    + (", assumed: one stage of this adapter's shape" if s.stage_adapters is None else ""))]
+                  if stage_adapters(p, s) else []),
                 ("gradients (fp32)", held["gradients"], ""),
                 ("optimizer state (AdamW, 2 x fp32)", held["optimizer"], ""),
                 ("reference copy", 0, "none: the base with adapters off")]  # fmt: skip
