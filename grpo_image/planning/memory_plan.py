@@ -141,12 +141,12 @@ def stage_adapter_params(init_from: str | None) -> int | None:
     from their files' headers; None when `init_from` names a checkpoint not written yet."""
     if not init_from:
         return 0
-    from grpo_image.training.checkpoint import CheckpointError
+    from grpo_image.training.checkpoint import SIZES_ONLY, CheckpointError
     from grpo_image.training.checkpoint_fit import saved_kind, saved_shapes
     from grpo_image.training.saved_weights import stage_folders
 
     try:
-        folders = stage_folders(init_from)
+        folders = stage_folders(init_from, hashed=SIZES_ONLY)  # a plan reads headers, never hashes weights
     except CheckpointError:
         return None
     return sum(math.prod(shape) for folder in folders if saved_kind(folder) == "lora"

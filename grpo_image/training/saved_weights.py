@@ -41,9 +41,10 @@ def peft_quietly() -> Iterator[None]:
         yield
 
 
-def policy_folder(path: str | Path) -> Path:
+def policy_folder(path: str | Path, hashed: str | None = WEIGHTS) -> Path:
     """The folder holding saved weights: the path itself (an adapter, a checkpoint's DCP weights, a model folder), a
-    checkpoint's `policy/`, or the newest checkpoint of a run folder whose weights are complete."""
+    checkpoint's `policy/`, or the newest checkpoint of a run folder whose weights are complete (their hashes checked
+    unless `hashed` is SIZES_ONLY: a quick look, as the memory plan takes)."""
     path = Path(path)
     if saved_kind(path):
         return path
@@ -51,10 +52,10 @@ def policy_folder(path: str | Path) -> Path:
         return path / POLICY
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    return find_checkpoint(path, hashed=WEIGHTS) / POLICY
+    return find_checkpoint(path, hashed=hashed) / POLICY
 
 
-def stage_folders(init_from: str | Path | None) -> list[Path]:
+def stage_folders(init_from: str | Path | None, hashed: str | None = WEIGHTS) -> list[Path]:
     """The saved weights a run starting from `init_from` builds on, earliest first.
 
     `init_from`'s own weights last; before them, while they are an adapter, the weights its run started from, read
@@ -65,7 +66,7 @@ def stage_folders(init_from: str | Path | None) -> list[Path]:
     chain: list[Path] = []
     path = init_from
     while path:
-        folder = policy_folder(path).resolve()
+        folder = policy_folder(path, hashed).resolve()
         if folder in chain:
             raise CheckpointError(f"{folder}: train.init_from leads back to itself through {chain[0]}")
         chain.insert(0, folder)
