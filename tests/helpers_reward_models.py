@@ -1,0 +1,117 @@
+"""Tiny models of HPSv3's and ImageReward's real classes, saved in the layouts their released files use.
+
+HPSv3: a Qwen2-VL folder (config, a byte-level Qwen2 tokenizer with Qwen2-VL's special tokens and chat template, the
+image processor) and an `HPSv3.safetensors` holding the state dict of HPSv3's `Qwen2VLRewardModelBT` as transformers
+4.45 names it (`visual.*`, `model.*`, `lm_head.weight`, `rm_head.*`). ImageReward: an `ImageReward.pt` state dict in
+BLIP's own layout (`blip.visual_encoder.*`, `blip.text_encoder.*`, `mlp.layers.*`) with a `med_config.json`, and a
+BERT WordPiece tokenizer folder. Weights are seeded random; only the shapes and names are the released files'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Qwen/Qwen2-VL-7B-Instruct's chat template, as transformers' own Qwen2-VL processor tests carry it
+# (tests/models/qwen2_vl/test_processor_qwen2_vl.py, `prepare_processor_dict`)
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2-VL's special tokens in their order (ids follow the byte-level vocabulary, as in the real tokenizer)
+QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+
+
+def _byte_level_qwen2_tokenizer():
+    """A Qwen2 tokenizer with no merges: one token per byte (256) plus Qwen2-VL's special tokens."""
+    from tokenizers import decoders, models, pre_tokenizers, Tokenizer
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None,
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_VL_SPECIALS[1:]})
+    return tokenizer
+
+
+def spread(module: torch.nn.Module) -> None:
+    """Redraw a seeded module's weights at unit gain (std 1 / sqrt(fan-in), biases 0.1): default initialisation
+    (std 0.02) leaves a toy model nearly blind to its input, and a test could not tell one image from another."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+
+
+def write_tiny_qwen2_vl(root: Path) -> Path:
+    """A Qwen2-VL base folder as HPSv3 needs it (config, tokenizer, processor; no weights): its path."""
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = _byte_level_qwen2_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIALS}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    folder = root / "qwen2_vl"
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_hpsv3(root: Path, seed: int = 0):
+    """A tiny Qwen2-VL base folder and an HPSv3 checkpoint of a seeded model built on it, under `root`:
+    (base folder, checkpoint path, the Qwen2VLForConditionalGeneration, the score head)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    base = write_tiny_qwen2_vl(root)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})  # as HPSv3's train.py does
+    config = Qwen2VLConfig.from_pretrained(base)
+    config.text_config.vocab_size = len(tokenizer)  # HPSv3 resizes the embeddings to its tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config).eval()
+        hidden = config.text_config.hidden_size  # HPSv3's rm_head ("ranknet", no rm_head_kwargs), restated
+        head = torch.nn.Sequential(
+            torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05), torch.nn.Linear(1024, 16),
+            torch.nn.ReLU(), torch.nn.Linear(16, 2),
+        ).eval()
+        for module in (model, head):
+            spread(module)
+    state = {}  # transformers 4.45's names for Qwen2VLForConditionalGeneration, HPSv3's `rm_head`
+    for key, tensor in model.state_dict().items():
+        key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        state[key] = tensor.contiguous()
+    state.update({f"rm_head.{key}": tensor for key, tensor in head.state_dict().items()})
+    checkpoint = root / "HPSv3.safetensors"
+    save_file(state, str(checkpoint))
+    return base, checkpoint, model, head
