@@ -10,6 +10,7 @@ BERT WordPiece tokenizer folder. Weights are seeded random; only the shapes and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -115,3 +116,77 @@ def write_tiny_hpsv3(root: Path, seed: int = 0):
     checkpoint = root / "HPSv3.safetensors"
     save_file(state, str(checkpoint))
     return base, checkpoint, model, head
+
+
+# A ViT of BLIP's layout at toy size (ImageReward's is ViT-L/16 at 224 px: width 1024, 24 blocks, 16 heads, MLP 4096)
+TINY_VIT = dict(hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32)
+# med_config.json's fields at toy size (ImageReward's: BERT-base, 768 wide, 12 layers, vocab 30524)
+TINY_MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1, "hidden_size": 24, "initializer_range": 0.02, "intermediate_size": 40,
+            "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+            "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "encoder_width": 16,
+            "add_cross_attention": True}  # fmt: skip
+
+
+def write_tiny_bert_tokenizer(root: Path) -> Path:
+    """A WordPiece tokenizer folder of bert-base-uncased's kind: lower-casing, specials first, a few words."""
+    from transformers import BertTokenizerFast
+
+    words = ["a", "red", "cat", "two", "dogs", "on", "hill", "at", "dawn", "tiny", "house", "##s", "the"]
+    (root / "bert").mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz"]
+    (root / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "bert" / "vocab.txt"), do_lower_case=True).save_pretrained(root / "bert")
+    return root / "bert"
+
+
+def write_tiny_image_reward(root: Path, seed: int = 0):
+    """ImageReward.pt (BLIP's own tensor names, seeded random values at unit gain), med_config.json beside it and a
+    BERT tokenizer folder, under `root`: (checkpoint path, tokenizer folder, the state dict)."""
+    tokenizer = write_tiny_bert_tokenizer(root)
+    med = {**TINY_MED, "vocab_size": len((tokenizer / "vocab.txt").read_text().split()) + 2}  # + [DEC], [ENC]
+    (root / "med_config.json").write_text(json.dumps(med))
+    d, w, t, i = TINY_VIT["hidden_size"], TINY_VIT["intermediate_size"], med["hidden_size"], med["intermediate_size"]
+    grid = (224 // TINY_VIT["patch_size"]) ** 2
+    shapes = {"blip.visual_encoder.cls_token": (1, 1, d), "blip.visual_encoder.pos_embed": (1, grid + 1, d),
+              "blip.visual_encoder.patch_embed.proj.weight": (d, 3, TINY_VIT["patch_size"], TINY_VIT["patch_size"]),
+              "blip.visual_encoder.patch_embed.proj.bias": (d,), "blip.visual_encoder.norm.weight": (d,),
+              "blip.visual_encoder.norm.bias": (d,)}  # fmt: skip
+    for b in range(TINY_VIT["num_hidden_layers"]):  # vit.py Block: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+        for name, shape in (("norm1", (d,)), ("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("norm2", (d,)),
+                            ("mlp.fc1", (w, d)), ("mlp.fc2", (d, w))):  # fmt: skip
+            shapes[f"blip.visual_encoder.blocks.{b}.{name}.weight"] = shape
+            shapes[f"blip.visual_encoder.blocks.{b}.{name}.bias"] = (shape[0],)
+    text = "blip.text_encoder."
+    shapes.update({f"{text}embeddings.word_embeddings.weight": (med["vocab_size"], t),
+                   f"{text}embeddings.position_embeddings.weight": (med["max_position_embeddings"], t),
+                   f"{text}embeddings.LayerNorm.weight": (t,), f"{text}embeddings.LayerNorm.bias": (t,)})  # fmt: skip
+    for layer in range(med["num_hidden_layers"]):  # med.py BertLayer: attention, crossattention, intermediate, output
+        at = f"{text}encoder.layer.{layer}."
+        linears = {"attention.self.query": (t, t), "attention.self.key": (t, t), "attention.self.value": (t, t),
+                   "attention.output.dense": (t, t), "crossattention.self.query": (t, t),
+                   "crossattention.self.key": (t, d), "crossattention.self.value": (t, d),
+                   "crossattention.output.dense": (t, t), "intermediate.dense": (i, t), "output.dense": (t, i)}
+        norms = ("attention.output.LayerNorm", "crossattention.output.LayerNorm", "output.LayerNorm")  # fmt: skip
+        for name, shape in linears.items():
+            shapes[f"{at}{name}.weight"], shapes[f"{at}{name}.bias"] = shape, (shape[0],)
+        for name in norms:
+            shapes[f"{at}{name}.weight"], shapes[f"{at}{name}.bias"] = (t,), (t,)
+    for index, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((t, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        shapes[f"mlp.layers.{index}.weight"], shapes[f"mlp.layers.{index}.bias"] = (n_out, n_in), (n_out,)
+    shapes.update({"blip.vision_proj.weight": (256, d), "blip.vision_proj.bias": (256,),
+                   "blip.text_proj.weight": (256, t), "blip.text_proj.bias": (256,)})  # in the file, not in the score
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "LayerNorm.weight")):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+        else:  # unit gain: std 1 / sqrt(fan-in), or 1 / sqrt(width) for the cls token and positions [1, *, width]
+            fan_in = shape[-1] if len(shape) == 3 else math.prod(shape[1:])
+            state[key] = torch.randn(shape, generator=generator) * fan_in**-0.5
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
+    checkpoint = root / "ImageReward.pt"
+    torch.save(state, checkpoint)
+    return checkpoint, tokenizer, state
