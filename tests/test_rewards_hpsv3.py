@@ -203,3 +203,12 @@ def test_hpsv3_refuses_bad_inputs(hpsv3_files, reward, tmp_path):
         HPSv3(str(tmp_path / "short.safetensors"), str(base), device="cpu")
     with pytest.raises(ValueError, match="reward token"):
         reward(_images(1, 64, 64), ["a <|Reward|> b"], [{}])
+
+
+def test_hpsv3_in_the_memory_plan(hpsv3_files):
+    from grpo_image.planning.decoder_sizes import reward_parts
+
+    base, checkpoint, _, _ = hpsv3_files
+    scorer = {"_component_": "rewards.hpsv3.HPSv3", "checkpoint": str(checkpoint), "base_model": str(base)}
+    parts, unknown = reward_parts([{"name": "hps3", "scorer": scorer}])
+    assert unknown == [] and [(p.name, p.params) for p in parts] == [("hps3: HPSv3", HPSv3.gpu_parameters(str(base)))]

@@ -212,3 +212,14 @@ def test_image_reward_refuses_bad_inputs(files, tmp_path):
         ImageReward(str(tmp_path / "ImageReward.pt"), str(tokenizer), vit=TINY_VIT, device="cpu")
     with pytest.raises(ValueError, match="ViT does not fit"):  # a checkpoint of another ViT than the one configured
         ImageReward(str(checkpoint), str(tokenizer), vit={**TINY_VIT, "intermediate_size": 32}, device="cpu")
+
+
+def test_image_reward_in_the_memory_plan(files):
+    from grpo_image.planning.decoder_sizes import reward_parts
+
+    checkpoint, tokenizer, _ = files
+    scorer = {"_component_": "rewards.image_reward.ImageReward", "checkpoint": str(checkpoint),
+              "tokenizer": str(tokenizer), "vit": TINY_VIT}  # fmt: skip
+    parts, unknown = reward_parts([{"name": "ir", "scorer": scorer}])
+    expected = ImageReward.gpu_parameters(str(checkpoint), vit=TINY_VIT)
+    assert unknown == [] and [(p.name, p.params) for p in parts] == [("ir: ImageReward", expected)]
