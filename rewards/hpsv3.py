@@ -2,16 +2,18 @@
 
 HPSv3 is Qwen2-VL-7B-Instruct fine-tuned on human preference pairs with a small MLP head on one token: the model reads
 one image and a fixed instruction that ends in a special token `<|Reward|>`, and the head maps that token's last
-hidden state to (mu, sigma) of a Gaussian preference score. The score is mu, as the reference's inference selects
-(typical values about 0-15; differences of a point are large). The `hpsv3` package pins transformers 4.45.2, so this
-reward rebuilds it with the installed transformers' own Qwen2-VL classes and reads the released checkpoint.
+hidden state to (mu, sigma) of a Gaussian preference score. The score is mu, as the reference's inference selects.
+The `hpsv3` package pins transformers 4.45.2, so this reward rebuilds the model with the installed transformers' own
+Qwen2-VL classes and reads the released checkpoint.
 
 What the reference does, and this reward with it (hpsv3 1.0.0: inference.py, train.py, model/qwen2vl_trainer.py,
 dataset/utils.py, config/HPSv3_7B.yaml):
 - text: Qwen2-VL's chat template over one user turn, the image then `instruction.format(text_prompt=prompt) +
   suffix` (byte for byte in model_inputs/hpsv3.yaml), with the generation prompt; right padding in a batch;
-- image: resized with PIL bicubic to the Qwen2-VL size nearest 256 * 28 * 28 pixels (`min_pixels = max_pixels`,
-  sides multiples of 28), then the base model's processor (CLIP mean/std, 14 px patches);
+- image: resized once with PIL bicubic to the size Qwen2-VL's `smart_resize` gives for 256 * 28 * 28 pixels
+  (`min_pixels = max_pixels`; sides multiples of 28, aspect kept), then rescaled, normalised (CLIP mean/std) and cut
+  into 14 px patches, all by the base model's image processor on its PIL path (the reference resizes in
+  qwen_vl_utils' copy, then the processor's own resize to the same size changes nothing);
 - positions: the reference's forward calls the language model without position ids, so every token gets its plain
   index on all three M-RoPE axes (not Qwen2-VL's 3-D image positions): passed here explicitly;
 - head: Linear(hidden, 1024), ReLU, Dropout, Linear(1024, 16), ReLU, Linear(16, 2) in fp32 on the `<|Reward|>`
@@ -89,9 +91,10 @@ def load_processor(base_model: str, inputs: dict[str, Any]) -> Any:
     padding, and the reward token added to the tokenizer as the reference adds it."""
     from transformers import AutoProcessor, Qwen2VLImageProcessorPil
 
-    pixels = int(inputs["pixels"])
-    size = {"shortest_edge": pixels, "longest_edge": pixels}  # min_pixels = max_pixels
-    images = Qwen2VLImageProcessorPil.from_pretrained(base_model, size=size)
+    pixels = int(inputs["pixels"])  # min_pixels = max_pixels; as keywords, they replace the folder's own range
+    images = Qwen2VLImageProcessorPil.from_pretrained(base_model, min_pixels=pixels, max_pixels=pixels)
+    if (images.size.shortest_edge, images.size.longest_edge) != (pixels, pixels):
+        raise ValueError(f"HPSv3: the image processor of {base_model} keeps its pixel range {images.size}")
     processor = AutoProcessor.from_pretrained(base_model, image_processor=images)
     processor.tokenizer.padding_side = "right"
     processor.tokenizer.add_special_tokens({"additional_special_tokens": [inputs["reward_token"]]})

@@ -34,6 +34,14 @@ QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_st
                      "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
 
 
+# preprocessor_config.json's fields as Qwen2-VL-7B-Instruct's has them (its own pixel range, which HPSv3 replaces)
+QWEN2_VL_PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                         "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                         "image_std": [0.26862954, 0.26130258, 0.27577711],
+                         "image_processor_type": "Qwen2VLImageProcessor",
+                         "processor_class": "Qwen2VLProcessor"}  # fmt: skip
+
+
 def _byte_level_qwen2_tokenizer():
     """A Qwen2 tokenizer with no merges: one token per byte (256) plus Qwen2-VL's special tokens."""
     from tokenizers import decoders, models, pre_tokenizers, Tokenizer
@@ -61,15 +69,12 @@ def spread(module: torch.nn.Module) -> None:
 
 
 def write_tiny_qwen2_vl(root: Path) -> Path:
-    """A Qwen2-VL base folder as HPSv3 needs it (config, tokenizer, processor; no weights): its path."""
-    from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    """A Qwen2-VL base folder as HPSv3 needs it, in the files Qwen/Qwen2-VL-7B-Instruct has (config.json, the
+    tokenizer's files, chat_template.json, preprocessor_config.json with its own min and max pixels; no weights)."""
+    from transformers import Qwen2VLConfig
 
     tokenizer = _byte_level_qwen2_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIALS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -83,7 +88,9 @@ def write_tiny_qwen2_vl(root: Path) -> Path:
     )  # fmt: skip
     folder = root / "qwen2_vl"
     config.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(QWEN2_VL_PREPROCESSOR))
     return folder
 
 
