@@ -138,9 +138,11 @@ class HPSv3(RebuildOnUnpickle):
         """Parameters this reward holds on its worker's GPU (for `grpo-image plan`): the Qwen2-VL model without its
         language model head, at the tokenizer's vocabulary, and the score head; counted on the meta device."""
         import torch
-        from transformers import Qwen2VLModel
+        from transformers import AutoTokenizer, Qwen2VLModel
 
-        config = base_config(base_model, len(load_processor(base_model, model_inputs()).tokenizer))
+        tokenizer = AutoTokenizer.from_pretrained(base_model)  # the tokenizer alone: no image or video processor
+        tokenizer.add_special_tokens({"additional_special_tokens": [model_inputs()["reward_token"]]})
+        config = base_config(base_model, len(tokenizer))
         with torch.device("meta"):
             modules = [Qwen2VLModel(config), score_head(config.text_config.hidden_size)]
         return sum(p.numel() for module in modules for p in module.parameters())
