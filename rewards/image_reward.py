@@ -1,7 +1,7 @@
 """ImageReward: human preference reward from BLIP with an MLP head (THUDM/ImageReward, NeurIPS 2023).
 
 The prompt, read by BLIP's BERT text encoder with cross-attention to BLIP's ViT-L image features, gives a [CLS]
-feature that a 5-layer linear MLP maps to one number, normalised by fixed constants; about -2 to 2 on typical images.
+feature that a 5-layer linear MLP maps to one number, normalised by fixed constants from its code (mostly within about -2 to 2).
 The `image-reward` package pins timm 0.6 and pulls fairscale and CLIP from git, so this reward loads the released
 `ImageReward.pt` into transformers' own BLIP classes (`BlipVisionModel`, `BlipTextModel`: the same layers, renamed
 once in `blip_state`).
