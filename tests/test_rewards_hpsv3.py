@@ -161,6 +161,9 @@ def test_hpsv3_bf16_default_stays_near_fp32(hpsv3_files, reward):
     images = _images(2, 448, 448, seed=3)
     bf16 = HPSv3(str(checkpoint), str(base), device="cpu")
     assert bf16.dtype == torch.bfloat16 and bf16.head[0].weight.dtype == torch.float32  # the reference's precision
+    # torch's bf16 SDPA kernel on the CPU needs AVX-512 dispatch (under ATEN_CPU_CAPABILITY=avx2 it raises), so the
+    # bf16 model runs here with eager attention: the same attention, written out
+    bf16.model.set_attn_implementation("eager")
     fp32 = reward(images, PROMPTS[:2], [{}] * 2).scores
     # bf16 keeps 8 significant bits (2^-9 = 0.2% relative rounding per op); through 4 unit-gain layers and the head
     # the errors add up to a few percent of |mu| ~ 1 at worst: 0.1 bounds it
