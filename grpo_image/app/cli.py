@@ -12,6 +12,8 @@
     grpo-image export RUN_OR_CHECKPOINT --out DIR [--dtype bfloat16|float32] [--format auto|peft] [--link]
                       [--source DIR]
                                                  the trained model in its family's own format (or the adapter alone)
+    grpo-image serve-reward RECIPE [key=value ...] [--reward NAME] --port PORT [--host HOST] [--token-env VAR]
+                                                 the recipe's rewards over HTTP, for rewards.remote.RemoteReward
 
 A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
 code 2. A run that stops cleanly (a required reward that keeps failing, repeated non-finite updates) checkpoints
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in ("train", "validate"):
             return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan,
-                    "launch": _launch, "export": _export}[args.command](args)
+                    "launch": _launch, "export": _export, "serve-reward": _serve_reward}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
         validating = args.command == "validate"  # a recipe that `grpo-image launch` may place: no placement check
         checked = preflight(cfg, _processes(cfg) if validating else None, placement=not validating)
@@ -224,6 +226,31 @@ def _export(args) -> int:
     _quiet_libraries()
     out = export(args.checkpoint, args.out, dtype=args.dtype, fmt=args.fmt, link=args.link, source=args.source)
     print(f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def _serve_reward(args) -> int:
+    """Serve until Ctrl-C (exit 0); a recipe, reward name, token variable or address that cannot serve: exit 2."""
+    from grpo_image.scoring.reward_server import RewardServer, build_rewards
+
+    if args.token_env is not None and not os.environ.get(args.token_env):
+        raise RecipeError(f"--token-env {args.token_env}: the variable is unset or empty")
+    if args.max_request_mb <= 0 or args.max_image_pixels < 1:
+        raise RecipeError("--max-request-mb must be > 0 and --max-image-pixels >= 1")
+    rewards = build_rewards(load_recipe(args.recipe, args.overrides), args.reward)
+    try:
+        server = RewardServer(rewards, args.host, args.port, args.token_env, int(args.max_request_mb * 2**20),
+                              args.max_image_pixels)
+    except OSError as err:  # the address is taken or not this machine's
+        raise RecipeError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+    print(f"serving {', '.join(rewards)} of {args.recipe} at {server.url} (POST /score, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    print("grpo-image serve-reward: stopped", file=sys.stderr)
     return 0
 
 
