@@ -123,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--link", action="store_true", help="link the source's unchanged files instead of copying")
     export.add_argument("--source", metavar="DIR", help="the folder the run was trained from, where it has moved "
                         "since (default: the run's policy.path)")
+
+    serve = commands.add_parser("serve-reward", help="serve a recipe's rewards over HTTP (docs/rewards-server.md)")
+    _recipe_arguments(serve)
+    serve.add_argument("--reward", metavar="NAME", help="serve this reward of the recipe only (default: all of them)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port, printed)")
+    serve.add_argument("--token-env", metavar="VAR",
+                       help="require 'Authorization: Bearer <token>', the token being the value of this variable")
+    serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                       help="largest image, width x height (default 4096 x 4096)")
     return parser
 
 
