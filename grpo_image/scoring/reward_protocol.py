@@ -57,7 +57,8 @@ def parse_score_request(raw: bytes, max_image_pixels: int) -> ScoreRequest:
     unknown = sorted(set(body) - set(FIELDS))
     missing = [key for key in FIELDS[1:] if key not in body]
     if unknown or missing:
-        raise RequestRefused(400, f"unknown fields {unknown}, missing fields {missing}; the fields are {list(FIELDS)}")
+        wrong = ", ".join(f"{what} fields {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
+        raise RequestRefused(400, f"{wrong}; the fields are {list(FIELDS)} ('reward' may be left out)")
     reward, images, prompts, metadata = (body.get(key) for key in FIELDS)
     if reward is not None and not isinstance(reward, str):
         raise RequestRefused(400, "'reward' must be a string (a reward's name) or null")
