@@ -32,6 +32,7 @@ from grpo_image.base.config import RecipeError, load_recipe
 from grpo_image.training.data import PromptSetError
 from grpo_image.base.image_files import MissingImages
 from grpo_image.training.preflight import preflight
+from grpo_image.scoring.reward_server import MAX_IMAGE_PIXELS, MAX_REQUEST_BYTES
 
 USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError, MissingImages)
 
@@ -132,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port, printed)")
     serve.add_argument("--token-env", metavar="VAR",
                        help="require 'Authorization: Bearer <token>', the token being the value of this variable")
-    serve.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
-    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                       help="largest image, width x height (default 4096 x 4096)")
+    serve.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / 2**20, metavar="MB",
+                       help=f"largest request body in MiB (default {MAX_REQUEST_BYTES / 2**20:g})")
+    serve.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"largest image, width x height in pixels (default {MAX_IMAGE_PIXELS})")
     return parser
 
 

@@ -133,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._unread = 0
+        self._unread = self._declared_length()  # a body sent with a GET is read and dropped
         self._answer(lambda app: json.dumps(app.health()).encode(), "/health")
 
     def do_POST(self) -> None:  # noqa: N802
@@ -146,8 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         app: RewardServer = self.server.reward_server  # type: ignore[attr-defined]
         try:
             if self.path != path:
-                known = {"/health": "GET", "/score": "POST"}
-                raise RequestRefused(405 if self.path in known else 404,
+                raise RequestRefused(405 if self.path in ("/health", "/score") else 404,
                                      f"{self.command} {self.path}: this server answers GET /health and POST /score")
             if not app.authorised(self.headers.get("Authorization")):
                 raise RequestRefused(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
