@@ -12,6 +12,8 @@
     grpo-image export RUN_OR_CHECKPOINT --out DIR [--dtype bfloat16|float32] [--format auto|peft] [--link]
                       [--source DIR]
                                                  the trained model in its family's own format (or the adapter alone)
+    grpo-image serve-reward RECIPE [key=value ...] [--reward NAME] --port PORT [--host HOST] [--token-env VAR]
+                                                 the recipe's rewards over HTTP, for rewards.remote.RemoteReward
 
 A recipe that cannot run fails before any model is loaded, with one line naming the file, key or sample, and exit
 code 2. A run that stops cleanly (a required reward that keeps failing, repeated non-finite updates) checkpoints
@@ -30,6 +32,7 @@ from grpo_image.base.config import RecipeError, load_recipe
 from grpo_image.training.data import PromptSetError
 from grpo_image.base.image_files import MissingImages
 from grpo_image.training.preflight import preflight
+from grpo_image.scoring.reward_server import MAX_IMAGE_PIXELS, MAX_REQUEST_BYTES
 
 USAGE_ERRORS = (RecipeError, PromptSetError, CheckpointError, FileNotFoundError, MissingImages)
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in ("train", "validate"):
             return {"sample": _sample, "eval": _eval, "ablate": _ablate, "plan": _plan,
-                    "launch": _launch, "export": _export}[args.command](args)
+                    "launch": _launch, "export": _export, "serve-reward": _serve_reward}[args.command](args)
         cfg = load_recipe(args.recipe, args.overrides)
         validating = args.command == "validate"  # a recipe that `grpo-image launch` may place: no placement check
         checked = preflight(cfg, _processes(cfg) if validating else None, placement=not validating)
@@ -121,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--link", action="store_true", help="link the source's unchanged files instead of copying")
     export.add_argument("--source", metavar="DIR", help="the folder the run was trained from, where it has moved "
                         "since (default: the run's policy.path)")
+
+    serve = commands.add_parser("serve-reward", help="serve a recipe's rewards over HTTP (docs/rewards-server.md)")
+    _recipe_arguments(serve)
+    serve.add_argument("--reward", metavar="NAME", help="serve this reward of the recipe only (default: all of them)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port, printed)")
+    serve.add_argument("--token-env", metavar="VAR",
+                       help="require 'Authorization: Bearer <token>', the token being the value of this variable")
+    serve.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_BYTES / 2**20, metavar="MB",
+                       help=f"largest request body in MiB (default {MAX_REQUEST_BYTES / 2**20:g})")
+    serve.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"largest image, width x height in pixels (default {MAX_IMAGE_PIXELS})")
     return parser
 
 
@@ -224,6 +240,31 @@ def _export(args) -> int:
     _quiet_libraries()
     out = export(args.checkpoint, args.out, dtype=args.dtype, fmt=args.fmt, link=args.link, source=args.source)
     print(f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def _serve_reward(args) -> int:
+    """Serve until Ctrl-C (exit 0); a recipe, reward name, token variable or address that cannot serve: exit 2."""
+    from grpo_image.scoring.reward_server import RewardServer, build_rewards
+
+    if args.token_env is not None and not os.environ.get(args.token_env):
+        raise RecipeError(f"--token-env {args.token_env}: the variable is unset or empty")
+    if args.max_request_mb <= 0 or args.max_image_pixels < 1:
+        raise RecipeError("--max-request-mb must be > 0 and --max-image-pixels >= 1")
+    rewards = build_rewards(load_recipe(args.recipe, args.overrides), args.reward)
+    try:
+        server = RewardServer(rewards, args.host, args.port, args.token_env, int(args.max_request_mb * 2**20),
+                              args.max_image_pixels)
+    except OSError as err:  # the address is taken or not this machine's
+        raise RecipeError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+    print(f"serving {', '.join(rewards)} of {args.recipe} at {server.url} (POST /score, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    print("grpo-image serve-reward: stopped", file=sys.stderr)
     return 0
 
 
