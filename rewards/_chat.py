@@ -9,12 +9,19 @@ that never reaches a log, a repr or a pickle. The retries are urllib3's `Retry` 
 
 A request that still fails after its retries is an error naming the sample, never a NaN: NaN is reserved for
 "not applicable", and the caller decides what a reply that does not parse means.
+
+What a judge is sent is a fact about the judge: it was trained or evaluated with one exact instruction text and one
+way of sending the image. Those live as data in rewards/instructions/*.yaml, each with its source (repository, path,
+commit) and licence: the reference's `template` byte for byte (`{prompt}` where the reference puts the prompt; some
+have no slot), the image its client sends (`size` [W, H] or null for full size, `format`, JPEG `quality`), and what
+a reward needs to read the reply (score patterns, answer tokens, phrases to strip). `load_instruction` reads one.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +29,40 @@ import numpy as np
 from rewards._image import to_data_url
 
 RETRY_STATUSES = (408, 429, *range(500, 600))
+INSTRUCTIONS = Path(__file__).with_name("instructions")
+
+
+def instruction_names() -> list[str]:
+    """Every instruction file's name (without .yaml)."""
+    return sorted(path.stem for path in INSTRUCTIONS.glob("*.yaml"))
+
+
+def load_instruction(name: str) -> dict[str, Any]:
+    """The instruction file `name` as a dict; ValueError naming the file when it is missing or incomplete."""
+    import yaml
+
+    path = INSTRUCTIONS / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no instruction file {path.name} in {INSTRUCTIONS}; known: {instruction_names()}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    missing = [key for key in ("source", "licence", "template", "image") if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}")
+    return data
+
+
+def image_options(
+    data: dict[str, Any], image_format: str | None = None, image_size: Any = None, jpeg_quality: int | None = None
+) -> dict[str, Any]:
+    """The chat client's image settings from an instruction's `image` entry, each overridden where given
+    (`image_size` "full" sends the image at full size where the instruction's client resizes it)."""
+    image = data["image"]
+    size = image.get("size") if image_size is None else (None if image_size == "full" else image_size)
+    return {
+        "image_format": image["format"] if image_format is None else image_format,
+        "image_size": None if size is None else (int(size[0]), int(size[1])),
+        "jpeg_quality": int(image.get("quality", 95) if jpeg_quality is None else jpeg_quality),
+    }
 
 
 class ChatError(RuntimeError):
@@ -35,7 +76,9 @@ class ChatClient:
     environment variable holding the API key (read at request time, sent as a bearer token); None sends no key.
     timeout: seconds per attempt (connect and read). max_retries: extra attempts after the first. backoff: the
     exponential backoff factor in seconds (urllib3: backoff * 2 ** (retry - 1), at most backoff_max).
-    max_concurrency: requests in flight at once from this client.
+    max_concurrency: requests in flight at once from this client. image_format: "png" (lossless) or "jpeg" at
+    `jpeg_quality`; image_size: (W, H) to resize every image to before encoding (PIL bicubic, as the reference
+    clients that resize do), None to send it at full size.
     """
 
     def __init__(
@@ -49,6 +92,8 @@ class ChatClient:
         backoff_max: float = 30.0,
         max_concurrency: int = 8,
         image_format: str = "png",
+        image_size: tuple[int, int] | None = None,
+        jpeg_quality: int = 95,
     ) -> None:
         if not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"ChatClient: base_url must start with http:// or https://, got {base_url!r}")
@@ -56,6 +101,10 @@ class ChatClient:
             raise ValueError("ChatClient: need max_concurrency >= 1, max_retries >= 0 and timeout > 0")
         if image_format not in ("png", "jpeg"):
             raise ValueError(f"ChatClient: image_format must be 'png' or 'jpeg', got {image_format!r}")
+        if image_size is not None and (len(image_size) != 2 or min(int(v) for v in image_size) < 1):
+            raise ValueError(f"ChatClient: image_size must be [width, height] >= 1 or null, got {image_size!r}")
+        if not 1 <= int(jpeg_quality) <= 100:
+            raise ValueError(f"ChatClient: jpeg_quality must be in 1..100, got {jpeg_quality!r}")
         self.base_url = str(base_url).rstrip("/")
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only: the key itself is never stored
@@ -65,6 +114,8 @@ class ChatClient:
         self.backoff_max = float(backoff_max)
         self.max_concurrency = int(max_concurrency)
         self.image_format = image_format
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.jpeg_quality = int(jpeg_quality)
 
     def __repr__(self) -> str:
         return (
@@ -106,7 +157,8 @@ class ChatClient:
             session.mount("https://", adapter)
 
             def one(index: int) -> dict[str, Any]:
-                image = {"type": "image_url", "image_url": {"url": to_data_url(images[index], self.image_format)}}
+                url = to_data_url(images[index], self.image_format, self.jpeg_quality, self.image_size)
+                image = {"type": "image_url", "image_url": {"url": url}}
                 content = [image, {"type": "text", "text": texts[index]}]
                 body = {"model": self.model, "messages": [{"role": "user", "content": content}], **params}
                 return self._post(session, headers, body, index)

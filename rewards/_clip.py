@@ -2,7 +2,9 @@
 and Aesthetic, which differ only in what they do with the embeddings.
 
 Works with transformers 4 (`get_*_features` return tensors) and 5 (they return output objects whose
-`pooler_output` is the projected embedding). bf16 on GPU, fp32 on CPU; batched.
+`pooler_output` is the projected embedding). Batched. Precision is each reward's `dtype` ("float32", "bfloat16",
+"float16"), by default its reference's: a score a fraction of a point off its reference (PickScore's scale is about
+21) is a different reward.
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ from rewards._image import to_pil
 from rewards._rebuild import RebuildOnUnpickle
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def resolve_device(device: str | None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str) -> Any:
+    """"float32" / "bfloat16" / "float16" -> the torch dtype; ValueError naming the choices otherwise."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
 
 
 def features(output: Any) -> Any:
@@ -38,7 +52,8 @@ def clip_parameters(model_path: str) -> int:
 
 class CLIPEncoder(RebuildOnUnpickle):
     """CLIPModel + processor from `model_path` (a local folder, or a hub id when online); processor from
-    `processor_path` when the model folder has none (PickScore's weights use the LAION ViT-H-14 processor)."""
+    `processor_path` when the model folder has none (PickScore's weights use the LAION ViT-H-14 processor).
+    Weights and compute in `dtype` (a name of DTYPES); embeddings come back in float32."""
 
     def __init__(
         self,
@@ -46,15 +61,15 @@ class CLIPEncoder(RebuildOnUnpickle):
         processor_path: str | None = None,
         device: str | None = None,
         batch_size: int = 32,
+        dtype: str = "float32",
     ) -> None:
-        import torch
         from transformers import CLIPModel, CLIPProcessor
 
         self._init_args = dict(
-            model_path=model_path, processor_path=processor_path, device=device, batch_size=batch_size
+            model_path=model_path, processor_path=processor_path, device=device, batch_size=batch_size, dtype=dtype
         )
         self.device = resolve_device(device)
-        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.dtype = torch_dtype(dtype)
         self.batch_size = int(batch_size)
         self.model = CLIPModel.from_pretrained(str(model_path), dtype=self.dtype).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(str(processor_path or model_path))

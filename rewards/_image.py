@@ -51,16 +51,21 @@ def parse_rgb(value: Any) -> tuple[int, int, int]:
     raise ValueError(f"colour must be '#RRGGBB' or 3 ints in 0..255, got {value!r}")
 
 
-def to_data_url(image: np.ndarray, image_format: str = "png", quality: int = 95) -> str:
+def to_data_url(
+    image: np.ndarray, image_format: str = "png", quality: int = 95, size: tuple[int, int] | None = None
+) -> str:
     """One uint8 RGB image [H, W, 3] -> a `data:image/...;base64,...` URL, the form chat-completions servers take.
 
-    PNG is lossless (a judge sees exactly the pixels that were scored); JPEG at `quality` is several times smaller
-    for large images when bandwidth to the server matters more than the last bit of fidelity.
+    PNG is lossless (a judge sees exactly the pixels that were scored); JPEG at `quality` is what some reference
+    clients send (UnifiedReward-2.0's: quality 95). `size` (W, H) first resizes with PIL's bicubic filter, the
+    default of `Image.resize` that flow_grpo's UnifiedReward client relies on (512x512); None keeps the image as is.
     """
     fmt = image_format.lower()
     if fmt not in ("png", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
     pil = to_pil(np.asarray(image)[None])[0]
+    if size is not None:
+        pil = pil.resize((int(size[0]), int(size[1])), Image.BICUBIC)
     buffer = io.BytesIO()
     if fmt == "jpeg":
         pil.save(buffer, format="JPEG", quality=int(quality))

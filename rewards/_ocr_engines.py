@@ -3,7 +3,9 @@
 Three, because they trade cost for coverage differently: rapidocr (PP-OCR det/rec ONNX models shipped inside its
 wheel: offline, CPU-friendly, English and Chinese), easyocr (the engine the design card names; weights from a local
 folder, never downloaded), and a VLM served behind an OpenAI-compatible endpoint (e.g. Qwen2.5-VL, as LongText-Bench
-reads text out), which reads long, curved and stylised text best at the price of a server.
+reads text out), which reads long, curved and stylised text best at the price of a server. The VLM is asked X-Omni's
+LongText-Bench instruction (rewards/instructions/xomni_longtext_ocr.yaml, with its source) and its "no text" phrases
+are removed from the read-out, so that the reward reads as the benchmark does.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from rewards._chat import ChatClient, message_text
+from rewards._chat import ChatClient, image_options, load_instruction, message_text
 from rewards._rebuild import RebuildOnUnpickle
 
-DEFAULT_VLM_PROMPT = (
-    "Transcribe all of the text that appears in this image, exactly as written, in reading order. "
-    "Reply with the text only and nothing else; if there is no text, reply with nothing."
-)
+VLM_INSTRUCTION = "xomni_longtext_ocr"  # the instruction file the VLM reader's defaults come from
 
 
 class RapidOCRReader(RebuildOnUnpickle):
@@ -98,34 +97,49 @@ class EasyOCRReader(RebuildOnUnpickle):
 
 
 class VLMReader:
-    """A VLM behind an OpenAI-compatible server, asked to transcribe the text in each image (one request each)."""
+    """A VLM behind an OpenAI-compatible server, asked to transcribe the text in each image (one request each).
+
+    prompt, max_tokens, strip (phrases removed from every read-out, each everywhere) and the image settings
+    (image_format, image_size [W, H] or "full", jpeg_quality): None takes X-Omni's LongText-Bench reader's.
+    """
 
     def __init__(
         self,
         base_url: str,
         model: str,
-        prompt: str = DEFAULT_VLM_PROMPT,
+        prompt: str | None = None,
         api_key_env: str | None = None,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
+        strip: list[str] | None = None,
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 1.0,
         max_concurrency: int = 8,
-        image_format: str = "png",
+        image_format: str | None = None,
+        image_size: list[int] | str | None = None,
+        jpeg_quality: int | None = None,
     ) -> None:
-        self.prompt = prompt
-        self.request = {"max_tokens": int(max_tokens), "temperature": 0.0}
+        base = load_instruction(VLM_INSTRUCTION)
+        self.prompt = base["template"] if prompt is None else prompt
+        self.strip = list(base["strip"] if strip is None else strip)
+        self.request = {"max_tokens": int(base["max_tokens"] if max_tokens is None else max_tokens), "temperature": 0.0}
         self.client = ChatClient(
             base_url, model, api_key_env, timeout, max_retries, backoff, max_concurrency=max_concurrency,
-            image_format=image_format,
+            **image_options(base, image_format, image_size, jpeg_quality),
         )
 
     def __repr__(self) -> str:
         return f"VLMReader(client={self.client!r})"
 
+    def clean(self, text: str) -> str:
+        """A read-out without the phrases in `strip` (longest listed first, so a prefix never splits a phrase)."""
+        for phrase in self.strip:
+            text = text.replace(phrase, "")
+        return text.strip()
+
     def read(self, images: np.ndarray) -> list[str]:
         replies = self.client.complete(images, [self.prompt] * len(images), **self.request)
-        return [message_text(reply).strip() for reply in replies]
+        return [self.clean(message_text(reply)) for reply in replies]
 
 
 ENGINES = {"rapidocr": RapidOCRReader, "easyocr": EasyOCRReader, "vlm": VLMReader}

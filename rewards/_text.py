@@ -3,10 +3,14 @@
 One implementation, so that the OCR reward (whatever engine reads the image) and the LongText evaluation, which
 asks its reader for these counts, agree to the last digit.
 
-- `edit_reward`: flow_grpo's OCR reward. Unicode NFKC first (OCR engines and VLMs disagree on whether they emit
-  full-width `Ａ`, `１`, `，` or ASCII, and a reward should not depend on that), both sides lower-cased with
-  whitespace removed; 1 if the target is a substring of the recognised text, else
-  `1 - min(levenshtein, len(target)) / len(target)`. Chinese compares characters.
+- `target_text`: what a sample should show: `metadata["text"]`, else the prompt's quoted spans, all of them joined
+  (`all_spans`) or the first only (`first_span`, flow_grpo's `prompt.split('"')[1]`, which reads straight quotes
+  only: curly quotes and CJK brackets count here too).
+- `edit_reward`: flow_grpo's OCR reward (flow_grpo/ocr.py), with one deliberate difference: Unicode NFKC first (OCR
+  engines and VLMs disagree on whether they emit full-width `Ａ`, `１`, `，` or ASCII, and a reward should not depend
+  on that; flow_grpo compares code points, so `ＯＰＥＮ` read as `OPEN` scores 0 there and 1 here). Both sides
+  lower-cased with whitespace removed (flow_grpo removes spaces only); 1 if the target is a substring of the
+  recognised text, else `1 - min(levenshtein, len(target)) / len(target)`. Chinese compares characters.
 - `text_accuracy`: LongText-Bench's published metric (X-Omni `textbench/summary_scores.py`), character for character
   and without NFKC, so that a score can be compared with the paper's table. Every character but CJK ideographs
   (U+4E00..U+9FA5), ASCII letters and digits, whitespace and the French accented letters àâäéèêëîïôöùûüç (and
@@ -31,6 +35,7 @@ _DROP_EN = re.compile(f"[^{CJK}a-zA-Z0-9\\s{_ACCENTS}]")
 _UNIT_ZH = re.compile(f"[{CJK}a-zA-Z0-9{_ACCENTS}]")
 # Straight double quotes, curly double quotes and CJK corner brackets: how prompts mark the text to render.
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
+SPANS = ("first_span", "all_spans")  # which quoted spans of a prompt are the target
 
 
 def normalize(text: str) -> str:
@@ -48,8 +53,11 @@ def quoted_spans(prompt: str) -> list[str]:
     return [next(g for g in match.groups() if g is not None) for match in _QUOTED.finditer(prompt)]
 
 
-def target_text(prompt: str, meta: dict[str, Any], key: str = "text") -> str | list[str] | None:
-    """The text a sample should show: `meta[key]` (a string or a list of strings), else the prompt's quoted spans.
+def target_text(
+    prompt: str, meta: dict[str, Any], key: str = "text", spans: str = "all_spans"
+) -> str | list[str] | None:
+    """The text a sample should show: `meta[key]` (a string or a list of strings, all of it), else the prompt's quoted
+    spans (`spans`: "all_spans" in order, or "first_span").
 
     None when there is neither (the sample has no text to check: its score is NaN, not 0).
     """
@@ -60,8 +68,12 @@ def target_text(prompt: str, meta: dict[str, Any], key: str = "text") -> str | l
         ):
             return value if isinstance(value, str) else list(value)
         raise ValueError(f"metadata[{key!r}] must be a string or a list of strings, got {value!r}")
-    spans = quoted_spans(prompt)
-    return spans or None
+    if spans not in SPANS:
+        raise ValueError(f"spans must be one of {SPANS}, got {spans!r}")
+    found = quoted_spans(prompt)
+    if not found:
+        return None
+    return found[0] if spans == "first_span" else found
 
 
 def _squash(text: str) -> str:

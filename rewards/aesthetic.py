@@ -50,6 +50,7 @@ class Aesthetic(RebuildOnUnpickle):
     """Predicted aesthetic rating (about 1-10; typical images score 4-7) from a CLIP ViT-L/14 image embedding.
 
     model_path: a local copy of openai/clip-vit-large-patch14 (or a hub id when online). head_path: the head file.
+    dtype: the CLIP model's precision, float32 as DDPO's and flow_grpo's AestheticScorer run it (the head is fp32).
     """
 
     @staticmethod
@@ -57,9 +58,13 @@ class Aesthetic(RebuildOnUnpickle):
         """Parameters this reward holds on its worker's GPU (for `grpo-image plan`), from the model's config."""
         return clip_parameters(model_path)
 
-    def __init__(self, model_path: str, head_path: str, device: str | None = None, batch_size: int = 32) -> None:
-        self._init_args = dict(model_path=model_path, head_path=head_path, device=device, batch_size=batch_size)
-        self.encoder = CLIPEncoder(model_path, None, device, batch_size)
+    def __init__(
+        self, model_path: str, head_path: str, device: str | None = None, batch_size: int = 32, dtype: str = "float32"
+    ) -> None:
+        self._init_args = dict(
+            model_path=model_path, head_path=head_path, device=device, batch_size=batch_size, dtype=dtype
+        )
+        self.encoder = CLIPEncoder(model_path, None, device, batch_size, dtype)
         self.head = load_head(head_path)
 
     def __call__(

@@ -5,13 +5,16 @@ preference model such as HPS barely sees spelling. This reward reads the image w
 read-out with the target text:
 
 - target: `metadata["text"]` (a string, or a list of strings read in order), else the prompt's quoted spans
-  (`"..."`, `“...”`, `「...」`); a sample with neither scores NaN (not applicable), never 0.
+  (`"..."`, `“...”`, `「...」`): by default the first (`target: first_span`, as flow_grpo's OCR reward reads
+  `prompt.split('"')[1]`), or all of them joined (`target: all_spans`); a sample with neither scores NaN (not
+  applicable), never 0.
 - engine: "rapidocr" (default; models ship in its wheel), "easyocr" (weights from a local folder) or "vlm" (an
   OpenAI-compatible server reading the text out); `engine_options` are the engine's arguments (see
   rewards/_ocr_engines.py).
-- metric: "edit" (flow_grpo's reward: 1 if the target appears verbatim, else 1 - normalised edit distance, after
-  NFKC) or "accuracy" (LongText-Bench's published metric: the share of the target's words, or characters for
-  Chinese, that were read; `case_fold` also lower-cases Chinese mode). Both are in rewards/_text.py.
+- metric: "edit" (flow_grpo's reward: 1 if the target appears verbatim, else 1 - normalised edit distance; NFKC
+  first, where flow_grpo compares code points) or "accuracy" (LongText-Bench's published metric, without NFKC as
+  published: the share of the target's words, or characters for Chinese, that were read; `case_fold` also
+  lower-cases Chinese mode). Both are in rewards/_text.py.
 - `text_counts` gives LongText-Bench's (matched, expected) counts of a read-out: `grpo-image eval --longtext` asks
   its reader (an OCR reward, by default) for them, so the benchmark and the reward count alike.
 """
@@ -25,7 +28,7 @@ import numpy as np
 from grpo_image.core.types import RewardOutput
 from rewards._image import validate_batch
 from rewards._ocr_engines import ENGINES
-from rewards._text import METRICS, target_text, text_accuracy_counts
+from rewards._text import METRICS, SPANS, target_text, text_accuracy_counts
 
 
 class OCR:
@@ -38,11 +41,15 @@ class OCR:
         metadata_key: str = "text",
         engine_options: dict[str, Any] | None = None,
         case_fold: bool = False,
+        target: str = "first_span",
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"OCR: unknown engine {engine!r}; known: {sorted(ENGINES)}")
         if metric not in METRICS:
             raise ValueError(f"OCR: unknown metric {metric!r}; known: {sorted(METRICS)}")
+        if target not in SPANS:
+            raise ValueError(f"OCR: target must be one of {SPANS}, got {target!r}")
+        self.target = target
         self.engine_name = engine
         self.metric = metric
         self.metadata_key = metadata_key
@@ -53,7 +60,10 @@ class OCR:
             raise TypeError(f"OCR: engine_options for engine {engine!r}: {err}") from err
 
     def __repr__(self) -> str:
-        return f"OCR(engine={self.engine_name!r}, metric={self.metric!r}, metadata_key={self.metadata_key!r})"
+        return (
+            f"OCR(engine={self.engine_name!r}, metric={self.metric!r}, metadata_key={self.metadata_key!r}, "
+            f"target={self.target!r})"
+        )
 
     @staticmethod
     def gpu_parameters(engine: str = "rapidocr", **_: Any) -> int | None:
@@ -82,7 +92,7 @@ class OCR:
         targets = []
         for i, (prompt, meta) in enumerate(zip(prompts, metadata)):
             try:
-                targets.append(target_text(prompt, meta, self.metadata_key))
+                targets.append(target_text(prompt, meta, self.metadata_key, self.target))
             except ValueError as err:
                 raise ValueError(f"OCR: sample {i}: {err}") from err
         rows = [i for i, target in enumerate(targets) if target is not None]  # n' samples with a target

@@ -20,7 +20,8 @@ class PickScore:
     """`logit_scale.exp() * cos(image, prompt)` with the PickScore CLIPModel.
 
     model_path: a local copy of yuvalkirstain/PickScore_v1 (or a hub id when online). processor_path: its
-    processor, laion/CLIP-ViT-H-14-laion2B-s32B-b79K in the original code; defaults to model_path.
+    processor, laion/CLIP-ViT-H-14-laion2B-s32B-b79K in the original code; defaults to model_path. dtype: float32,
+    as flow_grpo's PickScoreScorer runs it; "bfloat16" halves the memory.
     """
 
     @staticmethod
@@ -34,8 +35,9 @@ class PickScore:
         processor_path: str | None = None,
         device: str | None = None,
         batch_size: int = 32,
+        dtype: str = "float32",
     ) -> None:
-        self.encoder = CLIPEncoder(model_path, processor_path, device, batch_size)
+        self.encoder = CLIPEncoder(model_path, processor_path, device, batch_size, dtype)
 
     def __call__(
         self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]

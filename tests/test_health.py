@@ -278,7 +278,7 @@ def test_a_policy_rewarded_for_compressibility_alone_paints_every_prompt_alike_a
     # they name. ColorAdherence, watched at weight 0, stays where a random policy had it while the agreement between
     # the rollouts of different prompts climbs from 1/16 (random over 16 codes) towards 1.
     color = reward("color", "rewards.color.ColorAdherence", 0.0, tolerance=60.0)
-    jpeg = reward("jpeg", "rewards.jpeg.JPEGCompressibility", 1.0, quality=75)
+    jpeg = reward("jpeg", "rewards.jpeg.JPEGCompressibility", 1.0, quality=75, scale="fraction")  # the demo's setting
     summary = train(tmp_path, "steps=16", "train.lr=3e-2", "train.beta=0", "health.trend_window=8",
                     f"rewards=[{color}, {jpeg}]")
     collapse = [w for w in summary["warnings"] if w["metric"] == "sampling/agreement/other_prompts"]

@@ -151,17 +151,57 @@ def test_color_malformed_target_names_the_sample():
 def test_jpeg_flat_scores_higher_than_noise():
     flat = np.full((1, 64, 64, 3), 128, dtype=np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, size=(1, 64, 64, 3), dtype=np.uint8)
-    scores = JPEGCompressibility()(np.concatenate([flat, noise]), ["a", "b"], [{}, {}]).scores
+    scores = JPEGCompressibility(scale="fraction")(np.concatenate([flat, noise]), ["a", "b"], [{}, {}]).scores
     assert scores.dtype == np.float32
     # A flat 64x64 image is little more than JPEG's ~600 bytes of headers and tables against 12,288 raw.
     assert scores[0] > 0.9
     # Noise only loses what 4:2:0 chroma subsampling and quantisation throw away (about 3/4 here): well below.
     assert scores[1] < 0.85
     assert ((scores >= 0) & (scores <= 1)).all()
+    kilobytes = JPEGCompressibility()(np.concatenate([flat, noise]), ["a", "b"], [{}, {}]).scores
+    assert kilobytes[0] > kilobytes[1] and (kilobytes < 0).all()  # minus the size: flat is the smaller file
+
+
+def _ddpo_jpeg_compressibility(images: np.ndarray) -> np.ndarray:
+    """The reference, re-stated from kvablack/ddpo-pytorch ddpo_pytorch/rewards.py (flow_grpo's is the same, then
+    divided by 500): each image saved by PIL as JPEG at quality 95, `-buffer.tell() / 1000`."""
+    sizes = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return -np.array(sizes)
+
+
+def test_jpeg_default_is_ddpos_kilobytes_at_quality_95():
+    rng = np.random.default_rng(2)
+    smooth = np.linspace(0, 255, 40 * 24 * 3).reshape(1, 24, 40, 3).astype(np.uint8)  # [1, H=24, W=40, 3]
+    images = np.concatenate([smooth, rng.integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)])  # [3, 24, 40, 3]
+    scores = JPEGCompressibility()(images, ["a", "b", "c"], [{}] * 3).scores
+    # the same bytes from the same encoder; only the float32 cast of a value of a few units differs (<= 5e-7)
+    np.testing.assert_allclose(scores, _ddpo_jpeg_compressibility(images), rtol=0, atol=1e-6)
+
+
+def test_jpeg_quality_changes_the_ranking_not_only_the_scale():
+    # A gradient under grain of growing strength, and a one-pixel checkerboard. Quality 75 quantises the grain away
+    # but not the checkerboard's hard edges, which then costs as much as strong grain (between sigma 32 and 64);
+    # quality 95 keeps the grain, and the checkerboard falls between sigma 8 and 16. Each neighbour differs by 35
+    # bytes or more, far beyond any encoder-version wobble: the quality decides which image the reward prefers.
+    rng = np.random.default_rng(3)
+    rows = []
+    for level in (2, 4, 8, 16, 32, 64):
+        base = np.linspace(0, 255, 32 * 32 * 3).reshape(32, 32, 3)
+        rows.append(np.clip(base + rng.normal(0, level, base.shape), 0, 255).astype(np.uint8))
+    edges = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    images = np.stack(rows + [edges])  # [7, 32, 32, 3]
+    q75 = JPEGCompressibility(quality=75)(images, ["x"] * 7, [{}] * 7).scores
+    q95 = JPEGCompressibility(quality=95)(images, ["x"] * 7, [{}] * 7).scores
+    assert list(np.argsort(q75)) != list(np.argsort(q95))
+    assert q75[4] > q75[6] > q75[5] and q95[2] > q95[6] > q95[3]
 
 
 @pytest.mark.parametrize("quality", [30, 75, 95])
-def test_jpeg_score_is_one_minus_jpeg_bytes_over_raw_bytes(quality):
+def test_jpeg_fraction_is_one_minus_jpeg_bytes_over_raw_bytes(quality):
     rng = np.random.default_rng(1)
     smooth = np.linspace(0, 255, 48 * 32 * 3).reshape(1, 32, 48, 3).astype(np.uint8)  # [1, H=32, W=48, 3]
     images = np.concatenate([smooth, rng.integers(0, 256, (1, 32, 48, 3), dtype=np.uint8)])  # [2, 32, 48, 3]
@@ -170,14 +210,16 @@ def test_jpeg_score_is_one_minus_jpeg_bytes_over_raw_bytes(quality):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
         expected.append(max(0.0, 1.0 - len(buffer.getvalue()) / (32 * 48 * 3)))
-    scores = JPEGCompressibility(quality=quality)(images, ["a", "b"], [{}, {}]).scores
+    scores = JPEGCompressibility(quality=quality, scale="fraction")(images, ["a", "b"], [{}, {}]).scores
     # the same bytes counted by the same encoder; only the float32 cast of a value in [0, 1] differs (<= 6e-8)
     np.testing.assert_allclose(scores, np.array(expected, dtype=np.float32), rtol=0, atol=1e-7)
 
 
-def test_jpeg_rejects_bad_quality():
+def test_jpeg_rejects_bad_quality_and_scale():
     with pytest.raises(ValueError, match="quality"):
         JPEGCompressibility(quality=0)
+    with pytest.raises(ValueError, match="scale"):
+        JPEGCompressibility(scale="bytes")
 
 
 # ---------------------------------------------------------------- both rewards

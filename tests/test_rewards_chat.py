@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from rewards._chat import ChatError
 from rewards.ocr import OCR
-from rewards.unified_reward import RUBRICS, UnifiedReward, parse_scores
+from rewards.unified_reward import UnifiedReward
 from rewards.vlm_alignment import VLMAlignment
 from tests.rewards_servers import ChatServer, Reply, completion
 
@@ -48,20 +49,22 @@ def test_unified_reward_v15_parses_final_score_and_counts_garbage():
         "a dog": "Final Score: 2.5",  # 2.5 / 5 = 0.5
         "a fox": "What a lovely picture!",  # no score: NaN, counted
         "a cow": "Final Score: 7",  # outside 1..5: NaN, counted
-        "a hen": "Final Score: 1\n... on reflection, Final Score: 3",  # the last verdict counts: 0.6
+        "a hen": "Final Score: 1\n... on reflection, Final Score: 3",  # flow_grpo's re.search: the first, 0.2
     }
     images = _images(5)
     with ChatServer(_by_prompt(answers)) as server:
         out = UnifiedReward(server.base_url, rubric="v1.5", **FAST)(images, list(answers), [{}] * 5)
     assert not server.errors
     assert out.scores.dtype == np.float32
-    np.testing.assert_allclose(out.scores[[0, 1, 4]], [0.8, 0.5, 0.6], rtol=1e-6)  # float32 score of an exact ratio: off by at most half a float32 ULP (6e-8 relative)
+    np.testing.assert_allclose(out.scores[[0, 1, 4]], [0.8, 0.5, 0.2], rtol=1e-6)  # float32 score of an exact ratio: off by at most half a float32 ULP (6e-8 relative)
     assert np.isnan(out.scores[2]) and np.isnan(out.scores[3])
     assert out.info == {"unparsed": 2.0}
-    # The server saw each image exactly (PNG is lossless) and the rubric with the caption slot filled in.
+    # The server saw each image as flow_grpo sends it (resized to 512x512, then lossless PNG) and the rubric with
+    # the caption slot filled in.
     for seen in server.seen:
         prompt = next(p for p in answers if f"Text Caption: [{p}]" in seen.text)
-        np.testing.assert_array_equal(seen.image, images[list(answers).index(prompt)])
+        sent = Image.fromarray(images[list(answers).index(prompt)]).resize((512, 512))
+        np.testing.assert_array_equal(seen.image, np.asarray(sent))
         assert seen.image_format == "png" and seen.body["model"] == "UnifiedReward"
         assert seen.body["temperature"] == 0.0 and "Final Score:" in seen.text
 
@@ -83,25 +86,22 @@ def test_unified_reward_custom_template_and_validation():
     with ChatServer(lambda seen, hit: Reply(completion("Rating: 8"))) as server:
         reward = UnifiedReward(
             server.base_url, template="Rate <{prompt}> from 0 to 10 as 'Rating: n'.",
-            score_fields={"rating": "Rating"}, minimum=0, maximum=10, **FAST,
+            score_patterns={"rating": r"Rating: (\d+)"}, minimum=0, maximum=10, **FAST,
         )
         out = reward(_images(1), ["sunset"], [{}])
+        no_slot = UnifiedReward(server.base_url, template="Rate this image.", score_patterns={"r": r"Rating: (\d+)"},
+                                minimum=0, maximum=10, **FAST)(_images(1), ["ignored"], [{}])
     assert server.seen[0].text == "Rate <sunset> from 0 to 10 as 'Rating: n'."
-    assert out.scores[0] == pytest.approx(0.8)  # 8 / 10
+    assert server.seen[1].text == "Rate this image."  # a template without a slot is sent as it is
+    assert out.scores[0] == pytest.approx(0.8) and no_slot.scores[0] == pytest.approx(0.8)  # 8 / 10
     with pytest.raises(ValueError, match="unknown rubric"):
         UnifiedReward("http://127.0.0.1:1/v1", rubric="v9")
-    with pytest.raises(ValueError, match=r"\{prompt\}"):
-        UnifiedReward("http://127.0.0.1:1/v1", template="no slot")
+    with pytest.raises(ValueError, match="exactly one group"):
+        UnifiedReward("http://127.0.0.1:1/v1", template="x", score_patterns={"r": "Rating: \\d+"})
     with pytest.raises(ValueError, match="fields"):
         UnifiedReward("http://127.0.0.1:1/v1", rubric="v1.5", fields=["style"])
-
-
-def test_parse_scores_formats():
-    final = RUBRICS["v1.5"].fields
-    assert parse_scores("Final Score: **4.5**", final, 1, 5) == {"final": 4.5}  # markdown bold
-    assert parse_scores("Final Score：3", final, 1, 5) == {"final": 3.0}  # full-width colon
-    assert parse_scores("final score: 3", final, 1, 5) is None  # the label is case-sensitive, as trained
-    assert parse_scores("Alignment Score (1-5): 4", RUBRICS["2.0"].fields, 1, 5) is None  # axes missing
+    with pytest.raises(ValueError, match="match"):
+        UnifiedReward("http://127.0.0.1:1/v1", match="middle")
 
 
 # ---------------------------------------------------------------- retries, timeout, concurrency
@@ -191,7 +191,7 @@ def test_wrong_key_is_rejected_by_the_server(monkeypatch):
 
 def test_vlm_alignment_reads_p_yes_from_first_token_logprobs():
     def reply(seen, hit):
-        if "red square" in seen.text:  # P(Yes) + P(" yes") = 0.7 + 0.05 = 0.75
+        if "red square" in seen.text:  # P("Yes") = 0.7: VQAScore's answer token exactly, " yes" is another token
             return Reply(completion("Yes", [("Yes", math.log(0.7)), ("No", math.log(0.2)), (" yes", math.log(0.05))]))
         if "blue circle" in seen.text:  # "Yes" is not among the top logprobs: 0
             return Reply(completion("No", [("No", math.log(0.9)), ("The", math.log(0.05))]))
@@ -201,18 +201,18 @@ def test_vlm_alignment_reads_p_yes_from_first_token_logprobs():
         reward = VLMAlignment(server.base_url, model="qwen2.5-vl", **FAST)
         out = reward(_images(3), ["a red square", "a blue circle", "a green hat"], [{}] * 3)
     assert not server.errors
-    # P(Yes) from the server's log-probs (exp of log 0.75 in float64, then float32): within 1e-7 of 0.75
-    np.testing.assert_allclose(out.scores[:2], [0.75, 0.0], atol=1e-6)
+    # P(Yes) from the server's log-probs (exp of log 0.7 in float64, then float32): within 1e-7 of 0.7
+    np.testing.assert_allclose(out.scores[:2], [0.7, 0.0], atol=1e-6)
     assert np.isnan(out.scores[2]) and out.info == {"unparsed": 1.0}
     body = server.seen[0].body
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["model"] == "qwen2.5-vl"
     texts = sorted(seen.text for seen in server.seen)
-    assert texts[0] == 'Does this image show "a blue circle"? Please answer yes or no.'
+    assert texts[0] == 'Does this figure show "a blue circle"? Please answer yes or no.'
 
 
 def test_vlm_alignment_template_override():
-    with ChatServer(lambda seen, hit: Reply(completion("yes", [("yes", 0.0)]))) as server:
+    with ChatServer(lambda seen, hit: Reply(completion("Yes", [("Yes", 0.0)]))) as server:
         out = VLMAlignment(server.base_url, "m", template="Is this {prompt}?", **FAST)(_images(1), ["art"], [{}])
     assert server.seen[0].text == "Is this art?" and out.scores.tolist() == [1.0]  # exp(0) = 1
 
@@ -260,7 +260,7 @@ def test_jpeg_images_and_input_checks():
     assert server.hits == 1 and server.seen[0].image_format == "jpeg"
     # JPEG (quality 95) of a flat colour: the DCT's DC term is quantised by at most a few levels per channel,
     # and chroma subsampling of a flat block adds nothing; 8 levels still tells JPEG from a wrong image
-    assert np.abs(server.seen[0].image.astype(int) - images[0]).max() <= 8
+    assert np.abs(server.seen[0].image.astype(int) - images[0, 0, 0]).max() <= 8  # resized to 512x512 first
     with pytest.raises(ValueError, match="image_format"):
         UnifiedReward("http://127.0.0.1:1/v1", image_format="webp")
     with pytest.raises(ValueError, match="http"):

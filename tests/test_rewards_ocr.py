@@ -142,6 +142,16 @@ def test_ocr_pickle_round_trip(ocr, english):
     np.testing.assert_array_equal(clone(english[:2], prompts, [{}, {}]).scores, ocr(english[:2], prompts, [{}, {}]).scores)
 
 
+def test_a_prompt_with_several_spans_is_scored_on_its_first_by_default(ocr, english):
+    # flow_grpo reads `prompt.split('"')[1]`: the image of "Hello World" satisfies the first span in full.
+    prompt = ['a sign "Hello World" over a door marked "EXIT"']
+    assert ocr(english[:1], prompt, [{}]).scores.tolist() == [1.0]
+    every = OCR(target="all_spans")(english[:1], prompt, [{}]).scores
+    # all spans joined: "helloworldexit" (14) against the read "helloworld": 4 deletions, 1 - 4/14
+    assert every[0] == pytest.approx(1 - 4 / 14, abs=1e-7)  # float32 of a float64 division
+    assert repr(ocr).endswith("target='first_span')")
+
+
 def test_ocr_rejects_unknown_engine_metric_and_options():
     with pytest.raises(ValueError, match="unknown engine"):
         OCR(engine="tesseract")
@@ -149,6 +159,8 @@ def test_ocr_rejects_unknown_engine_metric_and_options():
         OCR(metric="bleu")
     with pytest.raises(TypeError, match="engine_options for engine 'rapidocr'"):
         OCR(engine_options={"languages": ["en"]})
+    with pytest.raises(ValueError, match="target"):
+        OCR(target="last_span")
 
 
 def test_easyocr_engine_loads_from_a_local_folder_without_download(monkeypatch, tmp_path):

@@ -1,4 +1,5 @@
-"""The two text metrics and target extraction (rewards/_text.py) on hand-made English and Chinese cases."""
+"""The two text metrics and target extraction (rewards/_text.py) on hand-made English and Chinese cases, and the edit
+reward against flow_grpo's OCR reward re-stated from its source."""
 
 from __future__ import annotations
 
@@ -44,6 +45,50 @@ def test_full_width_case_needs_nfkc():
 @pytest.mark.parametrize("target", ["", "   ", []])
 def test_edit_reward_empty_target_is_nan(target):
     assert math.isnan(edit_reward("anything", target))
+
+
+def flow_grpo_ocr_reward(recognized: str, prompt: str) -> float:
+    """flow_grpo's OcrScorer.__call__ for one image (yifan123/flow_grpo flow_grpo/ocr.py), re-stated: the target is
+    `prompt.split('"')[1]`; both sides without spaces and lower-cased; distance 0 if the target is a substring, else
+    the Levenshtein distance, capped at the target's length; reward 1 - distance / len(target). (Its recognised text
+    joins PaddleOCR's boxes with "", which removing spaces makes the same as our engines' " ".)"""
+    from rapidfuzz.distance import Levenshtein
+
+    target = prompt.split('"')[1].replace(" ", "").lower()
+    seen = recognized.replace(" ", "").lower()
+    distance = 0 if target in seen else min(Levenshtein.distance(seen, target), len(target))
+    return 1 - distance / len(target)
+
+
+@pytest.mark.parametrize(
+    "prompt, recognized",
+    [
+        ('a wall with "Hello World" painted on it', "Helo World"),  # 1 edit of 10
+        ('a sign "OPEN" above a sign "CLOSED"', "OPEN"),  # several spans: flow_grpo reads the first
+        ('a sign "OPEN" above a sign "CLOSED"', "CLOSED"),  # the second span read alone: 4 edits of "open" (0.0)
+        ('a label "Café 50%"', "cafe 50%"),  # é and e differ by one substitution of 7 characters
+        ('a mug "NO. 1 DAD"', "no 1 dad"),  # the full stop missing: 1 of 7
+        ('a poster "GRPO"', "A POSTER THAT SAYS GRPO TODAY"),  # a substring: 1
+        ('a poster "GRPO"', ""),  # nothing read: capped at the length, 0
+        ('a sign "Ａ"', "Ａ"),  # the same full-width letter on both sides: 1 either way
+    ],
+)
+def test_edit_reward_equals_flow_grpo_on_the_first_span(prompt, recognized):
+    target = target_text(prompt, {}, spans="first_span")
+    assert edit_reward(recognized, target) == pytest.approx(flow_grpo_ocr_reward(recognized, prompt), abs=1e-12)
+
+
+def test_edit_reward_differs_from_flow_grpo_only_where_documented():
+    # Full-width text read as ASCII: NFKC first here (1.0); flow_grpo compares code points, 4 substitutions of 4 (0.0).
+    assert edit_reward("OPEN", target_text('a sign "ＯＰＥＮ"', {}, spans="first_span")) == 1.0
+    assert flow_grpo_ocr_reward("OPEN", 'a sign "ＯＰＥＮ"') == 0.0
+    # Curly quotes: read here; flow_grpo's split('"') finds no straight quote and fails on the prompt.
+    assert edit_reward("OPEN", target_text("a sign “OPEN”", {}, spans="first_span")) == 1.0
+    with pytest.raises(IndexError):
+        flow_grpo_ocr_reward("OPEN", "a sign “OPEN”")
+    # Every whitespace is removed here, only spaces there: a line break in a read-out costs flow_grpo one edit.
+    assert edit_reward("OPEN\nLATE", "OPEN LATE") == 1.0
+    assert flow_grpo_ocr_reward("OPEN\nLATE", 'a sign "OPEN LATE"') == pytest.approx(1 - 1 / 8)
 
 
 # ---------------------------------------------------------------- LongText-style accuracy
@@ -98,10 +143,29 @@ def test_text_accuracy_without_units_is_nan():
         ("a poster with “欢迎光临” and 「特价」", ["欢迎光临", "特价"]),
         ("a plain landscape", []),
         ('an unmatched "quote', []),
+        ('“curly” then "straight" then 「corner」', ["curly", "straight", "corner"]),  # in the order they appear
     ],
 )
 def test_quoted_spans(prompt, spans):
     assert quoted_spans(prompt) == spans
+
+
+@pytest.mark.parametrize(
+    "prompt, first, every",
+    [
+        ('two signs: "A" and "B"', "A", ["A", "B"]),
+        ("a poster with “欢迎光临” and 「特价」", "欢迎光临", ["欢迎光临", "特价"]),
+        ('a sign "ＳＡＬＥ" and "５０％"', "ＳＡＬＥ", ["ＳＡＬＥ", "５０％"]),  # kept as written: the metric normalises
+        ("a plain landscape", None, None),
+    ],
+)
+def test_target_first_span_or_all_spans(prompt, first, every):
+    assert target_text(prompt, {}, spans="first_span") == first
+    assert target_text(prompt, {}, spans="all_spans") == every
+    # metadata is the prompt set's explicit target: read whole whatever `spans` says
+    assert target_text(prompt, {"text": ["x", "y"]}, spans="first_span") == ["x", "y"]
+    with pytest.raises(ValueError, match="spans"):
+        target_text(prompt, {}, spans="second_span")
 
 
 def test_target_text_prefers_metadata_then_quotes():
