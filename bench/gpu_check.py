@@ -170,7 +170,7 @@ def recipe_overrides(args, shape: dict, mode: str, run_dir: Path) -> list[str]:
     return [
         policy, f"decoder={{_component_: grpo_image.decoders.palette.PaletteDecoder, patch_size: {shape['patch']}, colors: "
         + json.dumps([f"#{(c * 2654435761) % 2**24:06X}" for c in range(shape["codes"])]) + "}",
-        "rewards=[{name: jpeg, scorer: {_component_: rewards.jpeg.JPEGCompressibility, quality: 75}}]",
+        "rewards=[{name: jpeg, scorer: {_component_: rewards.jpeg.JPEGCompressibility, quality: 75, scale: fraction}}]",
         f"data.prompts={REPO / 'prompts' / 'text_en.jsonl'}", "data.batch_size=1", f"data.group_size={shape['group']}",
         "workers.backend=inprocess", "workers.prefetch=false", "steps=2", "sample_every=0", "save_every=100",
         "logging.tensorboard=false", f"output_dir={run_dir}", "train.micro_batch_size=1",

@@ -215,3 +215,4 @@ def test_hpsv3_in_the_memory_plan(hpsv3_files):
     scorer = {"_component_": "rewards.hpsv3.HPSv3", "checkpoint": str(checkpoint), "base_model": str(base)}
     parts, unknown = reward_parts([{"name": "hps3", "scorer": scorer}])
     assert unknown == [] and [(p.name, p.params) for p in parts] == [("hps3: HPSv3", HPSv3.gpu_parameters(str(base)))]
+    assert parts[0].dtype_bytes == 2  # bf16, the reference's precision and the reward's default

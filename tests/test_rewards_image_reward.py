@@ -223,3 +223,6 @@ def test_image_reward_in_the_memory_plan(files):
     parts, unknown = reward_parts([{"name": "ir", "scorer": scorer}])
     expected = ImageReward.gpu_parameters(str(checkpoint), vit=TINY_VIT)
     assert unknown == [] and [(p.name, p.params) for p in parts] == [("ir: ImageReward", expected)]
+    assert parts[0].dtype_bytes == 4  # fp32, the reference's precision and the reward's default
+    (half,), _ = reward_parts([{"name": "ir", "scorer": {**scorer, "dtype": "bfloat16"}}])
+    assert half.dtype_bytes == 2

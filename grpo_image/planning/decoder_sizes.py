@@ -281,17 +281,32 @@ def reward_parts(reward_specs: list[dict]) -> tuple[list[Part], list[str]]:
 
     Each reward class says what it holds: `gpu_parameters(**its arguments)` counts its models from their configs
     (0 for a reward served over HTTP or run on the CPU; None, or no such method, for one it cannot count). The
-    class is the one the recipe names, so the library itself names no reward. Models are counted in bf16, as
-    they run on a GPU.
+    class is the one the recipe names, so the library itself names no reward. Each is counted in the dtype it
+    holds its weights in on a GPU (`reward_weight_bytes`).
     """
     parts, unknown = [], []
     for spec in reward_specs:
         scorer = dict(spec["scorer"])
         target = str(scorer.pop(COMPONENT_KEY))
-        count = getattr(import_dotted(target), "gpu_parameters", None)
+        reward_class = import_dotted(target)
+        count = getattr(reward_class, "gpu_parameters", None)
         parameters = count(**scorer) if count is not None else None
         if parameters is None:
             unknown.append(spec["name"])
         elif parameters:
-            parts.append(Part(f"{spec['name']}: {target.rsplit('.', 1)[-1]}", parameters, 2))
+            name = f"{spec['name']}: {target.rsplit('.', 1)[-1]}"
+            parts.append(Part(name, parameters, reward_weight_bytes(reward_class, scorer)))
     return parts, unknown
+
+
+def reward_weight_bytes(reward_class, arguments: dict) -> int:
+    """Bytes per weight of a model reward on a GPU: its `dtype` argument, else its constructor's default (the
+    reference's precision). "amp" (HPSv2's fp16 autocast) keeps fp32 weights; no dtype (a GPU default, or a reward
+    without the option) counts half precision."""
+    import inspect
+
+    dtype = arguments.get("dtype", inspect.Parameter.empty)
+    if dtype is inspect.Parameter.empty:
+        option = inspect.signature(reward_class.__init__).parameters.get("dtype")
+        dtype = option.default if option is not None else None
+    return {"float32": 4, "amp": 4}.get(str(dtype).removeprefix("torch."), 2)
