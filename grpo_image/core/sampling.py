@@ -6,8 +6,12 @@ Choices that make the rollouts cheap, bounded and their log-probs exact:
 - each sample draws from its own seeded stream of uniforms (inverse-CDF sampling), so its codes depend on its seed
   and prompt alone, not on which other samples share the batch, and any rollout can be reproduced from its seed;
 - rows are sampled `sampling.batch_size` at a time (CFG rows counted), each call with a static KV cache allocated
-  once for its prompt + L tokens: memory is bounded by the recipe, never by the number of rollouts, and the
-  one-token decode step has fixed shapes (so it can be compiled, and captured as a CUDA graph on a GPU).
+  once for its prompt + L tokens: memory is bounded by the recipe, never by the number of rollouts;
+- each forward attends only over what the cache holds (`Policy.new_cache`): the prefill over the prompt, an eager
+  decode step over exactly the tokens written so far, a compiled one over a view rounded up to a multiple of
+  COMPILED_VIEW_BUCKET positions, so that its shapes take a few fixed values per call (one compiled graph, and one
+  CUDA graph on a GPU, each); a mask is passed only where some row is padded (the causal rule alone hides the
+  positions of a view not written yet).
 
 Two distributions are involved (docs/algorithm.md, "Which distribution the log-probs are of"): codes are drawn from
 the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p), while the behaviour log-probs
@@ -29,6 +33,9 @@ from grpo_image.core.types import Policy
 
 
 CHECKPOINT_KEYS = ("temperature", "top_k", "top_p", "min_p")  # null in a recipe: the checkpoint's own value
+# positions per KV-cache view of a compiled decode step: L = 4,096 codes take 17 graphs, each attending over at most
+# 255 positions not written yet (eager steps attend over exactly the written ones: bucket 1)
+COMPILED_VIEW_BUCKET = 256
 
 
 @dataclass(frozen=True)
@@ -216,38 +223,46 @@ def draw_codes(
     return codes, mixed.gather(-1, codes[:, None]).squeeze(-1) - mixed_lse, removed
 
 
+def view_bucket(settings: SamplingSettings) -> int:
+    """Positions per KV-cache view step: COMPILED_VIEW_BUCKET for a compiled decode step (fixed shapes), else 1."""
+    return COMPILED_VIEW_BUCKET if settings.compile else 1
+
+
 @torch.no_grad()
 def sample_codes(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample N code grids, `settings.batch_size` rows per call: codes int64 [N, L], behaviour log-probs fp32 [N, L].
 
     Each sample's codes depend only on its prompt and seed, so the result is the same for any batch size.
+    `bucket`: positions per KV-cache view step (default `view_bucket(settings)`; other values for tests and benchmarks).
     """
-    codes, logprobs, _ = sample_codes_with_mass(policy, prompts, seeds, settings)
+    codes, logprobs, _ = sample_codes_with_mass(policy, prompts, seeds, settings, bucket)
     return codes, logprobs
 
 
 @torch.no_grad()
 def sample_codes_with_mass(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_codes`, plus the probability mass the filters removed before each draw: fp32 [N, L] (0 without one)."""
     n = len(prompts)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, seeds of shape {tuple(seeds.shape)}")
     per_call = settings.samples_per_call(n)
+    bucket = view_bucket(settings) if bucket is None else bucket
     pieces = [
-        _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings)
+        _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings, bucket)
         for start in range(0, n, per_call)
     ]
     return tuple(torch.cat([p[i] for p in pieces]) for i in range(3))  # [N, L] each
 
 
 def _sample_call(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps."""
+    """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps, each attending
+    over the cache's view of what it holds."""
     n, length, device = len(prompts), policy.num_positions, policy.device
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, device)  # [R, P]
     rows, prefix = ids.shape
@@ -255,27 +270,32 @@ def _sample_call(
     codes = torch.empty((n, length), dtype=torch.long, device=device)  # [n, L]
     logprobs = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
     removed = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
-    cache = policy.new_cache(rows, prefix + length - 1)  # every token but the last code is fed back
-    full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1)  # [R, P + L - 1], fixed for every step
+    cache = policy.new_cache(rows, prefix + length - 1, bucket)  # every token but the last code is fed back
+    padded = not bool(mask.all())  # without padding, the causal rule is the whole mask
+    full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1) if padded else None  # [R, P + L - 1]
     code_positions = policy.code_positions(mask, 0, length - 1)  # [R, L - 1] ([3, R, L - 1] for 3-axis RoPE)
+    cache.attend_over(prefix, exact=True)  # the prefill attends over the prompt alone
     hidden, _ = policy.forward_hidden(ids, mask, policy.prefix_positions(mask), cache, use_cache=True)  # [R, P, H]
     step_logits = policy.image_logits(hidden[:, -1])  # [R, V]
-    decode_step = _decode_step(policy, settings.compile)
+    decode_step = _decode_step(policy, settings.compile, -(-(prefix + length - 1) // bucket))
     for t in range(length):
         codes[:, t], logprobs[:, t], removed[:, t] = draw_codes(step_logits, uniforms[:, t], settings)
         if t + 1 == length:
             break
         step_ids = policy.codes_to_ids(codes[:, t : t + 1])  # [n, 1]
         step_ids = step_ids.repeat(settings.rows_per_prompt, 1)  # [R, 1]
-        step_logits = decode_step(step_ids, full_mask, code_positions[..., t : t + 1], cache)  # [R, V]
+        width = cache.attend_over(prefix + t + 1)  # code t is written at position P + t
+        step_mask = full_mask[:, :width] if padded else None  # [R, width]
+        step_logits = decode_step(step_ids, step_mask, code_positions[..., t : t + 1], cache)  # [R, V]
     return codes, logprobs, removed
 
 
-def _decode_step(policy: Policy, compile_step: bool):
-    """The one-token forward and image head: (ids [R, 1], mask, positions, cache) -> logits [R, V].
+def _decode_step(policy: Policy, compile_step: bool, views: int):
+    """The one-token forward and image head: (ids [R, 1], mask [R, width] or None, positions, cache) -> logits [R, V].
 
-    Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU); the static cache and the
-    fixed-width mask keep its shapes the same at every step, so it does not recompile within a call.
+    Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU): each of a call's `views`
+    cache widths is its own graph, so dynamo may recompile that many times (on top of its default allowance, which
+    covers other batch shapes) without falling back to eager.
     """
 
     def step(step_ids, mask, positions, cache):
@@ -289,4 +309,10 @@ def _decode_step(policy: Policy, compile_step: bool):
         mode = "reduce-overhead" if policy.device.type == "cuda" else None
         compiled = torch.compile(step, mode=mode, dynamic=False)
         policy._compiled_decode_step = compiled
-    return compiled
+    limit = torch._dynamo.config.recompile_limit + views
+
+    def within_limit(*args):
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args)
+
+    return within_limit
