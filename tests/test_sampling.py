@@ -10,8 +10,8 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.core.sampling import (
-    SamplingSettings, draw_codes, filter_logits, inverse_cdf_sample, resolve_checkpoint_sampling, sample_codes,
-    sample_codes_with_mass,
+    SamplingSettings, draw_codes, exp_where_kept, filter_logits, inverse_cdf_sample, logsumexp_where_kept, removed_codes,
+    resolve_checkpoint_sampling, sample_codes, sample_codes_with_mass,
 )
 from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
 
@@ -67,6 +67,20 @@ def test_draw_reports_the_probability_mass_the_filters_removed(top_k, top_p, min
     # fp32 sums of 4 probabilities that add up to 1: exact to a few fp32 ulps (2^-24 each), far inside 1e-6
     torch.testing.assert_close(mass, torch.tensor([removed]), atol=1e-6, rtol=0)
     torch.testing.assert_close(logprobs, HAND[0, codes], atol=1e-6, rtol=0)  # the unfiltered log-prob, whatever kept
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.03), (5, 1.0, 0.0), (0, 0.6, 0.0), (3, 0.9, 0.5)])
+def test_the_fast_exp_and_logsumexp_of_filtered_logits_are_torchs_own(top_k, top_p, min_p):
+    """The draw's exp and log-sum-exp skip torch's slow path on -inf entries: the same elementwise exp of the same
+    values (the removed entries' 0 written in), the same steps of logsumexp, so equal bit for bit, not within a
+    tolerance; and nothing is removed without a filter."""
+    logits = torch.randn(8, 512, generator=torch.Generator().manual_seed(2)) * 3  # [n, V]
+    removed = removed_codes(logits, top_k, top_p, min_p)  # [n, V]
+    filtered = logits.masked_fill(removed, float("-inf"))
+    assert 0 < removed.float().mean() < 1 and torch.equal(filtered, filter_logits(logits, top_k, top_p, min_p))
+    assert torch.equal(exp_where_kept(filtered, removed), filtered.exp())
+    assert torch.equal(logsumexp_where_kept(filtered, removed), filtered.logsumexp(-1))
+    assert removed_codes(logits, 0, 1.0, 0.0) is None and filter_logits(logits, 0, 1.0, 0.0) is logits
 
 
 def test_inverse_cdf_picks_the_code_whose_interval_holds_the_uniform():
