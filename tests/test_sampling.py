@@ -55,6 +55,7 @@ def test_filters_agree_with_transformers_warpers(warper, kwargs):
 
 @pytest.mark.parametrize("top_k, top_p, min_p, removed", [
     (0, 1.0, 0.0, 0.0),  # no filter
+    (0, 1.0, 0.1, 0.0),  # a filter that removes nothing: threshold .05 keeps all four
     (2, 1.0, 0.0, 0.25),  # keeps .5 and .25
     (0, 0.76, 0.0, 0.1),  # keeps .5, .25, .15
     (0, 1.0, 0.4, 0.25),  # threshold .2 keeps .5 and .25

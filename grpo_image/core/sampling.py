@@ -155,7 +155,7 @@ def kept_codes(removed: torch.Tensor) -> torch.Tensor:
 
 def minus_inf_where_removed(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`logits.masked_fill(removed, -inf)` of finite logits, arithmetically (`kept_codes`): [n, V] -> [n, V]."""
-    shift = kept.neg().add_(1.0).mul_(float("inf")).nan_to_num_(nan=0.0, posinf=float("inf"))  # inf removed, 0 kept
+    shift = kept.sub(1.0).mul_(float("-inf")).nan_to_num_(nan=0.0, posinf=float("inf"))  # inf removed, 0 kept
     return logits - shift  # a kept logit minus exactly 0 is itself
 
 
@@ -254,13 +254,16 @@ def draw_codes(
         codes = inverse_cdf_sample(sampling, uniforms)  # [n]
         removed, mixed_lse = torch.zeros_like(uniforms, dtype=torch.float32), None
     else:
-        dropped = removed_codes(mixed, settings.top_k, settings.top_p, settings.min_p)  # [n, V] bool
-        kept_set = torch.ones_like(mixed) if dropped is None else kept_codes(dropped)  # [n, V]; None: top_k >= V
-        filtered = minus_inf_where_removed(mixed, kept_set)  # [n, V]
+        dropped = removed_codes(mixed, settings.top_k, settings.top_p, settings.min_p)  # [n, V] bool (None: top_k >= V)
+        if dropped is not None and dropped.device.type == "cpu" and not bool(dropped.any()):
+            dropped = None  # nothing removed: no masking to do (a CPU reads the flag for free, a GPU would wait for it)
+        kept_set = None if dropped is None else kept_codes(dropped)  # [n, V] 1.0 / 0.0
+        filtered = mixed if kept_set is None else minus_inf_where_removed(mixed, kept_set)  # [n, V]
         sampling = filtered.log_softmax(-1)  # [n, V], -inf where removed
         codes = inverse_cdf_sample(sampling, uniforms, kept_set)  # [n]
         mixed_lse = mixed.logsumexp(-1)  # [n]
-        kept = logsumexp_where_kept(filtered, kept_set) - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
+        filtered_lse = mixed_lse if kept_set is None else logsumexp_where_kept(filtered, kept_set)  # [n]
+        kept = filtered_lse - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
         removed = (-torch.expm1(kept)).clamp_(min=0.0)  # [n], 1 - kept mass without cancellation
     conditional = settings.uses_cfg and settings.cfg_logprobs == "conditional"
     if conditional:
