@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     print(table(
         ["setting", "ours wall s", "generate wall s", "floor wall s", "ours cpu s", "generate cpu s", "floor cpu s",
          "ours codes/s", "ours ms/step", "generate/ours wall", "generate/ours cpu", "ours/floor wall",
-         "ours/floor cpu", "generate/floor cpu"] + ([f"ours (views of {args.bucket})/floor cpu"] if args.bucket else []),
+         "ours/floor cpu", "generate/floor cpu"]
+        + ([f"ours (views of {args.bucket})/floor cpu"] if args.bucket else []),
         rows,
     ))
     if profiles:

@@ -53,13 +53,15 @@ def grown():
             policy = policies.setdefault(family, FAMILIES[family]())
             settings = SETTINGS[cfg_scale]
             codes, logprobs = growing_cache_sampler(policy, PROMPTS, SEEDS, settings)
-            references[family, cfg_scale] = policy, settings, codes, logprobs, sampler_tolerance(policy, codes, settings)
+            tolerance = sampler_tolerance(policy, codes, settings)
+            references[family, cfg_scale] = policy, settings, codes, logprobs, tolerance
         return references[family, cfg_scale]
 
     return reference
 
 
-@pytest.mark.parametrize("cfg_scale, batch_size", [(1.0, 1), (1.0, 2), (1.0, 3), (1.0, 6), (3.0, 2), (3.0, 3), (3.0, 6)])
+@pytest.mark.parametrize("cfg_scale, batch_size",
+                         [(1.0, 1), (1.0, 2), (1.0, 3), (1.0, 6), (3.0, 2), (3.0, 3), (3.0, 6)])  # CFG: 2 rows a sample
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bucketed_views_sample_what_a_growing_cache_samples(grown, family, cfg_scale, batch_size):
     """Compiled-style views (BUCKET positions, wider than what the cache holds) at `sampling.batch_size` rows per call

@@ -16,8 +16,9 @@ each moment of a step, term by term (grpo_image.planning.model_sizes and decoder
 - rollouts, `sampling.batch_size` rows per sampler call: a static KV cache of rows x (P + L - 1) tokens, every
   layer, K and V (under autocast K is fp32, RoPE's output, and V bf16), the prefill's intermediates over the prompt
   (its attention sees the prompt alone; LoRA's adapters run in fp32), a compiled decode step's K and V repeated over
-  the cache, and a few [rows, V] fp32 temporaries of the image head; FSDP holds every layer gathered in the compute dtype for the rollout; full fine-tuning holds bf16
-  casts of the layers' weights during any forward (autocast caches them);
+  the cache, and a few [rows, V] fp32 temporaries of the image head; FSDP holds every layer gathered in the compute
+  dtype for the rollout; full fine-tuning holds bf16 casts of the layers' weights during any forward (autocast
+  caches them);
 - reference log-probs (beta > 0), a micro-batch per no-grad teacher-forced pass: one layer's intermediates at a
   time, the final hidden states, and the image head over `train.logprob_chunk` positions;
 - the update, `train.micro_batch_size` rows per forward/backward: what each decoder layer keeps for backward (below),
