@@ -217,6 +217,8 @@ def build_policy(name: str, grid: tuple[int, int], seed: int = 0, text_vocab: in
         )
     else:
         raise ValueError(f"unknown model {name!r}: tiny or qwen13m")
+    # the positions a prompt and L codes take, stated (default RoPE never reads it; generate warns past it)
+    policy.model.config.max_position_embeddings = max(512, grid[0] * grid[1] + 256)
     if text_vocab:
         current = policy.model.get_output_embeddings().weight.shape[0]
         wanted = text_vocab + policy.num_codes

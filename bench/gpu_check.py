@@ -17,9 +17,11 @@ Checks (each passes or fails; the script exits 1 if any fails):
   resident terms (nothing left gathered), and a sharded checkpoint's write and read (seconds, GB/s, host memory growth
   on resume against the plan's resume rows, the weights read back equal);
 - sampler: ms per decode step and GPU-seconds per image at G = 16, eager and compiled (CUDA graphs), against the
-  memory-bandwidth floor (every weight a step reads and the KV cache, once, at the GPU's HBM bandwidth); the
-  mismatch between the sampler's log-probs (one-token steps, eager and compiled) and the teacher-forced pass at real
-  width, with the image head in fp32 as shipped and, for comparison, in bf16;
+  memory-bandwidth floor (every weight a step reads and the KV cache written so far, once, at the GPU's HBM
+  bandwidth); the same per KV-cache view bucket (each compiled step attends over a view of 256 positions more at a
+  time, one CUDA graph each; an eager step over exactly what the cache holds), every step timed alone; the mismatch
+  between the sampler's log-probs (one-token steps, eager and compiled) and the teacher-forced pass at real width,
+  with the image head in fp32 as shipped and, for comparison, in bf16;
 - update: model FLOPs of the teacher-forced pass with backward over its time: MFU against the GPU's dense bf16 peak;
 - decoder: one denoising step of X-Omni's FLUX-based transformer at real width (hidden 3,072, 24 heads) with
   `--flux-blocks` double and single blocks, true CFG (two rows an image), per image; scaled to the full 19 + 38
@@ -281,17 +283,81 @@ def check_checkpoint(trainer, run_dir: Path, plan) -> dict:
             "passed": bool(equal and size_ok and host_growth <= 1.25 * planned_host + 2**28)}
 
 
-def bandwidth_floor(policy, rows: int, prompt_tokens: int, bandwidth: float) -> float:
-    """Seconds a sampler call cannot beat: each step reads the layers, final norms, the image head's rows (never
-    the text head) and the KV cache written so far, once."""
+def step_floor(policy, rows: int, held: int, bandwidth: float) -> float:
+    """Seconds a decode step cannot beat: it reads the layers, final norms, the image head's rows (never the text
+    head) and the `held` tokens of the KV cache, once."""
     model = policy.model
     decoder = model.get_decoder()
     weights = sum(p.numel() * p.element_size() for p in [*decoder.layers.parameters(), decoder.mm_norm.weight])
     weights += policy.num_codes * model.config.hidden_size * model.mm_head.weight.element_size()
     cfg = model.config
     kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    length = policy.num_positions
-    return sum(weights + kv_token * rows * (prompt_tokens + t) for t in range(length)) / bandwidth
+    return (weights + kv_token * rows * held) / bandwidth
+
+
+def bandwidth_floor(policy, rows: int, prompt_tokens: int, bandwidth: float) -> float:
+    """Seconds a sampler call cannot beat: the prefill, then every step's floor (`step_floor`)."""
+    return sum(step_floor(policy, rows, prompt_tokens + t, bandwidth) for t in range(policy.num_positions))
+
+
+@contextlib.contextmanager
+def per_step_times(device: torch.device):
+    """Within: every decode step of the sampler timed alone (synchronised before and after), as (held, seconds) in
+    the list yielded; `held` is the tokens the cache holds once the step's own is written."""
+    import grpo_image.core.sampling as sampling
+    from grpo_image.policies.kv_cache import ViewedLayer
+
+    times, decode_step = [], sampling._decode_step
+
+    def timing(policy, compile_step, views):
+        step = decode_step(policy, compile_step, views)
+
+        def timed_step(step_ids, mask, positions, cache):
+            held = int(next(layer for layer in cache.layers if isinstance(layer, ViewedLayer)).cumulative_length) + 1
+            sync(device)
+            start = time.perf_counter()
+            logits = step(step_ids, mask, positions, cache)
+            sync(device)
+            times.append((held, time.perf_counter() - start))
+            return logits
+
+        return timed_step
+
+    sampling._decode_step = timing
+    try:
+        yield times
+    finally:
+        sampling._decode_step = decode_step
+
+
+def bucket_times(policy, prompts, seeds, device: torch.device, bandwidth: float | None) -> list[dict]:
+    """Median ms per decode step in each compiled view bucket (steps whose cache holds up to 256, 512, ... tokens),
+    eager and compiled, each step timed alone after a run that compiles every bucket; and each bucket's floor."""
+    from grpo_image.core.sampling import COMPILED_VIEW_BUCKET, SamplingSettings, sample_codes
+
+    per_mode = {}
+    for name, settings in (("eager", SamplingSettings(min_p=0.03)), ("compiled", SamplingSettings(min_p=0.03,
+                                                                                                   compile=True))):
+        sample_codes(policy, prompts, seeds, settings)  # warm: every bucket's graph compiled and captured
+        with per_step_times(device) as times:
+            sample_codes(policy, prompts, seeds, settings)
+        per_mode[name] = times
+    buckets = {}
+    for name, times in per_mode.items():
+        for held, seconds in times:
+            buckets.setdefault(math.ceil(held / COMPILED_VIEW_BUCKET) * COMPILED_VIEW_BUCKET, {}).setdefault(
+                name, []).append((held, seconds))  # fmt: skip
+    rows = []
+    for view, by_mode in sorted(buckets.items()):
+        row = {"view": view, "steps": len(by_mode["compiled"])}
+        for name, steps in by_mode.items():
+            row[f"{name}_ms"] = 1000 * statistics.median(seconds for _, seconds in steps)
+        if bandwidth:
+            row["floor_ms"] = 1000 * statistics.mean(step_floor(policy, len(prompts), held, bandwidth)
+                                                     for held, _ in by_mode["compiled"])  # fmt: skip
+            row["compiled_over_floor"] = row["compiled_ms"] / row["floor_ms"]
+        rows.append(row)
+    return rows
 
 
 def sampler_mismatch(policy, prompts, codes, behaviour, settings) -> dict:
@@ -341,6 +407,7 @@ def check_sampler(args, shape: dict, device: torch.device, bandwidth: float | No
                                         for _ in range(args.repeats))
             result[name] = {"ms_per_step": 1000 * seconds / policy.num_positions,
                             "gpu_s_per_image": seconds / shape["group"]}
+        result["buckets"] = bucket_times(policy, prompts, seeds, device, bandwidth)
     result["compiled_codes_equal"] = bool(torch.equal(codes, reference))
     if bandwidth:
         floor = bandwidth_floor(policy, shape["group"], len(policy.encode(prompts[:1])[0]), bandwidth)
@@ -508,6 +575,10 @@ def summary_table(r: dict) -> str:
     rows.append(["sampler", f"eager {s['eager']['ms_per_step']:.2f} ms/step, compiled {s['compiled']['ms_per_step']:.2f}"
                  f" ms/step, {s['compiled']['gpu_s_per_image']:.3f} GPU-s/image{floor}",
                  "passed" if s["passed"] else "FAILED"])
+    rows.append(["view buckets", "; ".join(
+        f"<= {b['view']}: eager {b['eager_ms']:.2f}, compiled {b['compiled_ms']:.2f}"
+        + (f", floor {b['floor_ms']:.2f} ms ({b['compiled_over_floor']:.2f}x)" if "floor_ms" in b else " ms")
+        for b in s["buckets"]), "measured"])  # fmt: skip
     mismatch = "; ".join(f"{name} p99 {m['logprob_diff/p99']:.3g} max {m['logprob_diff/max']:.3g} outside "
                          f"{m['logprob_diff/outside_clip']:.2%}" for name, m in s["mismatch"].items())
     rows.append(["log-probs", f"sampler vs teacher-forced: {mismatch}; filtered mass "

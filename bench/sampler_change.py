@@ -7,8 +7,9 @@ Sampling, four variants on the same model, prompt and seeds (X-Omni's min-p 0.03
   before     the sampler as it was: a DynamicCache grown by concatenation and a mask grown every step; behaviour
              log-probs of the filtered distribution (the one drawn from: no second normalisation);
   unfiltered the same growing cache, log-probs of the unfiltered distribution (the log-prob change alone);
-  now        grpo_image's `sample_codes`: a static cache allocated once for P + L tokens and a fixed-width mask,
-             unfiltered log-probs (both changes);
+  now        grpo_image's `sample_codes`: a static cache allocated once for P + L tokens, unfiltered log-probs (both
+             changes; since BENCHMARKS.md section 7 its forwards attend over the view of what the cache holds,
+             where section 6 measured them over the whole cache with a fixed-width mask);
   floor      the bare forwards: prefill, then L - 1 single-token forwards with a growing cache and the image head,
              fed pre-drawn codes (no filter, no draw).
 The training side, one step's policy pass on N rows: teacher-forced log-probs with grad, the GRPO loss, backward

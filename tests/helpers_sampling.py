@@ -5,7 +5,9 @@ import math
 
 import torch
 
-from grpo_image.core.sampling import SamplingSettings, guided_logits, left_pad, policy_rows, tempered
+from grpo_image.core.sampling import (
+    SamplingSettings, draw_codes, guided_logits, left_pad, policy_rows, sample_uniforms, tempered,
+)
 
 
 @torch.no_grad()
@@ -18,6 +20,29 @@ def position_logits(policy, prompts: list[str], codes: torch.Tensor, settings: S
     hidden, _ = policy.forward_hidden(torch.cat([ids, steps], 1), full, positions)  # [R, P+L-1, H]
     logits = policy.image_logits(hidden[:, ids.shape[1] - 1 :]).float()  # [R, L, V]
     return tempered(guided_logits(logits, settings.cfg_scale) if settings.uses_cfg else logits, settings.temperature)
+
+
+@torch.no_grad()
+def growing_cache_sampler(policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings):
+    """The sampler with a growing cache, every row at once: the prefill, then one-token steps against the DynamicCache
+    each family's model grows by concatenation, with a mask grown by one column a step. Each forward attends over
+    exactly what the cache holds, the reference the static cache's views are held to: codes [N, L], log-probs [N, L].
+    """
+    ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, policy.device)
+    uniforms = sample_uniforms(seeds, policy.num_positions)  # [N, L]
+    hidden, cache = policy.forward_hidden(ids, mask, policy.prefix_positions(mask), use_cache=True)  # [R, P, H]
+    grown, codes, logprobs = mask, [], []
+    for t in range(policy.num_positions):
+        code, logprob, _ = draw_codes(policy.image_logits(hidden[:, -1]), uniforms[:, t], settings)  # [N] each
+        codes.append(code)
+        logprobs.append(logprob)
+        if t + 1 == policy.num_positions:
+            break
+        step = policy.codes_to_ids(code[:, None]).repeat(settings.rows_per_prompt, 1)  # [R, 1]
+        grown = torch.cat([grown, torch.ones_like(step)], dim=1)  # [R, P + t + 1]
+        positions = policy.code_positions(mask, t, t + 1)  # [R, 1] or [3, R, 1]
+        hidden, cache = policy.forward_hidden(step, grown, positions, cache, use_cache=True)  # [R, 1, H]
+    return torch.stack(codes, 1), torch.stack(logprobs, 1)
 
 
 def roundings_to_a_logit(*, layers: int, hidden: int, intermediate: int, head_dim: int, tokens: int) -> int:

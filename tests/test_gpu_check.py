@@ -22,6 +22,10 @@ def test_gpu_check_smoke_passes(tmp_path):
         steps = result[f"train_{mode}"]["steps"]
         assert all(s["train/skipped_updates"] == 0 and s["train/grad_norm"] > 0 for s in steps)
     assert result["sampler"]["compiled_codes_equal"]
+    # per view bucket: every decode step timed, eager and compiled (L = 16 codes after a short prompt: one bucket)
+    buckets = result["sampler"]["buckets"]
+    assert [b["view"] for b in buckets] == [256] and buckets[0]["steps"] == 15
+    assert buckets[0]["eager_ms"] > 0 and buckets[0]["compiled_ms"] > 0
     # the real-run figures it records: the log-prob mismatch of each sampler path, the checkpoint read back equal
     assert set(result["sampler"]["mismatch"]) == {"eager", "compiled", "eager, bf16 head"}
     assert all(0 <= m["logprob_diff/p99"] <= m["logprob_diff/max"] < 1 for m in result["sampler"]["mismatch"].values())

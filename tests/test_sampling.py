@@ -10,10 +10,10 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.tiny import tiny_policy
 from grpo_image.core.sampling import (
-    SamplingSettings, draw_codes, filter_logits, inverse_cdf_sample, resolve_checkpoint_sampling, sample_codes,
-    sample_codes_with_mass,
+    SamplingSettings, draw_codes, exp_where_kept, filter_logits, inverse_cdf_sample, kept_codes, logsumexp_where_kept,
+    minus_inf_where_removed, removed_codes, resolve_checkpoint_sampling, sample_codes, sample_codes_with_mass,
 )
-from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit
+from tests.helpers_sampling import growing_cache_sampler, logprob_tolerance, position_logits, roundings_to_a_logit
 
 # probabilities 0.5, 0.25, 0.15, 0.1 (already sorted, so kept sets read left to right)
 HAND = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
@@ -55,6 +55,7 @@ def test_filters_agree_with_transformers_warpers(warper, kwargs):
 
 @pytest.mark.parametrize("top_k, top_p, min_p, removed", [
     (0, 1.0, 0.0, 0.0),  # no filter
+    (0, 1.0, 0.1, 0.0),  # a filter that removes nothing: threshold .05 keeps all four
     (2, 1.0, 0.0, 0.25),  # keeps .5 and .25
     (0, 0.76, 0.0, 0.1),  # keeps .5, .25, .15
     (0, 1.0, 0.4, 0.25),  # threshold .2 keeps .5 and .25
@@ -67,6 +68,22 @@ def test_draw_reports_the_probability_mass_the_filters_removed(top_k, top_p, min
     # fp32 sums of 4 probabilities that add up to 1: exact to a few fp32 ulps (2^-24 each), far inside 1e-6
     torch.testing.assert_close(mass, torch.tensor([removed]), atol=1e-6, rtol=0)
     torch.testing.assert_close(logprobs, HAND[0, codes], atol=1e-6, rtol=0)  # the unfiltered log-prob, whatever kept
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.03), (5, 1.0, 0.0), (0, 0.6, 0.0), (3, 0.9, 0.5)])
+def test_the_fast_exp_and_logsumexp_of_filtered_logits_are_torchs_own(top_k, top_p, min_p):
+    """The draw's masking, exp and log-sum-exp skip torch's slow paths (branches per element, -inf entries): the same
+    elementwise exp of the same values, products and differences with exactly 0, 1 or inf, the same steps of
+    logsumexp, so equal bit for bit, not within a tolerance; and nothing is removed without a filter."""
+    logits = torch.randn(8, 512, generator=torch.Generator().manual_seed(2)) * 3  # [n, V]
+    removed = removed_codes(logits, top_k, top_p, min_p)  # [n, V]
+    kept = kept_codes(removed)  # [n, V] 1.0 / 0.0
+    filtered = logits.masked_fill(removed, float("-inf"))
+    assert 0 < removed.float().mean() < 1 and torch.equal(filtered, filter_logits(logits, top_k, top_p, min_p))
+    assert torch.equal(minus_inf_where_removed(logits, kept), filtered)
+    assert torch.equal(exp_where_kept(filtered, kept), filtered.exp())
+    assert torch.equal(logsumexp_where_kept(filtered, kept), filtered.logsumexp(-1))
+    assert removed_codes(logits, 0, 1.0, 0.0) is None and filter_logits(logits, 0, 1.0, 0.0) is logits
 
 
 def test_inverse_cdf_picks_the_code_whose_interval_holds_the_uniform():
@@ -260,32 +277,12 @@ def test_batched_sampling_equals_one_call(policy, cfg_scale, batch_size):
     torch.testing.assert_close(batched_lp, whole_lp, atol=tolerance(policy, whole, settings), rtol=0)  # other batches
 
 
-def _growing_cache_sampler(policy, prompts, seeds, settings):
-    """The sampler as it was before the static cache: a DynamicCache grown by concatenation, a mask grown per step."""
-    from grpo_image.core.sampling import draw_codes, left_pad, policy_rows, sample_uniforms
-
-    ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, policy.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    uniforms = sample_uniforms(seeds, policy.num_positions)
-    hidden, cache = policy.forward_hidden(ids, mask, positions, use_cache=True)
-    codes, logprobs = [], []
-    for t in range(policy.num_positions):
-        code, logprob, _ = draw_codes(policy.image_logits(hidden[:, -1]), uniforms[:, t], settings)
-        codes.append(code)
-        logprobs.append(logprob)
-        step = policy.codes_to_ids(code[:, None]).repeat(settings.rows_per_prompt, 1)  # [R, 1]
-        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-        positions = positions[:, -1:] + 1
-        hidden, cache = policy.forward_hidden(step, mask, positions, cache, use_cache=True)
-    return torch.stack(codes, 1), torch.stack(logprobs, 1)
-
-
 @pytest.mark.parametrize("settings", [SamplingSettings(min_p=0.05), SamplingSettings(cfg_scale=3.0, top_p=0.9)],
                          ids=["plain", "cfg"])
 def test_static_cache_sampler_equals_a_growing_cache(policy, settings):
     seeds = torch.tensor([3, 1, 4, 1])
     with torch.no_grad():
-        grown, grown_lp = _growing_cache_sampler(policy, PROMPTS, seeds, settings)
+        grown, grown_lp = growing_cache_sampler(policy, PROMPTS, seeds, settings)
     codes, logprobs = sample_codes(policy, PROMPTS, seeds, settings)
     assert torch.equal(codes, grown)
     torch.testing.assert_close(logprobs, grown_lp, atol=tolerance(policy, codes, settings), rtol=0)  # other caches

@@ -6,8 +6,12 @@ Choices that make the rollouts cheap, bounded and their log-probs exact:
 - each sample draws from its own seeded stream of uniforms (inverse-CDF sampling), so its codes depend on its seed
   and prompt alone, not on which other samples share the batch, and any rollout can be reproduced from its seed;
 - rows are sampled `sampling.batch_size` at a time (CFG rows counted), each call with a static KV cache allocated
-  once for its prompt + L tokens: memory is bounded by the recipe, never by the number of rollouts, and the
-  one-token decode step has fixed shapes (so it can be compiled, and captured as a CUDA graph on a GPU).
+  once for its prompt + L tokens: memory is bounded by the recipe, never by the number of rollouts;
+- each forward attends only over what the cache holds (`Policy.new_cache`): the prefill over the prompt, an eager
+  decode step over exactly the tokens written so far, a compiled one over a view rounded up to a multiple of
+  COMPILED_VIEW_BUCKET positions, so that its shapes take a few fixed values per call (one compiled graph, and one
+  CUDA graph on a GPU, each); a mask is passed only where some row is padded (the causal rule alone hides the
+  positions of a view not written yet).
 
 Two distributions are involved (docs/algorithm.md, "Which distribution the log-probs are of"): codes are drawn from
 the *sampling* distribution (guidance, temperature, then top-k / top-p / min-p), while the behaviour log-probs
@@ -29,6 +33,9 @@ from grpo_image.core.types import Policy
 
 
 CHECKPOINT_KEYS = ("temperature", "top_k", "top_p", "min_p")  # null in a recipe: the checkpoint's own value
+# positions per KV-cache view of a compiled decode step: L = 4,096 codes take 17 graphs, each attending over at most
+# 255 positions not written yet (eager steps attend over exactly the written ones: bucket 1)
+COMPILED_VIEW_BUCKET = 256
 
 
 @dataclass(frozen=True)
@@ -104,30 +111,70 @@ def resolve_checkpoint_sampling(node, policy) -> dict[str, float]:
     return {key: values[key] for key in nulls}
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Set the logits of the codes that top-k, then top-p, then min-p remove to -inf ([n, V] -> [n, V]).
+def removed_codes(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor | None:
+    """Where top-k, then top-p, then min-p remove a code: bool [n, V], or None when no filter is on.
 
     top-p keeps the smallest set of most likely codes whose probability reaches top_p; min-p keeps codes whose
     probability is at least min_p times the most likely one's. Each filter sees the distribution the previous one
-    left (renormalised), and the most likely code always survives.
+    left (renormalised), and the most likely code always survives. A filter that follows none reads the logits
+    themselves (masking nothing would be a full copy of the same values).
     """
-    if top_k <= 0 and top_p >= 1.0 and min_p <= 0.0:  # no filter: skip the mask and the copy it would cost
-        return logits
-    removed = torch.zeros_like(logits, dtype=torch.bool)  # [n, V]
+    removed = None  # [n, V] bool once a filter has run
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [n, 1]
-        removed |= logits < kth
+        removed = logits < kth
     if top_p < 1.0:
-        masked = logits.masked_fill(removed, float("-inf"))
+        masked = logits if removed is None else logits.masked_fill(removed, float("-inf"))
         sorted_logits, order = torch.sort(masked, dim=-1, descending=True)  # [n, V]
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # [n, V] probability of the more likely codes
-        drop_sorted = mass_before >= top_p
-        removed |= torch.zeros_like(removed).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)  # [n, V]
+        removed = drop if removed is None else removed | drop
     if min_p > 0.0:
-        probs = logits.masked_fill(removed, float("-inf")).softmax(-1)  # [n, V]
-        removed |= probs < min_p * probs.max(-1, keepdim=True).values
-    return logits.masked_fill(removed, float("-inf"))
+        probs = (logits if removed is None else logits.masked_fill(removed, float("-inf"))).softmax(-1)  # [n, V]
+        drop = probs < min_p * probs.amax(-1, keepdim=True)  # [n, V]
+        removed = drop if removed is None else removed | drop
+    return removed
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Set the logits of the codes that top-k, then top-p, then min-p remove to -inf ([n, V] -> [n, V];
+    `removed_codes` says which)."""
+    removed = removed_codes(logits, top_k, top_p, min_p)
+    return logits if removed is None else logits.masked_fill(removed, float("-inf"))  # no filter: no copy
+
+
+def kept_codes(removed: torch.Tensor) -> torch.Tensor:
+    """The filters' kept set as fp32 1.0 (kept) and 0.0 (removed): bool [n, V] -> [n, V], for the arithmetic below.
+
+    Why arithmetic: torch's CPU masked_fill and where branch on every element (about 1 ms over [16, 16,384] logits
+    when min-p's mask has no long runs, 4x their cost on a regular mask), while a product or a difference with 0, 1
+    or inf is vectorised and gives the same values."""
+    return removed.logical_not().to(torch.float32)
+
+
+def minus_inf_where_removed(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`logits.masked_fill(removed, -inf)` of finite logits, arithmetically (`kept_codes`): [n, V] -> [n, V]."""
+    shift = kept.sub(1.0).mul_(float("-inf")).nan_to_num_(nan=0.0, posinf=float("inf"))  # inf removed, 0 kept
+    return logits - shift  # a kept logit minus exactly 0 is itself
+
+
+def exp_where_kept(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """exp of logits that are -inf exactly where `kept` (`kept_codes`) is 0: the same values as `logits.exp()`.
+
+    Why: torch's CPU exp leaves its vectorised path for a vector holding -inf (about 18x slower over [16, 16,384]
+    filtered logits, most of them removed by min-p), so the removed entries are computed from 0 and multiplied by 0.
+    """
+    finite = logits.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=0.0)  # only -inf changed, to 0
+    return finite.exp_().mul_(kept)
+
+
+def logsumexp_where_kept(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`logits.logsumexp(-1)` of [n, V] logits that are -inf exactly where `kept` is 0, through `exp_where_kept`: the
+    steps of torch's own logsumexp (max, shift, exp, sum, log, add back), so the same values: [n]."""
+    maxes = logits.amax(-1, keepdim=True)  # [n, 1]
+    maxes = maxes.masked_fill(maxes.abs() == float("inf"), 0.0)
+    return exp_where_kept(logits - maxes, kept).sum(-1).log_().add_(maxes.squeeze(-1))  # [n]
 
 
 def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -175,9 +222,13 @@ def sample_uniforms(seeds: torch.Tensor, length: int) -> torch.Tensor:
     return torch.stack(streams)  # [N, L]
 
 
-def inverse_cdf_sample(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Draw one code per row by inverting the CDF at a given uniform: [n, V], [n] -> [n]."""
-    cdf = logprobs.exp().cumsum(-1)  # [n, V]
+def inverse_cdf_sample(
+    logprobs: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Draw one code per row by inverting the CDF at a given uniform: [n, V], [n] -> [n]. `kept` [n, V]: 0 where the
+    log-probs are -inf (the filters' removed codes, `kept_codes`), if known: the exp is then the fast one."""
+    probs = logprobs.exp() if kept is None else exp_where_kept(logprobs, kept)  # [n, V]
+    cdf = probs.cumsum(-1)  # [n, V]
     total = cdf[:, -1:]  # [n, 1], 1 up to rounding
     targets = torch.minimum(uniforms.unsqueeze(-1) * total, total * (1 - 1e-6))  # [n, 1]
     codes = torch.searchsorted(cdf, targets, right=True).squeeze(-1)  # [n]
@@ -198,14 +249,21 @@ def draw_codes(
     """
     logits = raw_logits.float()  # [R, V]
     mixed = tempered(guided_logits(logits, settings.cfg_scale) if settings.uses_cfg else logits, settings.temperature)
-    filtered = filter_logits(mixed, settings.top_k, settings.top_p, settings.min_p)  # [n, V], -inf where removed
-    sampling = filtered.log_softmax(-1)  # [n, V]
-    codes = inverse_cdf_sample(sampling, uniforms)  # [n]
     if not settings.filters:  # the sampling distribution is the behaviour one (unless conditional), nothing removed
+        sampling = mixed.log_softmax(-1)  # [n, V]
+        codes = inverse_cdf_sample(sampling, uniforms)  # [n]
         removed, mixed_lse = torch.zeros_like(uniforms, dtype=torch.float32), None
     else:
+        dropped = removed_codes(mixed, settings.top_k, settings.top_p, settings.min_p)  # [n, V] bool (None: top_k >= V)
+        if dropped is not None and dropped.device.type == "cpu" and not bool(dropped.any()):
+            dropped = None  # nothing removed: no masking to do (a CPU reads the flag for free, a GPU would wait for it)
+        kept_set = None if dropped is None else kept_codes(dropped)  # [n, V] 1.0 / 0.0
+        filtered = mixed if kept_set is None else minus_inf_where_removed(mixed, kept_set)  # [n, V]
+        sampling = filtered.log_softmax(-1)  # [n, V], -inf where removed
+        codes = inverse_cdf_sample(sampling, uniforms, kept_set)  # [n]
         mixed_lse = mixed.logsumexp(-1)  # [n]
-        kept = filtered.logsumexp(-1) - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
+        filtered_lse = mixed_lse if kept_set is None else logsumexp_where_kept(filtered, kept_set)  # [n]
+        kept = filtered_lse - mixed_lse  # [n], log of the kept mass: <= 0 up to rounding
         removed = (-torch.expm1(kept)).clamp_(min=0.0)  # [n], 1 - kept mass without cancellation
     conditional = settings.uses_cfg and settings.cfg_logprobs == "conditional"
     if conditional:
@@ -216,38 +274,46 @@ def draw_codes(
     return codes, mixed.gather(-1, codes[:, None]).squeeze(-1) - mixed_lse, removed
 
 
+def view_bucket(settings: SamplingSettings) -> int:
+    """Positions per KV-cache view step: COMPILED_VIEW_BUCKET for a compiled decode step (fixed shapes), else 1."""
+    return COMPILED_VIEW_BUCKET if settings.compile else 1
+
+
 @torch.no_grad()
 def sample_codes(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample N code grids, `settings.batch_size` rows per call: codes int64 [N, L], behaviour log-probs fp32 [N, L].
 
     Each sample's codes depend only on its prompt and seed, so the result is the same for any batch size.
+    `bucket`: positions per KV-cache view step (default `view_bucket(settings)`; other values for tests and benchmarks).
     """
-    codes, logprobs, _ = sample_codes_with_mass(policy, prompts, seeds, settings)
+    codes, logprobs, _ = sample_codes_with_mass(policy, prompts, seeds, settings, bucket)
     return codes, logprobs
 
 
 @torch.no_grad()
 def sample_codes_with_mass(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_codes`, plus the probability mass the filters removed before each draw: fp32 [N, L] (0 without one)."""
     n = len(prompts)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, seeds of shape {tuple(seeds.shape)}")
     per_call = settings.samples_per_call(n)
+    bucket = view_bucket(settings) if bucket is None else bucket
     pieces = [
-        _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings)
+        _sample_call(policy, prompts[start : start + per_call], seeds[start : start + per_call], settings, bucket)
         for start in range(0, n, per_call)
     ]
     return tuple(torch.cat([p[i] for p in pieces]) for i in range(3))  # [N, L] each
 
 
 def _sample_call(
-    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings
+    policy: Policy, prompts: list[str], seeds: torch.Tensor, settings: SamplingSettings, bucket: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps."""
+    """One sampler call over n samples (R rows): the prefix in one forward, then L - 1 one-token steps, each attending
+    over the cache's view of what it holds."""
     n, length, device = len(prompts), policy.num_positions, policy.device
     ids, mask = left_pad(policy_rows(policy, prompts, settings.uses_cfg), policy.pad_token_id, device)  # [R, P]
     rows, prefix = ids.shape
@@ -255,27 +321,32 @@ def _sample_call(
     codes = torch.empty((n, length), dtype=torch.long, device=device)  # [n, L]
     logprobs = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
     removed = torch.empty((n, length), dtype=torch.float32, device=device)  # [n, L]
-    cache = policy.new_cache(rows, prefix + length - 1)  # every token but the last code is fed back
-    full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1)  # [R, P + L - 1], fixed for every step
+    cache = policy.new_cache(rows, prefix + length - 1, bucket)  # every token but the last code is fed back
+    padded = not bool(mask.all())  # without padding, the causal rule is the whole mask
+    full_mask = torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1) if padded else None  # [R, P + L - 1]
     code_positions = policy.code_positions(mask, 0, length - 1)  # [R, L - 1] ([3, R, L - 1] for 3-axis RoPE)
+    cache.attend_over(prefix, exact=True)  # the prefill attends over the prompt alone
     hidden, _ = policy.forward_hidden(ids, mask, policy.prefix_positions(mask), cache, use_cache=True)  # [R, P, H]
     step_logits = policy.image_logits(hidden[:, -1])  # [R, V]
-    decode_step = _decode_step(policy, settings.compile)
+    decode_step = _decode_step(policy, settings.compile, -(-(prefix + length - 1) // bucket))
     for t in range(length):
         codes[:, t], logprobs[:, t], removed[:, t] = draw_codes(step_logits, uniforms[:, t], settings)
         if t + 1 == length:
             break
         step_ids = policy.codes_to_ids(codes[:, t : t + 1])  # [n, 1]
         step_ids = step_ids.repeat(settings.rows_per_prompt, 1)  # [R, 1]
-        step_logits = decode_step(step_ids, full_mask, code_positions[..., t : t + 1], cache)  # [R, V]
+        width = cache.attend_over(prefix + t + 1)  # code t is written at position P + t
+        step_mask = full_mask[:, :width] if padded else None  # [R, width]
+        step_logits = decode_step(step_ids, step_mask, code_positions[..., t : t + 1], cache)  # [R, V]
     return codes, logprobs, removed
 
 
-def _decode_step(policy: Policy, compile_step: bool):
-    """The one-token forward and image head: (ids [R, 1], mask, positions, cache) -> logits [R, V].
+def _decode_step(policy: Policy, compile_step: bool, views: int):
+    """The one-token forward and image head: (ids [R, 1], mask [R, width] or None, positions, cache) -> logits [R, V].
 
-    Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU); the static cache and the
-    fixed-width mask keep its shapes the same at every step, so it does not recompile within a call.
+    Compiled once per policy when asked ("reduce-overhead" captures CUDA graphs on a GPU): each of a call's `views`
+    cache widths is its own graph, so dynamo may recompile that many times (on top of its default allowance, which
+    covers other batch shapes) without falling back to eager.
     """
 
     def step(step_ids, mask, positions, cache):
@@ -289,4 +360,10 @@ def _decode_step(policy: Policy, compile_step: bool):
         mode = "reduce-overhead" if policy.device.type == "cuda" else None
         compiled = torch.compile(step, mode=mode, dynamic=False)
         policy._compiled_decode_step = compiled
-    return compiled
+    limit = torch._dynamo.config.recompile_limit + views
+
+    def within_limit(*args):
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args)
+
+    return within_limit

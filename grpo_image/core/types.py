@@ -113,8 +113,9 @@ class Policy(Protocol):
         """Positions of codes start..stop-1 after each row's prefix: [R, stop - start] or [3, R, stop - start]."""
         ...
 
-    def new_cache(self, rows: int, max_tokens: int) -> Any:
-        """A KV cache allocated once for `max_tokens` tokens per row."""
+    def new_cache(self, rows: int, max_tokens: int, bucket: int = 1) -> Any:
+        """A KV cache allocated once for `max_tokens` tokens per row, with `attend_over(held, exact=False) -> width`:
+        the next forward attends over its first `width` positions (`held`, or rounded up to a multiple of `bucket`)."""
         ...
 
     def forward_hidden(

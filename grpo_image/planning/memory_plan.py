@@ -14,9 +14,11 @@ each moment of a step, term by term (grpo_image.planning.model_sizes and decoder
   FSDP the last layer in flight: whole in fp32 on the device, with its reference copy, while both are sharded (the
   whole model never reaches the device); checked against the allocations of building them on the CPU;
 - rollouts, `sampling.batch_size` rows per sampler call: a static KV cache of rows x (P + L - 1) tokens, every
-  layer, K and V (under autocast K is fp32, RoPE's output, and V bf16), and a few [rows, V] fp32 temporaries of the
-  image head; FSDP holds every layer gathered in the compute dtype for the rollout; full fine-tuning holds bf16
-  casts of the layers' weights during any forward (autocast caches them);
+  layer, K and V (under autocast K is fp32, RoPE's output, and V bf16), the prefill's intermediates over the prompt
+  (its attention sees the prompt alone; LoRA's adapters run in fp32), a compiled decode step's K and V repeated over
+  the cache, and a few [rows, V] fp32 temporaries of the image head; FSDP holds every layer gathered in the compute
+  dtype for the rollout; full fine-tuning holds bf16 casts of the layers' weights during any forward (autocast
+  caches them);
 - reference log-probs (beta > 0), a micro-batch per no-grad teacher-forced pass: one layer's intermediates at a
   time, the final hidden states, and the image head over `train.logprob_chunk` positions;
 - the update, `train.micro_batch_size` rows per forward/backward: what each decoder layer keeps for backward (below),
@@ -78,6 +80,7 @@ class Setup:
     checkpointing: bool
     chunk: int  # image positions per chunk of the image head
     stage_adapters: int | None = 0  # LoRA: the earlier stages' frozen adapter parameters (None: not saved yet)
+    compiled: bool = False  # sampling.compile: the decode step compiled
 
 
 @dataclass
@@ -133,6 +136,7 @@ def setup_of(cfg: DictConfig, gpus: int | None = None, gpu_memory_gb: float | No
         micro=min(cfg.train.micro_batch_size or minibatch, minibatch),
         checkpointing=bool(cfg.train.gradient_checkpointing), chunk=int(cfg.train.logprob_chunk),
         stage_adapters=stage_adapter_params(cfg.train.init_from) if cfg.train.mode == "lora" else 0,
+        compiled=bool(cfg.sampling.compile),
     )  # fmt: skip
 
 
@@ -238,21 +242,28 @@ def head_bytes(p: PolicyShape, mode: str, rows: int, chunk: int, grad: bool) -> 
     return rows * min(chunk, p.positions) * p.codes * (HEAD_GRAD if grad else HEAD_NOGRAD) + head_rows_copy(p, mode)
 
 
-def sampler_bytes(p: PolicyShape, mode: str, rows: int) -> tuple[float, float]:
+def sampler_bytes(p: PolicyShape, mode: str, rows: int, compiled: bool = False) -> tuple[float, float]:
     """(KV cache, everything else) of one sampler call of `rows` rows.
 
     Besides the image head's temporaries at each step (while the head runs, its fp32 logits and the fp32 copy of
-    low-precision head rows; then the sampling step's [rows, V] tensors), the prefix forward attends over the whole
-    static cache: transformers repeats its K and V up to every query head (padded rows carry a mask), one layer at a
-    time.
+    low-precision head rows; then the sampling step's [rows, V] tensors), the prefill: a no-grad forward over the
+    prompt alone (its attention sees the cache's view of the prompt, grpo_image.policies.kv_cache), with LoRA's
+    adapters active: peft runs an adapter in fp32, so the widest adapted Linear adds its fp32 input and two fp32
+    outputs (the scaled adapter output and its sum with the base output) at once. An eager decode step folds the
+    query heads onto the KV heads; a compiled one repeats K and V over its view (at most the whole cache) to every
+    query head, one layer at a time, with a [rows, 1, 1, view] mask.
     """
     cache_tokens = p.prompt_tokens + p.positions - 1
     kv = rows * cache_tokens * kv_bytes_per_token(p, mode)
+    adapters = 0.0
+    if mode == "lora" and p.lora_inputs:
+        widest_out = max(p.mlp_up_width, p.hidden, p.heads * p.head_dim)
+        adapters = rows * p.prompt_tokens * (4 * max(w for _, w in p.lora_inputs) + 8 * widest_out)
+    prefix = nograd_bytes(p, mode, rows, p.prompt_tokens) + adapters
     repeated = 2 * rows * p.heads * cache_tokens * p.head_dim * p.dtype_bytes if p.kv_heads < p.heads else 0
-    mask = rows * p.prompt_tokens * cache_tokens * (1 + p.dtype_bytes)  # [rows, 1, P, cache] boolean and additive
-    prefix = nograd_bytes(p, mode, rows, p.prompt_tokens) + repeated + mask
+    step = repeated + rows * cache_tokens * (1 + p.dtype_bytes) if compiled else 0
     head = max(SAMPLER_TEMPORARIES * 4 * rows * p.codes, head_rows_copy(p, mode) + 4 * rows * p.codes)
-    return kv, head + prefix
+    return kv, head + max(prefix, step)
 
 
 def weight_casts(p: PolicyShape, s: Setup) -> tuple[float, float]:
@@ -275,7 +286,7 @@ def weight_casts(p: PolicyShape, s: Setup) -> tuple[float, float]:
 
 def rollout_bytes(p: PolicyShape, s: Setup, rows: int) -> float:
     """A sampler call of `rows` rows, above what the process holds anyway."""
-    return weight_casts(p, s)[0] + sum(sampler_bytes(p, s.mode, rows))
+    return weight_casts(p, s)[0] + sum(sampler_bytes(p, s.mode, rows, s.compiled))
 
 
 def reference_bytes(p: PolicyShape, s: Setup, micro: int) -> float:
@@ -334,7 +345,7 @@ def plan_recipe(
     if every:
         what = "every layer gathered in bf16 (FSDP)" if s.fsdp else "bf16 casts of the layers' weights (autocast)"
         rows.append((f"{what}, during a rollout", every, "one layer at a time in training"))
-    kv, sampler_rest = sampler_bytes(p, s.mode, s.sampler_rows)
+    kv, sampler_rest = sampler_bytes(p, s.mode, s.sampler_rows, s.compiled)
     rows += [(f"KV cache per sampler call ({s.sampler_rows} rows x {p.prompt_tokens + p.positions - 1:,} tokens)", kv,
               f"{kv_bytes_per_token(p, s.mode) / 1024:.1f} KiB per token"),
              ("sampler temporaries (image head, prefix)", sampler_rest, "")]  # fmt: skip

@@ -101,11 +101,12 @@ class CausalLMPolicy:
         offsets = torch.arange(start, stop, device=mask.device)  # [stop - start]
         return mask.sum(-1, keepdim=True) + offsets  # [R, stop - start]
 
-    def new_cache(self, rows: int, max_tokens: int):
-        """A KV cache allocated once for `max_tokens` tokens per row (it never grows by concatenation)."""
-        from transformers import StaticCache
+    def new_cache(self, rows: int, max_tokens: int, bucket: int = 1):
+        """A KV cache allocated once for `max_tokens` tokens per row (it never grows by concatenation), whose forwards
+        attend only over the view the sampler sets (`CacheViews.attend_over`), in steps of `bucket` positions."""
+        from grpo_image.policies.kv_cache import CacheViews
 
-        return StaticCache(config=self.model.config, max_cache_len=max_tokens)
+        return CacheViews(self.model.config, max_tokens, bucket)
 
     def forward_hidden(
         self,
