@@ -29,6 +29,26 @@ import numpy as np
 from rewards._image import to_data_url
 
 RETRY_STATUSES = (408, 429, *range(500, 600))
+
+
+def retrying_session(max_retries: int, backoff: float, backoff_max: float, connections: int) -> Any:
+    """A requests session whose every request (POST too: scoring and chat completions have no side effect, so sending
+    one again is safe) retries refused connections, read timeouts and RETRY_STATUSES up to `max_retries` times, with
+    urllib3's exponential backoff, honouring Retry-After; the last answer comes back to be reported with its body."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=max_retries, connect=max_retries, read=max_retries, status=max_retries, other=0, allowed_methods=None,
+        status_forcelist=RETRY_STATUSES, backoff_factor=backoff, backoff_max=backoff_max, raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=connections)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 INSTRUCTIONS = Path(__file__).with_name("instructions")
 
 
@@ -129,32 +149,12 @@ class ChatClient:
 
     def complete(self, images: np.ndarray, texts: list[str], **params: Any) -> list[dict[str, Any]]:
         """images uint8 [n, H, W, 3], n texts -> n reply JSONs, in order; `params` go into every request body."""
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
         headers = {"Content-Type": "application/json"}
         key = self._api_key()
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
-        retry = Retry(
-            total=self.max_retries,
-            connect=self.max_retries,
-            read=self.max_retries,
-            status=self.max_retries,
-            other=0,
-            allowed_methods=None,  # POST too: a chat completion has no side effect worth protecting
-            status_forcelist=RETRY_STATUSES,
-            backoff_factor=self.backoff,
-            backoff_max=self.backoff_max,
-            raise_on_status=False,  # the last response comes back and is reported below with its body
-            respect_retry_after_header=True,
-        )
         workers = max(1, min(self.max_concurrency, len(texts)))
-        with requests.Session() as session:
-            adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=workers)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+        with retrying_session(self.max_retries, self.backoff, self.backoff_max, workers) as session:
 
             def one(index: int) -> dict[str, Any]:
                 url = to_data_url(images[index], self.image_format, self.jpeg_quality, self.image_size)

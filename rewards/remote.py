@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from grpo_image.core.types import RewardOutput
-from rewards._chat import RETRY_STATUSES
+from rewards._chat import RETRY_STATUSES, retrying_session
 from rewards._image import to_data_url, validate_batch
 from rewards._rebuild import RebuildOnUnpickle
 
@@ -87,7 +87,8 @@ class RemoteReward(RebuildOnUnpickle):
         if not starts:
             return RewardOutput(np.zeros(0, dtype=np.float32))
         headers = {"Content-Type": "application/json", **self._authorization()}
-        with self._session(min(self.max_concurrency, len(starts))) as session:
+        with retrying_session(self.max_retries, self.backoff, self.backoff_max,
+                              min(self.max_concurrency, len(starts))) as session:
 
             def one(start: int) -> tuple[np.ndarray, dict[str, float]]:
                 stop = min(start + self.batch_size, len(images))
@@ -134,31 +135,6 @@ class RemoteReward(RebuildOnUnpickle):
         if len(scores) != stop - start:
             raise RemoteRewardError(f"{where} answered {len(scores)} scores for {stop - start} images")
         return np.asarray(scores, dtype=np.float32), info  # float32 [stop - start]
-
-    def _session(self, connections: int) -> Any:
-        """A requests session whose every request retries as the module docstring says."""
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
-        retry = Retry(
-            total=self.max_retries,
-            connect=self.max_retries,
-            read=self.max_retries,
-            status=self.max_retries,
-            other=0,
-            allowed_methods=None,  # POST too: scoring has no side effect, so sending it again is safe
-            status_forcelist=RETRY_STATUSES,
-            backoff_factor=self.backoff,
-            backoff_max=self.backoff_max,
-            raise_on_status=False,  # the last answer comes back and is reported with the server's reason
-            respect_retry_after_header=True,
-        )
-        session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=connections)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
 
     def _authorization(self) -> dict[str, str]:
         if self.token_env is None:
