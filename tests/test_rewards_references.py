@@ -45,40 +45,7 @@ FLOW_GRPO_UNIFIED_REWARD_V15 = (
     'Text Caption: [{prompt}]'
 )
 # CodeGoat24/UnifiedReward @ ff6f520247a2d36e2aff7b2ba53a935afd437f66,
-# inference_llava/image_generation/point_score_ACS_image_generation.py
-UNIFIED_REWARD_LLAVA_ACS = (
-    '<image>\n'
-    'You are presented with a generated image and its associated text caption. Your task is to analyze '
-    'the image across multiple dimensions in relation to the caption. Specifically:\n'
-    '\n'
-    '1. Evaluate each word in the caption based on how well it is visually represented in the image. '
-    'Assign a numerical score to each word using the format:\n'
-    '   Word-wise Scores: [["word1", score1], ["word2", score2], ..., ["wordN", scoreN], '
-    '["[No_mistakes]", scoreM]]\n'
-    '   - A higher score indicates that the word is less well represented in the image.\n'
-    '   - The special token [No_mistakes] represents whether all elements in the caption were correctly '
-    'depicted. A high score suggests no mistakes; a low score suggests missing or incorrect elements.\n'
-    '\n'
-    '2. Provide overall assessments for the image along the following axes (each rated from 1 to 5):\n'
-    '- Alignment Score: How well the image matches the caption in terms of content.\n'
-    '- Coherence Score: How logically consistent the image is (absence of visual glitches, object '
-    'distortions, etc.).\n'
-    '- Style Score: How aesthetically appealing the image looks, regardless of caption accuracy.\n'
-    '\n'
-    'Output your evaluation using the format below:\n'
-    '\n'
-    '---\n'
-    '\n'
-    'Word-wise Scores: [["word1", score1], ..., ["[No_mistakes]", scoreM]]\n'
-    '\n'
-    'Alignment Score (1-5): X\n'
-    'Coherence Score (1-5): Y\n'
-    'Style Score (1-5): Z\n'
-    '\n'
-    'Your task is provided as follows:\n'
-    'Text Caption: [{prompt}]'
-)
-# ... inference_qwen/image_generation/qwen_point_score_image_generation.py
+# inference_qwen/image_generation/qwen_point_score_image_generation.py
 UNIFIED_REWARD_QWEN_POINT = (
     'You are given a text caption and a generated image based on that caption. Your task is to evaluate '
     'this image based on two key criteria:\n'
@@ -125,6 +92,9 @@ UNIFIED_REWARD_QWEN_ACS = (
     'Your task is provided as follows:\n'
     'Text Caption: [{prompt}]'
 )
+# ... inference_llava/image_generation/point_score_ACS_image_generation.py: the Qwen script's text after LLaVA's
+# image placeholder, word for word
+UNIFIED_REWARD_LLAVA_ACS = '<image>\n' + UNIFIED_REWARD_QWEN_ACS
 # ... inference_qwen/UnifiedReward-2.0-inference/point_score_ACS_image_generation.py (`problem`)
 UNIFIED_REWARD_20_ACS = (
     'You are presented with a generated image and its associated text caption. Your task is to analyze '
