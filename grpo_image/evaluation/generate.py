@@ -52,8 +52,9 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
     if checkpoint is None:  # the weights the recipe's runs start from (and the base its adapters apply to)
         load_stages(policy, OmegaConf.select(cfg, "train.init_from", default=None), merge=False)
     else:  # the checkpoint and every stage it continued, as its run computed them; misfits refused in one line
-        load_stages(policy, checkpoint, merge=False)
-        _warn_if_trained_from_elsewhere(cfg, policy_folder(checkpoint))
+        folder = policy_folder(checkpoint)  # a run folder's newest checkpoint, its weights hashed once
+        load_stages(policy, folder, merge=False)
+        _warn_if_trained_from_elsewhere(cfg, folder)
     policy.model.eval()
     return policy
 

@@ -32,7 +32,7 @@ from grpo_image.base.config import import_dotted, instantiate
 from grpo_image.export.model_card import REWARD_CURVE, trainer_step, write_model_card
 from grpo_image.export.safetensors_shards import cast, write_shards
 from grpo_image.export.source_folders import (
-    CONFIG, FAMILIES, ExportError, Family, carry_files, check_source, family_of, rewrite_config, weight_files,
+    CONFIG, FAMILIES, ExportError, Family, carry_files, check_source, rewrite_config, weight_files,
 )
 from grpo_image.training.checkpoint_fit import ADAPTER_CONFIG, ADAPTER_FILE, saved_kind
 from grpo_image.training.saved_weights import load_stages, policy_folder, stage_folders, tied_names
@@ -144,7 +144,6 @@ def _trained_policy(cfg, weights: Path):
         node["dtype"] = "float32"
     torch.manual_seed(cfg.seed)  # as in training, so that a seeded model built in memory is the same one
     policy = instantiate(node)
-    family_of(policy)
     load_stages(policy, weights, merge=True)
     return policy
 

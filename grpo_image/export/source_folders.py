@@ -46,15 +46,6 @@ FAMILIES = {  # the most specific policy class first
 }
 
 
-def family_of(policy) -> Family:
-    """The family of a loaded policy; a policy class of another kind is refused."""
-    for kind, family in FAMILIES.items():
-        if isinstance(policy, kind):
-            return family
-    raise ExportError(f"unknown model family {type(policy).__name__}: export knows "
-                      f"{', '.join(f.name for f in FAMILIES.values())}; use --format peft for an adapter")
-
-
 def check_source(source: Path, family: Family) -> None:
     """The recipe's `policy.path` must be there and hold the family's model in its own layout."""
     config = source / family.weights_folder / CONFIG
