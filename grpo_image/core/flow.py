@@ -50,13 +50,14 @@ def sde_step(
     noise_level: float,
     kind: str = "sde",
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stochastic step from `sample` at `timestep` with the predicted `velocity` (both [B, ...]).
 
     Draws the next sample (or scores the given `prev_sample`, as the training pass does with the rollout's) and
     returns (prev_sample [B, ...], log-prob [B], mean [B, ...], std broadcastable to [B, ...]), all fp32.
-    `timestep` [B]: each sample's timestep among the scheduler's.
+    `timestep` [B]: each sample's timestep among the scheduler's. `generator`: one for the batch, or one per sample
+    (a rollout's noise then does not depend on the batch it was drawn in).
     """
     if kind not in KINDS:
         raise ValueError(f"sde_step: kind must be one of {KINDS}, got {kind!r}")
@@ -74,8 +75,7 @@ def sde_step(
         clean, noise = sample - sigma * velocity, sample + (1 - sigma) * velocity
         mean = (1 - sigma_next) * clean + torch.sqrt(sigma_next**2 - std**2) * noise
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev_sample = mean + std * noise
+        prev_sample = mean + std * standard_noise(sample, generator)
     prev_sample = prev_sample.float().detach()
     if kind == "sde":
         density = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
@@ -83,6 +83,14 @@ def sde_step(
         density = -((prev_sample - mean) ** 2)
     logprob = density.mean(dim=tuple(range(1, density.ndim)))  # [B]
     return prev_sample, logprob, mean, std
+
+
+def standard_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """fp32 N(0, 1) noise shaped like `like` [B, ...]: from one generator, or row by row from one per sample."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.randn(like.shape[1:], generator=g, device=like.device, dtype=torch.float32) for g in generator]
+        return torch.stack(rows)  # [B, ...]
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
 def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
