@@ -14,6 +14,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The DiT's attention and MLP projections in every block (not the embedders, the AdaLN modulations or the output
+# head), as flow_grpo adapts SD3's: attention q, k, v, out and the feed-forward's two Linears.
+DIT_LORA_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
+def add_dit_lora(transformer, *, r: int, alpha: int, targets: str = DIT_LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """LoRA adapters (fp32, B zero: the decoder unchanged until trained) on the DiT's projections, in place; only they
+    are trainable. Returns them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    transformer.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), transformer)
+    adapters = [p for name, p in transformer.named_parameters() if "lora_" in name]
+    for param in adapters:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return adapters
+
 
 def pipeline_timesteps(pipe, height: int, width: int, num_inference_steps: int) -> torch.Tensor:
     """Set `pipe.scheduler` to the timesteps (and shifted sigmas) the pipeline samples `height` x `width` with."""
