@@ -115,7 +115,7 @@ def test_reward_names_must_be_unique(tmp_path):
 def test_reward_specs_fill_in_weight_and_required(tmp_path):
     text = "rewards:\n  - name: j\n    scorer: {_component_: rewards.jpeg.JPEGCompressibility, quality: 50}\n"
     (spec,) = reward_specs(load_recipe(write(tmp_path, text)))
-    assert spec == {"name": "j", "weight": 1.0, "required": True,
+    assert spec == {"name": "j", "weight": 1.0, "required": True, "feeds": "both",
                     "scorer": {"_component_": "rewards.jpeg.JPEGCompressibility", "quality": 50}}
 
 

@@ -28,7 +28,7 @@ from grpo_image.export.source_folders import ExportError
 from grpo_image.policies.xomni import build_tiny_xomni_tokenizer
 from grpo_image.training.saved_weights import base_model, load_stages
 from tests.data import DATA
-from tests.helpers_glm_image import tiny_dit_parts
+from grpo_image.decoders.tiny_glm_image import tiny_dit_parts
 from tests.helpers_sampling import logprob_tolerance, roundings_to_a_logit
 from tests.helpers_stages import small_update
 from tests.own_classes import image_code_logits

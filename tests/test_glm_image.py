@@ -21,7 +21,7 @@ from grpo_image.core.logprobs import teacher_forced_logprobs
 from grpo_image.policies.glm_image import glm_image_policy, tiny_glm_image_policy
 from grpo_image.core.sampling import SamplingSettings, inverse_cdf_sample, left_pad, sample_codes, sample_uniforms
 from grpo_image.training.saved_weights import load_stages
-from tests.helpers_glm_image import tiny_dit_parts
+from grpo_image.decoders.tiny_glm_image import tiny_dit_parts
 from tests.helpers_checkpoint import saved_weights
 from tests.helpers_rewards import write_tiny_hps
 from tests.helpers_sampling import logprob_tolerance, position_logits, roundings_to_a_logit

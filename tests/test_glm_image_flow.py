@@ -7,7 +7,7 @@ import torch
 
 from grpo_image.core.flow_window import denoise_with_window, window_logprobs
 from grpo_image.decoders.glm_image_flow import GlmImageVelocity, pipeline_timesteps
-from tests.helpers_glm_image import tiny_dit_parts
+from grpo_image.decoders.tiny_glm_image import tiny_dit_parts
 
 HEIGHT, WIDTH, STEPS, CODES = 64, 96, 4, 64
 PROMPT = 'a sign that reads "OPEN"'
@@ -59,10 +59,11 @@ def test_a_lora_update_on_a_positive_advantage_raises_its_window_and_moves_only_
     from diffusers import GlmImagePipeline
 
     from grpo_image.core.flow_loss import flow_grpo_loss
-    from grpo_image.decoders.glm_image_flow import add_dit_lora
+    from grpo_image.decoders.flow_lora import add_decoder_lora
+    from grpo_image.decoders.glm_image_flow import DIT_LORA_TARGETS
 
     made = GlmImagePipeline(processor=None, vision_language_encoder=None, **tiny_dit_parts(CODES))
-    adapters = add_dit_lora(made.transformer, r=4, alpha=8)
+    adapters = add_decoder_lora(made.transformer, r=4, alpha=8, targets=DIT_LORA_TARGETS)
     names = {n for n, p in made.transformer.named_parameters() if p.requires_grad}
     assert names and all(".lora_" in n and "transformer_blocks." in n for n in names)
     with torch.no_grad():

@@ -205,10 +205,10 @@ def record_trainer_phases(monkeypatch, folder, steps: int) -> dict[str, list[tup
     chunk n + 1 (prefetched) has; the chunk waits until the reference pass is done. A trainer that waited for the
     scores first would leave a chunk waiting out its patience, and the spans below would not nest.
     """
-    from grpo_image.training import train
+    from grpo_image.training.step_metrics import StepTimer
 
     phases: dict[str, list[tuple[float, float]]] = {"ref": [], "update": []}
-    timed = train._Timer.__call__
+    timed = StepTimer.__call__
 
     @contextmanager
     def recording(timer, name):
@@ -226,7 +226,7 @@ def record_trainer_phases(monkeypatch, folder, steps: int) -> dict[str, list[tup
         if name == "ref":
             (folder / f"ref_done_{step}").touch()
 
-    monkeypatch.setattr(train._Timer, "__call__", recording)
+    monkeypatch.setattr(StepTimer, "__call__", recording)
     return phases
 
 

@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 COMPONENT_KEY = "_component_"
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
-REWARD_ENTRY_KEYS = {"name": str, "weight": float, "required": bool, "scorer": dict}
-REWARD_ENTRY_DEFAULTS = {"weight": 1.0, "required": True}
+REWARD_ENTRY_KEYS = {"name": str, "weight": float, "required": bool, "feeds": str, "scorer": dict}
+REWARD_ENTRY_DEFAULTS = {"weight": 1.0, "required": True, "feeds": "both"}
+FEEDS = ("policy", "decoder", "both")
 
 
 class RecipeError(ValueError):
@@ -197,7 +198,7 @@ def _complete_reward_entries(rewards: Any) -> None:
         return
     for entry in rewards:
         if isinstance(entry, DictConfig):
-            for key in ("weight", "required"):
+            for key in REWARD_ENTRY_DEFAULTS:
                 if key not in entry:
                     entry[key] = REWARD_ENTRY_DEFAULTS[key]
 
@@ -226,15 +227,19 @@ def _check_reward_entries(rewards: ListConfig, source: str) -> None:
             raise RecipeError(f"{source}: '{where}.weight' must be a number, got {weight!r}")
         if not isinstance(required, bool):
             raise RecipeError(f"{source}: '{where}.required' must be a boolean, got {required!r}")
+        feeds = entry.get("feeds", REWARD_ENTRY_DEFAULTS["feeds"])
+        if feeds not in FEEDS:
+            raise RecipeError(f"{source}: '{where}.feeds' must be one of {list(FEEDS)}, got {feeds!r}")
 
 
 def reward_specs(cfg: DictConfig) -> list[dict[str, Any]]:
-    """The recipe's rewards as plain dicts with defaults filled in (weight 1.0, required true)."""
+    """The recipe's rewards as plain dicts with defaults filled in (weight 1.0, required true, feeds both)."""
     return [
         {
             "name": entry.name,
             "weight": float(entry.get("weight", REWARD_ENTRY_DEFAULTS["weight"])),
             "required": bool(entry.get("required", REWARD_ENTRY_DEFAULTS["required"])),
+            "feeds": str(entry.get("feeds", REWARD_ENTRY_DEFAULTS["feeds"])),
             "scorer": OmegaConf.to_container(entry.scorer, resolve=True),
         }
         for entry in cfg.rewards

@@ -87,10 +87,11 @@ def sde_step(
 
 def standard_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """fp32 N(0, 1) noise shaped like `like` [B, ...]: from one generator, or row by row from one per sample."""
-    if isinstance(generator, (list, tuple)):
-        rows = [torch.randn(like.shape[1:], generator=g, device=like.device, dtype=torch.float32) for g in generator]
-        return torch.stack(rows)  # [B, ...]
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    if isinstance(generator, (list, tuple)):  # drawn where each generator lives (CPU ones for seeds), then moved
+        rows = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        return torch.stack(rows).to(like.device)  # [B, ...]
+    where = like.device if generator is None else generator.device
+    return torch.randn(like.shape, generator=generator, device=where, dtype=torch.float32).to(like.device)
 
 
 def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

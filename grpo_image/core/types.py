@@ -80,6 +80,37 @@ class Decoder(Protocol):
         ...
 
 
+class FlowDecoder(Protocol):
+    """A flow-matching decoder that decoder GRPO trains (`train.target: decoder | both`; docs/algorithm.md).
+
+    Built on the trainer's device from a recipe's `Decoder` (`grpo_image.decoders.flow_decoder`); m rollouts of one
+    prompt at a time (a GRPO group's decodes share their conditioning). Latents are fp32 [m, ...] in the layout the
+    family's transformer takes; `velocity` is computed with grad when grad is enabled.
+    """
+
+    transformer: Any  # the torch module that carries the LoRA adapters
+    scheduler: Any  # a FlowMatchEulerDiscreteScheduler; `set_timesteps` gives it the training schedule
+    max_batch_size: int | None  # rollouts per transformer call (None: a whole group)
+    lora_targets: str  # regex over the transformer's module names: the family's adapted projections
+
+    def set_timesteps(self, grid: tuple[int, int], num_inference_steps: int) -> None:
+        """The schedule (timesteps and shifted sigmas) the family's own pipeline samples this grid with."""
+        ...
+
+    def velocity(self, codes: torch.Tensor, grid: tuple[int, int], prompt: str, guidance_scale: float | None):
+        """The guided velocity for m rollouts of one prompt: `(latents [m, ...], timestep [m]) -> fp32 [m, ...]`.
+        codes int64 [m, L]; guidance_scale None: the decoder's own, 1: one conditional pass."""
+        ...
+
+    def initial_latents(self, grid: tuple[int, int], generators: list[torch.Generator]) -> torch.Tensor:
+        """fp32 [m, ...] noise, row i drawn from generators[i] as the family's pipeline draws it."""
+        ...
+
+    def to_images(self, latents: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+        """Final latents [m, ...] -> uint8 RGB [m, H, W, 3], as the family's decoder turns them into pixels."""
+        ...
+
+
 class Policy(Protocol):
     """What the sampler and the teacher-forced pass need of a model family (`grpo_image.policies` implements it
     for causal LMs with a code id range, X-Omni, Janus-Pro and GLM-Image).

@@ -85,12 +85,25 @@ class GlmImageDecoder:
         self.dtype = getattr(torch, name, None)
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"GlmImageDecoder: dtype {dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float32')")
-        self.pipe = GlmImagePipeline.from_pretrained(
-            path, vision_language_encoder=None, processor=None, dtype=self.dtype
-        ).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.max_batch_size = max_batch_size
+        self._use(GlmImagePipeline.from_pretrained(path, vision_language_encoder=None, processor=None, dtype=self.dtype))
+
+    @classmethod
+    def from_pipeline(cls, pipe, num_inference_steps: int = 50, guidance_scale: float = 1.5,
+                      max_batch_size: int | None = None, device: str | None = None) -> GlmImageDecoder:
+        """A decoder around a pipeline already in memory (a tiny one built from configs), in the pipeline's dtype."""
+        decoder = cls.__new__(cls)
+        decoder.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        decoder.dtype = pipe.dtype
+        decoder.num_inference_steps, decoder.guidance_scale = int(num_inference_steps), float(guidance_scale)
+        decoder.max_batch_size = max_batch_size
+        decoder._use(pipe)
+        return decoder
+
+    def _use(self, pipe) -> None:
+        self.pipe = pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
         # pixels per large-grid code side: 2 x 2 prior codes, each one DiT patch of patch_size latents
         self.code_px = 2 * self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
 
@@ -132,3 +145,9 @@ class GlmImageDecoder:
             output_type="np",
         ).images  # float [m, H, W, 3] in [0, 1]
         return (images * 255).round().astype(np.uint8)
+
+    def flow(self):
+        """This decoder as decoder GRPO trains it: the `FlowDecoder` of grpo_image/decoders/glm_image_flow.py."""
+        from grpo_image.decoders.glm_image_flow import GlmImageFlow
+
+        return GlmImageFlow(self)

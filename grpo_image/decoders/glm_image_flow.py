@@ -19,20 +19,6 @@ import torch
 DIT_LORA_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
 
-def add_dit_lora(transformer, *, r: int, alpha: int, targets: str = DIT_LORA_TARGETS) -> list[torch.nn.Parameter]:
-    """LoRA adapters (fp32, B zero: the decoder unchanged until trained) on the DiT's projections, in place; only they
-    are trainable. Returns them."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    transformer.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), transformer)
-    adapters = [p for name, p in transformer.named_parameters() if "lora_" in name]
-    for param in adapters:
-        param.data = param.data.float()
-        param.requires_grad_(True)
-    return adapters
-
-
 def pipeline_timesteps(pipe, height: int, width: int, num_inference_steps: int) -> torch.Tensor:
     """Set `pipe.scheduler` to the timesteps (and shifted sigmas) the pipeline samples `height` x `width` with."""
     from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
@@ -81,3 +67,54 @@ class GlmImageVelocity:
             return cond
         uncond = self._dit(latents, timestep, self.negative_embeds, drop=True)  # [n, C, h, w]
         return uncond + self.guidance_scale * (cond - uncond)
+
+
+class GlmImageFlow:
+    """GLM-Image's DiT as the decoder decoder GRPO trains (the `FlowDecoder` protocol of grpo_image/core/types.py).
+
+    Wraps a `GlmImageDecoder` (its pipeline, already on the trainer's device): the same conditioning, initial noise
+    and VAE decode as its pipeline calls, with the denoising loop left to grpo_image/core/flow_window.py.
+    """
+
+    lora_targets = DIT_LORA_TARGETS
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.pipe = decoder, decoder.pipe
+        self.transformer, self.scheduler = self.pipe.transformer, self.pipe.scheduler
+        self.max_batch_size = decoder.max_batch_size
+
+    def _size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid[0] * self.decoder.code_px, grid[1] * self.decoder.code_px  # (height, width) in pixels
+
+    def set_timesteps(self, grid: tuple[int, int], num_inference_steps: int) -> None:
+        pipeline_timesteps(self.pipe, *self._size(grid), num_inference_steps)
+
+    def velocity(self, codes: torch.Tensor, grid: tuple[int, int], prompt: str,
+                 guidance_scale: float | None) -> GlmImageVelocity:
+        from grpo_image.decoders.glm_image import upsample_codes
+
+        h, w = grid
+        large = codes[:, codes.shape[1] - h * w :]  # [m, h*w]: the large grid, after the preview
+        scale = self.decoder.guidance_scale if guidance_scale is None else guidance_scale
+        prior = upsample_codes(large.cpu(), grid).to(self.pipe.device)  # [m, 4*h*w]
+        return GlmImageVelocity(self.pipe, prompt, prior, *self._size(grid), scale)
+
+    def initial_latents(self, grid: tuple[int, int], generators: list[torch.Generator]) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        height, width = self._size(grid)
+        factor = self.pipe.vae_scale_factor
+        shape = (len(generators), self.transformer.config.in_channels, height // factor, width // factor)
+        noise = randn_tensor(shape, generator=generators, device=self.pipe.device, dtype=self.pipe.dtype)
+        return noise.float()  # [m, C, H/8, W/8]: the pipeline's prepare_latents draw, kept in fp32
+
+    @torch.no_grad()
+    def to_images(self, latents: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)  # [m, C, h, w], un-normalised with the VAE's statistics as the pipeline does
+        channels = (1, vae.config.latent_channels, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(channels).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(channels).to(latents.device, latents.dtype)
+        images = vae.decode(latents * std + mean, return_dict=False)[0]  # [m, 3, H, W] in [-1, 1]
+        images = self.pipe.image_processor.postprocess(images, output_type="np")  # float [m, H, W, 3] in [0, 1]
+        return (images * 255).round().astype(np.uint8)  # as GlmImageDecoder rounds

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from grpo_image.core.types import Rollout, ScoredBatch
 from grpo_image.scoring.score import RewardFailure
 from grpo_image.scoring.workers import ChunkResult, RewardJob, RewardWorker, make_job, merge_results
@@ -75,7 +77,7 @@ class RayRewardPool:
 
     def __init__(
         self,
-        decoder_cfg: dict,
+        decoder_cfg: dict | None,
         reward_specs: list[dict],
         num_workers: int = 2,
         num_cpus: float = 1.0,
@@ -116,12 +118,13 @@ class RayRewardPool:
         self._ready_at: dict[int, float] = {}  # actor -> when its build was seen finished
         self._unbuildable: dict[int, str] = {}  # actor -> why its constructor failed
 
-    def submit(self, rollout: Rollout, thumbnail_rows: list[int]) -> PendingBatch:
-        """Hand every chunk to an actor (round-robin) and return at once."""
+    def submit(self, rollout: Rollout, thumbnail_rows: list[int], images: np.ndarray | None = None) -> PendingBatch:
+        """Hand every chunk to an actor (round-robin) and return at once; `images` (uint8 [N, H, W, 3]): the
+        trainer decoded them, the workers only score."""
         self._read_ready_signals()  # a worker built by now starts its chunk's clock at the launch
         bounds = chunk_bounds(len(rollout.records), self.chunks)
         chunks = [
-            _Chunk(make_job(rollout, thumbnail_rows, start, stop), actor=i % len(self.actors))
+            _Chunk(make_job(rollout, thumbnail_rows, start, stop, images), actor=i % len(self.actors))
             for i, (start, stop) in enumerate(bounds)
         ]
         for chunk in chunks:

@@ -2,7 +2,8 @@
 
 `RewardWorker` is a plain class built from configuration alone (the decoder and reward component nodes), so that
 the same object can live in the trainer's process or in another process: only codes, prompts, metadata and seeds
-go in, and only scores and a few small thumbnails come out. `InProcessRewardPool` runs it in the trainer's process;
+go in, and only scores and a few small thumbnails come out. When the decoder itself is trained (decoder GRPO,
+grpo_image/training/decoder_grpo.py) the trainer decodes, and the images it made go in instead of the codes. `InProcessRewardPool` runs it in the trainer's process;
 it has the `submit` / `gather` shape of an asynchronous pool so that the trainer can do other work in between.
 """
 
@@ -25,7 +26,8 @@ THUMBNAIL_PX = 128  # longest side of a logged thumbnail: enough for a caption g
 
 @dataclass
 class RewardJob:
-    """Everything a worker needs to decode and score a batch: no tensors, no images, no model."""
+    """Everything a worker needs to decode and score a batch: no tensors, no model; images only when the trainer
+    decoded them (decoder GRPO), and then the worker does not decode."""
 
     codes: np.ndarray  # int64 [n, L]
     grid: tuple[int, int]
@@ -34,6 +36,7 @@ class RewardJob:
     decode_seeds: np.ndarray  # int64 [n]
     first_row: int  # index of this job's first sample in the whole batch, for error messages
     thumbnail_rows: list[int]  # indices local to this job
+    images: np.ndarray | None = None  # uint8 [n, H, W, 3], decoded by the trainer (decoder GRPO)
 
 
 @dataclass
@@ -47,16 +50,18 @@ class ChunkResult:
 
 
 class RewardWorker:
-    """Builds the decoder and the rewards from config, decodes codes to images and scores them."""
+    """Builds the decoder and the rewards from config, decodes codes to images and scores them. With no decoder
+    config (decoder GRPO: the trainer decodes) it scores the images its jobs bring."""
 
-    def __init__(self, decoder_cfg: dict, reward_specs: list[dict]) -> None:
-        self.decoder = instantiate(decoder_cfg)
+    def __init__(self, decoder_cfg: dict | None, reward_specs: list[dict]) -> None:
+        self.decoder = instantiate(decoder_cfg) if decoder_cfg is not None else None
         self.specs = reward_specs
         self.rewards = [instantiate(spec["scorer"]) for spec in reward_specs]
 
     def score(self, job: RewardJob) -> ChunkResult:
         started = time.perf_counter()
-        images = decode_images(self.decoder, job.codes, job.grid, job.decode_seeds, job.prompts)  # uint8 [n, H, W, 3]
+        images = job.images if job.images is not None else \
+            decode_images(self.decoder, job.codes, job.grid, job.decode_seeds, job.prompts)  # uint8 [n, H, W, 3]
         scores, info = score_images(self.specs, self.rewards, images, job.prompts, job.metadata, job.first_row)
         thumbs = thumbnails(images, job.thumbnail_rows)
         return ChunkResult(scores, thumbs, info, time.perf_counter() - started)
@@ -69,8 +74,9 @@ def thumbnails(images: np.ndarray, rows: list[int]) -> np.ndarray:
     return np.ascontiguousarray(picked[:, ::step, ::step])  # [T, H/step, W/step, 3]
 
 
-def make_job(rollout: Rollout, thumbnail_rows: list[int], start: int = 0, stop: int | None = None) -> RewardJob:
-    """The job for rows start..stop-1 of a rollout batch."""
+def make_job(rollout: Rollout, thumbnail_rows: list[int], start: int = 0, stop: int | None = None,
+             images: np.ndarray | None = None) -> RewardJob:
+    """The job for rows start..stop-1 of a rollout batch (and of its images, when the trainer decoded them)."""
     stop = len(rollout.records) if stop is None else stop
     return RewardJob(
         codes=rollout.codes[start:stop].cpu().numpy(),
@@ -80,6 +86,7 @@ def make_job(rollout: Rollout, thumbnail_rows: list[int], start: int = 0, stop: 
         decode_seeds=rollout.decode_seeds[start:stop].cpu().numpy(),
         first_row=start,
         thumbnail_rows=[row - start for row in thumbnail_rows if start <= row < stop],
+        images=None if images is None else images[start:stop],
     )
 
 
@@ -106,12 +113,12 @@ def merge_results(jobs: list[RewardJob], results: list[ChunkResult], names: list
 class InProcessRewardPool:
     """Scores in the trainer's process; `submit` only records the job, so its work happens inside `gather`."""
 
-    def __init__(self, decoder_cfg: dict, reward_specs: list[dict]) -> None:
+    def __init__(self, decoder_cfg: dict | None, reward_specs: list[dict]) -> None:
         self.worker = RewardWorker(decoder_cfg, reward_specs)
         self.names = [spec["name"] for spec in reward_specs]
 
-    def submit(self, rollout: Rollout, thumbnail_rows: list[int]) -> RewardJob:
-        return make_job(rollout, thumbnail_rows)
+    def submit(self, rollout: Rollout, thumbnail_rows: list[int], images: np.ndarray | None = None) -> RewardJob:
+        return make_job(rollout, thumbnail_rows, images=images)
 
     def gather(self, job: RewardJob) -> ScoredBatch:
         return merge_results([job], [self.worker.score(job)], self.names)

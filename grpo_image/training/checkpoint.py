@@ -5,6 +5,8 @@
   weights: a `torch.distributed.checkpoint` (DCP) folder, `.metadata` and one `__<rank>_0.distcp` file per process,
   each process writing its own FSDP shards (a tensor every process holds whole is written once);
 - `optimizer/`: AdamW's state keyed by parameter name, a DCP folder written the same way;
+- `decoder/` (decoder GRPO): the decoder's LoRA adapters (peft's names) and their AdamW state, whole on every
+  process and written by rank 0;
 - `scheduler.pt`, `rng.pt`, `trainer_state.json`, `config.yaml` and the prefetched rollouts (rank 0);
 - `manifest.json`: every file's size and SHA-256, written last.
 
@@ -50,6 +52,7 @@ PREFIX = "step_"
 PREFETCH = "prefetched_rollout.safetensors"
 POLICY = "policy"
 OPTIMIZER = "optimizer"
+DECODER = "decoder"
 DCP_METADATA = ".metadata"  # what makes a folder a DCP checkpoint
 TIMEOUT_S = 3600.0  # checkpoint_timeout_s's default (grpo_image/base/defaults.yaml says why)
 EVERYTHING, WEIGHTS, SIZES_ONLY = "", f"{POLICY}/", None  # which files find_checkpoint hashes: a name prefix, or none
@@ -63,14 +66,15 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     run_dir: Path, step: int, weights, optimizer, scheduler, config: DictConfig, keep: int,
     prefetched: dict[str, torch.Tensor] | None = None, world: World = World(), timeout_s: float = TIMEOUT_S,
-    rng_state: torch.Tensor | None = None, loop_state: dict | None = None,
+    rng_state: torch.Tensor | None = None, loop_state: dict | None = None, decoder=None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` (0: all). Every rank calls this.
 
     `prefetched` holds rollouts already sampled for the next step (workers.prefetch): they were drawn from the
     weights before this step's update, which the checkpoint no longer has, so they are saved to resume exactly.
     `rng_state`: torch's RNG as it was after `step` (default: as it is now); `loop_state`: what else the loop
-    remembers across steps (JSON: the health checks' streaks), restored by `load_checkpoint`.
+    remembers across steps (JSON: the health checks' streaks), restored by `load_checkpoint`. `decoder`: the
+    decoder GRPO trains (grpo_image/training/decoder_grpo.py), if any.
     """
     group = coordination_group(world, timeout_s)
     root = Path(run_dir) / CHECKPOINTS
@@ -83,6 +87,8 @@ def save_checkpoint(
     weights.save(tmp / POLICY, group)
     weights.save_optimizer_state(optimizer, tmp / OPTIMIZER, group)
     if world.is_main:
+        if decoder is not None:
+            decoder.save(tmp / DECODER)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state() if rng_state is None else rng_state}, tmp / "rng.pt")
         if prefetched is not None:
@@ -161,9 +167,10 @@ def _problem(folder: Path, hashed: str | None, world: World) -> str | None:
 
 
 def load_checkpoint(
-    folder: Path, weights, optimizer, scheduler, world: World = World(), timeout_s: float = TIMEOUT_S
+    folder: Path, weights, optimizer, scheduler, world: World = World(), timeout_s: float = TIMEOUT_S, decoder=None,
 ) -> tuple[int, dict[str, torch.Tensor] | None, dict]:
-    """Restore weights, optimizer, scheduler and RNG in place; every rank reads its own shard.
+    """Restore weights, optimizer, scheduler and RNG (and the trained decoder's adapters and optimizer) in place;
+    every rank reads its own shard.
 
     Returns the step the checkpoint was taken after, the prefetched rollout tensors (if it holds any) and the loop's
     own state.
@@ -176,6 +183,11 @@ def load_checkpoint(
         )
     weights.load(folder / POLICY, group)  # refuses, naming the tensor, weights that do not fit the recipe's model
     weights.load_optimizer_state(optimizer, folder / OPTIMIZER, group)
+    if decoder is not None:
+        if not (folder / DECODER).is_dir():
+            raise CheckpointError(f"{folder}: holds no decoder/ (its run did not train the decoder): it cannot resume a "
+                                  "run whose train.target is decoder or both")
+        decoder.load(folder / DECODER)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     state = json.loads((folder / "trainer_state.json").read_text())

@@ -77,6 +77,13 @@ RANGES = {  # every numeric key of defaults.yaml: (test, what it must be)
     "hardware.gpus": AT_LEAST_0, "hardware.gpu_memory_gb": POSITIVE,
     "logging.num_samples": AT_LEAST_0,
     "health.update_ratio_min": AT_LEAST_0,
+    "decoder_train.group_size": (lambda v: v >= 2, ">= 2 (the decoder's advantages compare the decodes of one code "
+                                                   "sample)"),
+    "decoder_train.num_inference_steps": (lambda v: v >= 2, ">= 2"), "decoder_train.window": AT_LEAST_1,
+    "decoder_train.noise_level": POSITIVE, "decoder_train.lr": POSITIVE, "decoder_train.weight_decay": AT_LEAST_0,
+    "decoder_train.max_grad_norm": POSITIVE, "decoder_train.clip_range": POSITIVE, "decoder_train.adv_clip": POSITIVE,
+    "decoder_train.beta": AT_LEAST_0, "decoder_train.minibatches": AT_LEAST_1,
+    "decoder_train.lora.r": AT_LEAST_1, "decoder_train.lora.alpha": POSITIVE,
 }
 
 
@@ -102,6 +109,8 @@ def _check_values(cfg: DictConfig) -> None:
     _check_choice("advantages.aggregation", cfg.advantages.aggregation, AGGREGATIONS)
     _check_choice("workers.backend", cfg.workers.backend, ("inprocess", "ray"))
     _check_choice("decoder_seeds", cfg.decoder_seeds, ("rollout", "group"))
+    _check_choice("train.target", cfg.train.target, ("policy", "decoder", "both"))
+    _check_decoder_training(cfg)
     for index, entry in enumerate(cfg.rewards):
         if not math.isfinite(float(entry.get("weight", 1.0))):
             raise RecipeError(f"'rewards.{index}.weight' must be a finite number, got {entry.weight}")
@@ -109,6 +118,39 @@ def _check_values(cfg: DictConfig) -> None:
         SamplingSettings.from_config(cfg.sampling, unresolved="defaults")  # null keys: checked once resolved
     except ValueError as err:
         raise RecipeError(str(err)) from err
+
+
+def _check_decoder_training(cfg: DictConfig) -> None:
+    """What decoder GRPO needs: each learner fed by a reward, a window that fits its steps, a decode seed per image,
+    no prefetched rollouts (the trainer decodes), and the guidance scale a decoder can take."""
+    from grpo_image.core.flow import KINDS
+
+    _check_choice("decoder_train.kind", cfg.decoder_train.kind, KINDS)
+    learners = {"policy": ("policy",), "decoder": ("decoder",), "both": ("policy", "decoder")}[cfg.train.target]
+    specs = reward_specs(cfg)
+    for learner in learners:
+        if not any(spec["feeds"] in (learner, "both") and spec["weight"] != 0 for spec in specs):
+            raise RecipeError(f"train.target {cfg.train.target}: no reward with a weight feeds the {learner} "
+                              f"(rewards.N.feeds: {learner} or both)")
+    if cfg.train.target == "policy":
+        return
+    train = cfg.decoder_train
+    last_start = min(train.num_inference_steps // 2, train.num_inference_steps - 1 - train.window)
+    if last_start < 0:
+        raise RecipeError(f"'decoder_train.window' ({train.window}) does not fit decoder_train.num_inference_steps "
+                          f"({train.num_inference_steps}) with the last step left out of it")
+    if cfg.decoder_seeds != "rollout":
+        raise RecipeError(f"decoder_seeds: {cfg.decoder_seeds} gives every decode of a code sample the same noise, "
+                          f"which leaves the decoder nothing to compare: train.target {cfg.train.target} needs rollout")
+    if cfg.workers.prefetch:
+        raise RecipeError(f"workers.prefetch: the trainer decodes when train.target is {cfg.train.target}, so there "
+                          "is nothing to overlap with; set it to false")
+    if train.guidance_scale is not None and not train.guidance_scale > 0:
+        raise RecipeError(f"'decoder_train.guidance_scale' must be null (the decoder's own) or > 0, got "
+                          f"{train.guidance_scale}")
+    if not hasattr(import_dotted(cfg.decoder[COMPONENT_KEY]), "flow"):
+        raise RecipeError(f"train.target {cfg.train.target}: the decoder {cfg.decoder[COMPONENT_KEY]} has no "
+                          "flow-matching form to train (GlmImageDecoder and XOmniFluxDecoder have)")
 
 
 def _check_run_paths(cfg: DictConfig) -> None:

@@ -1,5 +1,5 @@
-"""What a step reports besides its update: the rewards' figures, the code agreement of its rollouts, and the
-captioned thumbnails of sample steps.
+"""What a step reports besides its update: the rewards' figures, the code agreement of its rollouts, the
+captioned thumbnails of sample steps, and how long each phase took.
 
 Code agreement (`grpo_image/core/agreement.py`) is counted on each rank's own groups: the pair counts travel under
 private keys in the dict the loop averages over ranks (averaging keeps their ratios, so no rank gathers another's
@@ -7,6 +7,9 @@ codes), and `agreement_from_averaged_counts` turns them into `sampling/agreement
 """
 
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -47,12 +50,13 @@ def agreement_from_averaged_counts(metrics: dict[str, float]) -> None:
     metrics.update({f"sampling/agreement/{name}": value for name, value in agreement_from_counts(counts).items()})
 
 
-def thumbnail_rows(cfg: DictConfig, step: int, n: int) -> list[int]:
-    """First rollout of up to `logging.num_samples` groups, on the first, every sample_every-th and last step."""
+def thumbnail_rows(cfg: DictConfig, step: int, n: int, group: int | None = None) -> list[int]:
+    """First image of up to `logging.num_samples` prompts (groups of `group` images, default data.group_size), on
+    the first, every sample_every-th and last step."""
     every = cfg.sample_every
     if every <= 0 or not (step == 1 or step % every == 0 or step == cfg.steps):
         return []
-    group = cfg.data.group_size
+    group = group or cfg.data.group_size
     return list(range(0, n, group))[: cfg.logging.num_samples]
 
 
@@ -63,3 +67,23 @@ def captioned_samples(scored: ScoredBatch, prompts: list[str]) -> tuple[np.ndarr
         scores = "  ".join(f"{name} {scored.scores[row, k]:.2f}" for k, name in enumerate(scored.reward_names))
         captions.append(f"{prompts[row]}\n{scores}")
     return scored.thumbnails, captions
+
+
+PHASES = {"rollout": "rollout", "ref": "reference", "old_logprobs": "old log-probs", "decode": "decoder rollouts",
+          "reward_wait": "decode and rewards", "update": "update", "decoder_update": "decoder update"}
+
+
+class StepTimer:
+    """Wall seconds per named phase of a step (`time/<name>`); the trainer knows which phase is running."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.trainer.phase = PHASES[name]
+        yield  # an exception leaves the phase set, for the failure message
+        self.trainer.phase = None
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

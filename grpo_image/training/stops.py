@@ -42,7 +42,7 @@ def save_step(trainer: Trainer, run_dir: Path, step: int, state: StepStart) -> P
         run_dir, step, trainer.weights, trainer.optimizer, trainer.scheduler, trainer.cfg,
         trainer.cfg.keep_checkpoints, prefetched=prefetched_tensors(trainer, state.prefetched, step + 1),
         world=trainer.world, timeout_s=trainer.cfg.checkpoint_timeout_s, rng_state=state.rng_state,
-        loop_state={"health": trainer.health.state()},
+        loop_state={"health": trainer.health.state()}, decoder=trainer.decoder,
     )
 
 
@@ -82,6 +82,9 @@ SHRINK = {
     "reference": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
     "old log-probs": "Compute fewer rows at once: lower train.micro_batch_size (or train.logprob_chunk)",
     "decode and rewards": "Decode fewer images at once: lower the decoder's max_batch_size, or raise workers.chunks",
+    "decoder rollouts": "Decode fewer images at once: lower the decoder's max_batch_size",
+    "decoder update": "Decode fewer images at once (the decoder's max_batch_size: one decoder batch per backward), or "
+                      "set decoder_train.guidance_scale 1 (one pass instead of two)",
     "update": "Lower train.micro_batch_size, turn on train.gradient_checkpointing, or lower train.logprob_chunk",
     "between phases": "See `grpo-image plan` for what the recipe needs",
 }

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,27 +23,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import group_advantages
+from grpo_image.core.nested_advantages import nested_group_advantages
 from grpo_image.training.checkpoint import find_checkpoint, load_checkpoint
 from grpo_image.training.checkpoint_fit import warn_changed_training_keys
 from grpo_image.base.config import instantiate, reward_specs
+from grpo_image.training.decoder_grpo import DecoderTrainer
 from grpo_image.training.data import GroupSampler, load_recipe_prompts
 from grpo_image.training.distributed import (
-    World, all_ranks_agree, average_replicated_gradients, clip_gradients, gather_objects, gather_scored,
-    join_world, leave_world, mean_over_ranks,
+    World, gather_objects, gather_scored, join_world, leave_world, mean_over_ranks,
 )
 from grpo_image.training.health import HealthMonitor
 from grpo_image.base.logging import RunLogger, SilentLogger
-from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher_forced_logprobs
-from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.training.weights import make_weights
+from grpo_image.training.policy_update import reference_logprobs, trainer_old_logprobs, update_policy
 from grpo_image.training.preflight import check_batches, check_reward_placement
 from grpo_image.training.step_metrics import (
-    agreement_counts_to_average, agreement_from_averaged_counts, captioned_samples, reward_metrics, thumbnail_rows,
+    StepTimer, agreement_counts_to_average, agreement_from_averaged_counts, captioned_samples, reward_metrics,
+    thumbnail_rows,
 )
 from grpo_image.training.stops import StepStart, crash, save_step, stop_cleanly
-from grpo_image.training.update_ratio import UpdateRatio
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes_with_mass
-from grpo_image.core.seeding import STREAM_SAMPLE, decode_seeds, derive_seeds, minibatch_order
+from grpo_image.core.seeding import STREAM_SAMPLE, decode_seeds, derive_seeds
 from grpo_image.core.types import Rollout, ScoredBatch
 from grpo_image.scoring.ray_pool import RayRewardPool
 from grpo_image.scoring.score import RewardFailure
@@ -73,6 +71,8 @@ class Trainer:
     moved_in_step: int = 0  # the last step whose update has begun changing the weights
     health: HealthMonitor | None = None  # the run-health checks, fed every step; their memory is checkpointed
     last_scores: np.ndarray | None = None  # the last step's whole-batch scores [N, K], for the health checks
+    decoder: DecoderTrainer | None = None  # the decoder this process trains (train.target decoder or both)
+    learner_weights: dict[str, list[float]] | None = None  # each learner's reward weights: a reward's `feeds`
 
 
 def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
@@ -98,11 +98,12 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
     scheduler = get_scheduler(
         cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.steps
     )
+    decoder = DecoderTrainer(cfg, world) if cfg.train.target != "policy" else None
     start_step, prefetched_codes, loop_state = 0, None, {}
     if cfg.resume:  # every rank hashes and reads its share; weights that do not fit the model are refused
         checkpoint = find_checkpoint(cfg.resume, world=world, timeout_s=cfg.checkpoint_timeout_s)
         start_step, prefetched_codes, loop_state = load_checkpoint(
-            checkpoint, weights, optimizer, scheduler, world, cfg.checkpoint_timeout_s
+            checkpoint, weights, optimizer, scheduler, world, cfg.checkpoint_timeout_s, decoder
         )
         if world.is_main:
             warn_changed_training_keys(checkpoint, cfg)
@@ -118,9 +119,12 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
         pool=make_pool(cfg, specs),
         reward_names=[spec["name"] for spec in specs],
         reward_weights=[spec["weight"] for spec in specs],
+        learner_weights={learner: [spec["weight"] if spec["feeds"] in (learner, "both") else 0.0 for spec in specs]
+                         for learner in ("policy", "decoder")},
         start_step=start_step,
         world=world,
-        health=HealthMonitor(cfg.health, [spec["name"] for spec in specs], cfg.data.group_size),
+        health=HealthMonitor(cfg.health, [spec["name"] for spec in specs], cfg.data.group_size * images_per_sample(cfg)),
+        decoder=decoder,
     )
     if "health" in loop_state:
         trainer.health.restore(loop_state["health"])
@@ -133,8 +137,9 @@ def build_trainer(cfg: DictConfig, world: World = World()) -> Trainer:
 
 
 def make_pool(cfg: DictConfig, specs: list[dict]) -> InProcessRewardPool | RayRewardPool:
-    """The reward pool the recipe asks for; both build their workers from configuration only."""
-    decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
+    """The reward pool the recipe asks for; both build their workers from configuration only (without the decoder
+    when the trainer decodes: decoder GRPO)."""
+    decoder = OmegaConf.to_container(cfg.decoder, resolve=True) if cfg.train.target == "policy" else None
     if cfg.workers.backend == "inprocess":
         return InProcessRewardPool(decoder, specs)
     check_reward_placement(cfg)  # also when train() is called without the CLI's preflight
@@ -195,9 +200,16 @@ def _train(cfg: DictConfig, world: World, started: float) -> dict:
     return summary
 
 
+def images_per_sample(cfg: DictConfig) -> int:
+    """Images each code sample is decoded into in a step: decoder_train.group_size when the decoder learns, else 1."""
+    return 1 if cfg.train.target == "policy" else cfg.decoder_train.group_size
+
+
 def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
     """One GRPO step; returns its metrics and, on sample steps, (thumbnails, captions) to log."""
-    cfg, timer = trainer.cfg, _Timer(trainer)
+    if trainer.decoder is not None:
+        return decoupled_step(trainer, step)
+    cfg, timer = trainer.cfg, StepTimer(trainer)
     # 1-2. prompts and rollouts (sampled during the previous step when workers.prefetch is on)
     # 3. decode + rewards: the pool gets codes, prompts, metadata and seeds only, and works while we go on
     if trainer.prefetched is not None and trainer.prefetched[0] == step:
@@ -211,11 +223,11 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     # 4. reference log-probs while the rewards are computed; with prefetch, also the next step's rollouts,
     #    sampled from the weights before this step's update (one step stale; their ratios correct for it)
     with timer("ref"):
-        ref_logprobs = _reference_logprobs(trainer, prompts, codes) if cfg.train.beta > 0 else None
+        ref_logprobs = reference_logprobs(trainer, prompts, codes) if cfg.train.beta > 0 else None
     trainer_old = None  # the trainer's own log-probs of the rollouts, for truncated importance sampling
     if cfg.train.tis_cap > 0:
         with timer("old_logprobs"):
-            trainer_old = _trainer_old_logprobs(trainer, prompts, codes)
+            trainer_old = trainer_old_logprobs(trainer, prompts, codes)
     if cfg.workers.prefetch and step < cfg.steps:
         with timer("rollout"):
             upcoming = sample_rollout(trainer, step + 1)
@@ -224,11 +236,12 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     with timer("reward_wait"):
         scored = _gather_or_fail(trainer, pending)
     # 6. advantages [N/W] of this rank's rows, from every rank's scores [N, K], the weights and the groups
-    scored, advantages, mine, adv_stats = rank_advantages(trainer.world, scored, trainer.reward_weights, cfg)
+    scored, advantages, mine, adv_stats = rank_advantages(trainer.world, scored, trainer.learner_weights["policy"],
+                                                          cfg)  # fmt: skip
     trainer.last_scores = scored.scores  # [N, K]
     # 7-8. loss per minibatch and inner epoch, backward, clip, optimizer step; scheduler once per step
     with timer("update"):
-        train_stats = _update(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine, trainer_old)
+        train_stats = update_policy(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs, mine, trainer_old)
     busy = sum(timer.seconds.values())
     metrics = {
         **reward_metrics(scored, trainer.reward_weights),
@@ -247,6 +260,66 @@ def grpo_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | No
     }
     agreement_from_averaged_counts(metrics)
     return metrics, captioned_samples(scored, prompts) if scored.thumbnail_rows else None
+
+
+def decoupled_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple | None]:
+    """One step that trains the decoder (train.target decoder, or both with the policy) on nested groups: per prompt
+    K = data.group_size code samples, each decoded G = decoder_train.group_size times on this process (the decoder
+    learns here); the workers score the images. Steps 4 and 7 for the policy only when it learns too."""
+    cfg, timer, world, decoder = trainer.cfg, StepTimer(trainer), trainer.world, trainer.decoder
+    both, decodes = cfg.train.target == "both", cfg.decoder_train.group_size
+    # 1-2. prompts and code samples (from the frozen policy when only the decoder learns)
+    with timer("rollout"):
+        rollout = sample_rollout(trainer, step)  # codes [n, L], n = B*K/W
+    prompts, codes = rollout.prompts, rollout.codes
+    # 3. decodes with their windows' log-probs [n*G], then the rewards on the images
+    with timer("decode"):
+        images, chunks = decoder.rollout(step, codes, prompts, rollout.grid, _decode_seeds(trainer, step))
+    decoded = Rollout(codes.repeat_interleave(decodes, 0), rollout.old_logprobs.repeat_interleave(decodes, 0),
+                      _decode_seeds(trainer, step), [r for r in rollout.records for _ in range(decodes)], rollout.grid)
+    group = cfg.data.group_size * decodes  # a prompt's images
+    pending = trainer.pool.submit(decoded, thumbnail_rows(cfg, step, len(images), group), images)
+    # 4. the policy's reference (and own) log-probs while the rewards are computed
+    with timer("ref"):
+        ref_logprobs = reference_logprobs(trainer, prompts, codes) if both and cfg.train.beta > 0 else None
+    trainer_old = None
+    if both and cfg.train.tis_cap > 0:
+        with timer("old_logprobs"):
+            trainer_old = trainer_old_logprobs(trainer, prompts, codes)
+    # 5. gather the images' scores, then every rank's: [B*K*G, R]
+    with timer("reward_wait"):
+        scored = gather_scored(world, _gather_or_fail(trainer, pending))
+    trainer.last_scores = scored.scores
+    # 6. nested advantages: the policy's [B*K] from each sample's mean over its decodes, the decoder's [B*K*G]
+    policy_adv, decoder_adv = nested_group_advantages(
+        scored.scores, trainer.learner_weights["policy"], trainer.learner_weights["decoder"],
+        samples=cfg.data.group_size, decodes=decodes, scale=cfg.advantages.scale,
+        aggregation=cfg.advantages.aggregation, eps=cfg.advantages.eps,
+    )
+    # 7-8. the policy's update (when it learns), then the decoder's
+    train_stats = {}
+    if both:
+        with timer("update"):
+            train_stats = update_policy(trainer, step, prompts, codes, rollout.old_logprobs, ref_logprobs,
+                                  policy_adv[world.rows(len(policy_adv))], trainer_old)  # fmt: skip
+    with timer("decoder_update"):
+        trainer.moved_in_step = step  # the adapters may move from here on
+        decoder_stats = decoder.update(chunks, decoder_adv[world.rows(len(decoder_adv))])
+    busy = sum(timer.seconds.values())
+    metrics = {
+        **reward_metrics(scored, trainer.reward_weights),
+        **scored.info,
+        **mean_over_ranks(world, {
+            **train_stats, **decoder_stats,
+            **{f"time/{name}": seconds for name, seconds in timer.seconds.items()},
+            "time/idle_frac": timer.seconds["reward_wait"] / busy if busy > 0 else 0.0,
+        }),
+        "adv/abs_mean": float(policy_adv.abs().mean()) if both else 0.0,
+        "decoder/window_start": float(chunks[0].window.start),
+        "time/reward_worker": scored.worker_seconds,
+    }
+    metrics["train/skipped_updates"] = metrics.get("train/skipped_updates", 0.0) + metrics["decoder/skipped_updates"]
+    return metrics, captioned_samples(scored, decoded.prompts) if scored.thumbnail_rows else None
 
 
 @torch.no_grad()
@@ -294,9 +367,10 @@ def _rank_seeds(trainer: Trainer, step: int, stream: int) -> torch.Tensor:
 
 
 def _decode_seeds(trainer: Trainer, step: int) -> torch.Tensor:
-    """This rank's rows of the whole batch's decoder seeds (`decoder_seeds`: per rollout or per group)."""
+    """This rank's rows of the whole batch's decoder seeds (`decoder_seeds`: per rollout or per group), one per image
+    (a code sample has decoder_train.group_size images when the decoder learns)."""
     cfg = trainer.cfg
-    n = cfg.data.batch_size * cfg.data.group_size
+    n = cfg.data.batch_size * cfg.data.group_size * images_per_sample(cfg)
     seeds = decode_seeds(cfg.seed, step, cfg.data.group_size, n, cfg.decoder_seeds)  # [N]
     return seeds[trainer.world.rows(n)]  # [N/W]
 
@@ -320,119 +394,5 @@ def _submit(trainer: Trainer, step: int, rollout: Rollout):
     return trainer.pool.submit(rollout, thumbnail_rows(trainer.cfg, step, len(rollout.records)))
 
 
-@torch.no_grad()
-def _reference_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """Reference log-probs [N, L], computed a micro-batch (else a minibatch) at a time to bound memory."""
-    size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
-    pieces = []
-    with trainer.weights.reference() as reference:
-        reference.model.eval()
-        for start in range(0, len(prompts), size):
-            pieces.append(teacher_forced_logprobs(
-                reference, prompts[start : start + size], codes[start : start + size], trainer.settings,
-                trainer.cfg.train.logprob_chunk,
-            ))
-    return torch.cat(pieces)  # [N, L]
-
-
-def _trainer_old_logprobs(trainer: Trainer, prompts: list[str], codes: torch.Tensor) -> torch.Tensor:
-    """The policy's own log-probs [N, L] of the rollouts before this step's update, as the trainer computes them (for
-    truncated importance sampling), a micro-batch (else a minibatch) at a time like the reference's."""
-    size = trainer.cfg.train.micro_batch_size or len(prompts) // trainer.cfg.train.minibatches
-    trainer.policy.model.eval()
-    with trainer.weights.compute():
-        return no_grad_logprobs(trainer.policy, prompts, codes, trainer.settings, size, trainer.cfg.train.logprob_chunk)
-
-
-def _update(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, trainer_old=None) -> dict[str, float]:
-    """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update.
-
-    The ratio is taken against the behaviour log-probs, or with truncated importance sampling against the trainer's
-    own (`trainer_old`), each token's objective then weighted by min(exp(trainer_old - behaviour), train.tis_cap).
-    """
-    cfg, policy, world = trainer.cfg.train, trainer.policy, trainer.world
-    old_logprobs = behaviour if trainer_old is None else trainer_old  # [N/W, L]
-    is_weights = None if trainer_old is None else truncated_is_weights(trainer_old, behaviour, cfg.tis_cap)
-    first_minibatch: list[torch.Tensor] = []  # its codes' training minus behaviour log-probs, by micro-batch
-    n = len(prompts)
-    size = n // cfg.minibatches
-    micro = cfg.micro_batch_size or size
-    params = trainer.weights.trainable_parameters()
-    moved = UpdateRatio(policy.model, world)  # the trained weights before this step's updates
-    totals: dict[str, list[float]] = {}
-    policy.model.train()
-    for epoch in range(cfg.inner_epochs):
-        order = minibatch_order(  # [N/W]: this rank's rows of each global minibatch, minibatch after minibatch
-            seed=trainer.cfg.seed, step=step, epoch=epoch, group_size=trainer.cfg.data.group_size,
-            minibatches=cfg.minibatches, first_row=world.rank * n, count=n,
-        )
-        for minibatch in order.split(size):
-            trainer.optimizer.zero_grad(set_to_none=True)
-            stats: dict[str, float] = {}
-            finite = True
-            for rows in minibatch.split(micro):
-                share = len(rows) / len(minibatch)  # token mean over the minibatch: equal L, so weight by rows
-                with trainer.weights.compute():
-                    logprobs = teacher_forced_logprobs(
-                        policy, [prompts[i] for i in rows.tolist()], codes[rows], trainer.settings, cfg.logprob_chunk
-                    )  # [n_micro, L]
-                loss, micro_stats = grpo_loss(
-                    logprobs, old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows],
-                    advantages[rows], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
-                    is_weights=None if is_weights is None else is_weights[rows],
-                )
-                if epoch == 0 and not totals:  # the step's first minibatch: the weights have not moved yet
-                    first_minibatch.append((logprobs.detach() - behaviour[rows]).flatten())
-                finite = finite and bool(torch.isfinite(loss))
-                (loss * share).backward()
-                for key, value in micro_stats.items():
-                    stats[key] = stats.get(key, 0.0) + share * value
-            average_replicated_gradients(world, params)
-            grad_norm = clip_gradients(world, params, cfg.max_grad_norm)
-            stats["grad_norm"] = float(grad_norm)
-            finite = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
-            if finite:
-                trainer.moved_in_step = step  # from here on a failure leaves this step half-applied
-                trainer.optimizer.step()
-            else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update
-                trainer.optimizer.zero_grad(set_to_none=True)
-            stats["skipped_updates"] = 0.0 if finite else 1.0
-            for key, value in stats.items():
-                totals.setdefault(key, []).append(value)
-    with warnings.catch_warnings():  # every update of the step may have been skipped: the schedule still moves on
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        trainer.scheduler.step()
-    metrics = {f"train/{key}": float(np.mean(values)) for key, values in totals.items()}
-    metrics["train/skipped_updates"] = float(sum(totals["skipped_updates"]))
-    metrics["train/ratio_mean_first"] = totals["ratio_mean"][0]  # the first minibatch: on-policy, 1 up to rounding
-    if "kl" in totals:  # the first minibatch of a run's first step: 0 when the reference is the model it starts from
-        metrics["train/kl_first"] = totals["kl"][0]
-    metrics["train/lr"] = trainer.scheduler.get_last_lr()[0]
-    metrics["train/update_ratio"] = moved.ratio()  # ||update|| / ||weights||, global over the ranks
-    mismatch = logprob_mismatch(torch.cat(first_minibatch), cfg.clip_eps_low, cfg.clip_eps_high)
-    tis = {} if trainer_old is None else truncated_is_stats(trainer_old, behaviour, cfg.tis_cap)
-    return {**metrics, **{f"train/{key}": value for key, value in {**mismatch, **tis}.items()}}
-
-
 def _wandb(cfg: DictConfig) -> dict | None:
     return None if cfg.logging.wandb is None else OmegaConf.to_container(cfg.logging.wandb, resolve=True)
-
-
-PHASES = {"rollout": "rollout", "ref": "reference", "old_logprobs": "old log-probs",
-          "reward_wait": "decode and rewards", "update": "update"}
-
-
-class _Timer:
-    """Wall seconds per named phase of a step (`time/<name>`); the trainer knows which phase is running."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        self.trainer.phase = PHASES[name]
-        yield  # an exception leaves the phase set, for the failure message
-        self.trainer.phase = None
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,17 +1,25 @@
-"""A tiny GLM-Image DiT, VAE, glyph encoder and scheduler of the real classes, for the decoder and export tests."""
+"""A tiny GLM-Image DiT decoder of the real classes, built offline from configs: what the CPU demo of decoder GRPO,
+the tests and a recipe without a downloaded GLM-Image decode with.
+
+GLM-Image's pipeline in miniature: `GlmImageTransformer2DModel` (patch 2, one block), an `AutoencoderKL` with 8 px
+per latent (so 32 px per large-grid code, as GLM-Image's), a ByT5 glyph encoder and the shifted flow-matching
+scheduler with GLM-Image's dynamic shift settings. Seeded: the same weights on every call.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from grpo_image.decoders.glm_image import GlmImageDecoder
 
-def tiny_dit_parts(num_codes: int) -> dict:
-    """A toy DiT, VAE (8 px per latent: 32 px per large-grid code, as GLM-Image's), ByT5 and scheduler, seeded."""
+
+def tiny_dit_parts(num_codes: int, seed: int = 0) -> dict:
+    """The DiT, VAE, ByT5 encoder and tokenizer, and scheduler of a tiny GlmImagePipeline (no AR model)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         transformer = GlmImageTransformer2DModel(
             patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
             text_embed_dim=16, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=num_codes,
@@ -27,3 +35,19 @@ def tiny_dit_parts(num_codes: int) -> dict:
                                                 base_shift=0.25, max_shift=0.75)  # fmt: skip
     return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                 tokenizer=ByT5Tokenizer(), scheduler=scheduler)  # fmt: skip
+
+
+def tiny_glm_image_decoder(
+    num_codes: int = 64,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 1.5,
+    max_batch_size: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> GlmImageDecoder:
+    """A `GlmImageDecoder` around a tiny pipeline in fp32 (its prior codebook: `num_codes`, the tiny policy's)."""
+    from diffusers import GlmImagePipeline
+
+    pipe = GlmImagePipeline(processor=None, vision_language_encoder=None, **tiny_dit_parts(num_codes, seed))
+    return GlmImageDecoder.from_pipeline(pipe, num_inference_steps, guidance_scale, max_batch_size,
+                                         device or "cpu")  # fmt: skip
