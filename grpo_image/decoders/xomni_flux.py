@@ -112,6 +112,28 @@ def save_prompt_embeds(
     )
 
 
+def set_xomni_timesteps(
+    scheduler: FlowMatchEulerDiscreteScheduler, length: int, num_inference_steps: int, device: torch.device | str
+) -> torch.Tensor:
+    """Give `scheduler` the schedule X-Omni samples L = `length` tokens with, and return its timesteps.
+
+    FLUX.1-dev's unshifted sigmas (linear from 1 to 1/steps), shifted by mu for the token count without a clamp, as
+    upstream: 72x72 codes give mu ~ 1.334. One place for the sampler and the decoder-GRPO loop, so they cannot drift.
+    """
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    cfg = scheduler.config
+    mu = calculate_shift(
+        length,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
+    return timesteps
+
+
 @torch.no_grad()
 def sample_xomni_flux(
     transformer: XOmniFluxTransformer2DModel,
@@ -134,17 +156,7 @@ def sample_xomni_flux(
     """
     n, length = latents.shape[:2]
     device = latents.device
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)  # FLUX.1-dev's unshifted sigmas
-    cfg = scheduler.config
-    mu = calculate_shift(
-        length,
-        cfg.get("base_image_seq_len", 256),
-        cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5),
-        cfg.get("max_shift", 1.15),
-    )  # no clamp, as upstream: 72x72 codes give mu ~ 1.334
-    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
-    scheduler.set_begin_index(0)
+    timesteps = set_xomni_timesteps(scheduler, length, num_inference_steps, device)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([2 * n], guidance_scale, device=device, dtype=torch.float32)  # [2n]
@@ -309,11 +321,14 @@ class XOmniFluxDecoder:
 
     def initial_latents(self, seeds: Sequence[int], grid: tuple[int, int]) -> torch.Tensor:
         """Packed noise [m, h*w, C], rollout i drawn from CPU `torch.Generator().manual_seed(seeds[i])`."""
+        return self.noise([torch.Generator("cpu").manual_seed(int(s)) for s in seeds], grid)
+
+    def noise(self, generators: Sequence[torch.Generator], grid: tuple[int, int]) -> torch.Tensor:
+        """Packed noise [m, h*w, C] in the decoder's dtype, rollout i drawn from generators[i] (FLUX's draw)."""
         h, w = grid
         channels = self.transformer.config.in_channels // 4
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (len(generators), channels, 2 * h, 2 * w)  # [m, C/4, 2h, 2w], as FLUX's prepare_latents
-        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        noise = randn_tensor(shape, generator=list(generators), device=self.device, dtype=self.dtype)
         return FluxPipeline._pack_latents(noise, len(generators), channels, 2 * h, 2 * w)  # [m, h*w, C]
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +364,13 @@ class XOmniFluxDecoder:
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor  # [m, C/4, 2h, 2w]
         images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]  # [m, 3, H, W] in [-1, 1]
         return self.image_processor.postprocess(images, output_type="pt")  # [m, 3, H, W] in [0, 1]
+
+
+    def flow(self):
+        """This decoder as decoder GRPO trains it: the `FlowDecoder` of grpo_image/decoders/xomni_flux_flow.py."""
+        from grpo_image.decoders.xomni_flux_flow import XOmniFluxFlow
+
+        return XOmniFluxFlow(self)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
