@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.p
 
 def make_decoder(variant: str) -> XOmniFluxDecoder:
     text = PrecomputedPromptEmbeds([PROMPT, ""], *en_pipe_text()) if variant == "en" else None
-    return XOmniFluxDecoder(projector=str(REF / "projector.safetensors"), transformer=str(REF / f"transformer_{variant}"),
-                            vae=str(REF / "vae"), scheduler=str(REF / "scheduler"), text_encoder=text,
-                            num_inference_steps=2, cfg_scale=CFG, dtype="float32", device="cpu")  # fmt: skip
+    return XOmniFluxDecoder(projector=str(REF / "projector.safetensors"),
+                            transformer=str(REF / f"transformer_{variant}"), vae=str(REF / "vae"),
+                            scheduler=str(REF / "scheduler"), text_encoder=text, num_inference_steps=2,
+                            cfg_scale=CFG, dtype="float32", device="cpu")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,9 @@ def test_a_lora_update_on_a_positive_advantage_raises_its_window_and_moves_only_
 
 
 # every projection of the blocks' attention and MLPs; not the embedders, modulations, feature entry or output head
-PROJECTION = re.compile(r"(single_)?transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"
-                        r"|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)")
+PROJECTION = re.compile(r"(single_)?transformer_blocks\.\d+\."
+                        r"(attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)"
+                        r"|proj_mlp|proj_out)")
 NOT_ADAPTED = re.compile(r"(^|\.)(time_text_embed|x_embedder|context_embedder|siglip_embed|norm\w*|norm_out)(\.|$)"
                          r"|^proj_out$")
 

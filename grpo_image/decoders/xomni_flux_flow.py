@@ -16,14 +16,15 @@ around it. Three things differ from the sampler, on purpose:
   rollout batch, without grad: the projector is not trained, and the training pass reuses what the rollout saw.
 
 LoRA targets. flow_grpo's FLUX training adapts the attention projections of both streams (to_q, to_k, to_v,
-to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out); Flow-GRPO's LoRA on FLUX-class transformers is described
-as covering attention and MLP projections, and the MLPs are half of a block's weights; so here: every double-stream block's attention projections of both streams and both feed-forwards (ff, ff_context: the
-first and last Linear), every single-stream block's q/k/v and its MLP input (`proj_mlp`) and fused output
-(`proj_out`). Not adapted: the time/text/guidance embedders, `x_embedder`, `context_embedder`, `siglip_embed` (the
-code features' entry), every AdaLN modulation (`norm*.linear`) and the output head (`norm_out`, the top-level
-`proj_out`). The names are diffusers' `FluxTransformer2DModel`'s, which `XOmniFluxTransformer2DModel` inherits; the
-Chinese variant's image-only double blocks have no text stream (no add_*/ff_context) and never apply `attn.to_out`
-(grpo_image/decoders/xomni_transformer.py), so that adapter matches but receives no gradient.
+to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out), and Flow-GRPO's LoRA on FLUX-class transformers is
+described as covering attention and MLP projections; so here: every double-stream block's attention projections of
+both streams and both feed-forwards (ff, ff_context: their first and last Linear), and every single-stream block's
+q/k/v, its MLP input (`proj_mlp`) and its fused output (`proj_out`). Not adapted: the time/text/guidance embedders,
+`x_embedder`, `context_embedder`, `siglip_embed` (the code features' entry), every AdaLN modulation (`norm*.linear`)
+and the output head (`norm_out`, the top-level `proj_out`). The names are diffusers' `FluxTransformer2DModel`'s,
+which `XOmniFluxTransformer2DModel` inherits; the Chinese variant's image-only double blocks have no text stream (no
+add_*, no ff_context) and never apply `attn.to_out` (grpo_image/decoders/xomni_transformer.py), so that adapter
+matches but receives no gradient.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class XOmniFluxVelocity:
         h, w = grid
         with torch.no_grad():
             features = decoder.projector(codes.to(device), grid).to(self.dtype)  # [m, L, z]
-            self.features = torch.cat([features, torch.zeros_like(features)]) if self.guided else features  # [rows, L, z]
+            zeros = torch.zeros_like(features)  # [m, L, z]: the unconditional rows' features
+            self.features = torch.cat([features, zeros]) if self.guided else features  # [rows, L, z]
             self.img_ids = FluxPipeline._prepare_latent_image_ids(1, h, w, device, self.dtype)  # [L, 3]
             self.text: dict[str, torch.Tensor] = {}
             if decoder.needs_prompts:
