@@ -357,8 +357,11 @@ def test_recipe_runs_one_step_in_its_own_bf16_and_validates(policy, glm_folder, 
 def test_recipes_validate_with_their_own_prompt_set(glm_folder, reward_assets, monkeypatch, capsys):
     reward_root, hps_model = reward_assets
     monkeypatch.chdir(REPO)  # the recipes name prompts/text_en.jsonl relative to the repository
-    for recipe in ("glm_image_lora", "glm_image_full"):
+    for recipe in ("glm_image_lora", "glm_image_full", "glm_image_decoupled"):
         extra = recipe_overrides(glm_folder, reward_root, hps_model, "http://127.0.0.1:9/v1")
+        if recipe == "glm_image_decoupled":  # its detail reward: HPSv2 again, feeding the decoder
+            extra += [f"rewards.3.scorer.checkpoint={reward_root / 'HPS_v2.1_compressed.pt'}",
+                      f"rewards.3.scorer.model_name={hps_model}"]
         assert main(["validate", f"recipes/{recipe}.yaml", *extra]) == 0, capsys.readouterr().err
         assert "components checked" in capsys.readouterr().out
 

@@ -229,7 +229,7 @@ def real_recipe(name: str, root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "janus_pro_7b", "glm_image_lora",
-                                  "glm_image_full"])  # fmt: skip
+                                  "glm_image_full", "glm_image_decoupled"])  # fmt: skip
 def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name their prompt sets relative to the repository
     plan = plan_recipe(load_recipe(f"recipes/{name}.yaml", real_recipe(name, published)), name)
@@ -266,6 +266,11 @@ def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
         # a ByT5 id per byte and an end id each
         assert d.tokens == 64 * 64 + (27 + 34 + 14) + 3 and d.inner == 4096
         assert (d.rows_per_image, d.vae_batched) == (1, True)
+        if name == "glm_image_decoupled":  # the DiT trains on the one training process, the actors only score
+            # q, k, v, out (4096 -> 4096) and the MLP (4096 -> 16384 -> 4096) of 30 blocks, r 64 (in + out) each
+            assert plan.decoder_train.resident - sum(part.bytes for part in d.parts) == 16 * 30 * 64 * (
+                4 * 8192 + 2 * 20480)
+            assert not any("DiT" in label for label, _, _ in plan.worker_rows)
     else:
         assert kv_bytes_per_token(p, "lora") == 30 * 32 * 128 * 4  # 480 KiB: every head has its own K and V
         assert (p.positions, p.codes) == (576, 16384)

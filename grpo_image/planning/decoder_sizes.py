@@ -71,6 +71,17 @@ class DecoderShape:
     # pixels) of each of its up blocks, from the latent grid to the image
     levels: tuple[tuple[int, int, int], ...] = ()
     note: str = ""
+    # what decoder GRPO trains (a DiT a training process holds, grpo_image.planning.decoder_training): the transformer's
+    # blocks and heads, its image tokens per image (without the text's), the elements of one image's latents (what a
+    # window stores per step), the width of the conditioning embeddings it keeps per decoder batch, the decoder's own
+    # guidance scale, and the (in, out) features of each Linear the family's LoRA regex adapts (None: no regex known)
+    blocks: int = 0
+    heads: int = 0
+    image_tokens: int = 0
+    latent_elements: int = 0
+    text_width: int = 0
+    guidance_scale: float = 1.0
+    adapted: tuple[tuple[int, int], ...] | None = None
 
 
 def decoder_shape(decoder_node, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
@@ -144,6 +155,11 @@ def _xomni_flux(args: dict, positions: int) -> DecoderShape:
         max_batch_size=args.get("max_batch_size", default_of(XOmniFluxDecoder, "max_batch_size")),
         inner=transformer.inner_dim, tokens=positions + text_tokens, rows_per_image=2,
         levels=_up_levels(vae.config.block_out_channels, latents), note="; ".join(notes),
+        blocks=transformer.config.num_layers + transformer.config.num_single_layers,
+        heads=transformer.config.num_attention_heads, image_tokens=positions, latent_elements=16 * latents,
+        text_width=transformer.config.joint_attention_dim if text_tokens else 0,
+        guidance_scale=float(args.get("cfg_scale") or vision.get("decoder", {}).get("cfg_scale") or 1.0),
+        adapted=None,  # no LoRA regex for X-Omni's transformer here: decoder GRPO's adapters are not counted
     )  # fmt: skip
 
 
@@ -182,13 +198,30 @@ def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> Decoder
              Part("glyph encoder (ByT5)", param_count(encoder), b))  # fmt: skip
     config = transformer.config
     image_tokens = 4 * grid[0] * grid[1]  # each large-grid code repeated over 2 x 2 DiT patches (upsample_codes)
+    from grpo_image.decoders.glm_image_flow import DIT_LORA_TARGETS
+
     return DecoderShape(
         name="GLM-Image DiT decoder", parts=parts, dtype_bytes=b, kind="dit",
         max_batch_size=args.get("max_batch_size", default_of(GlmImageDecoder, "max_batch_size")),
         inner=config.num_attention_heads * config.attention_head_dim, tokens=image_tokens + glyph_tokens(prompts),
         rows_per_image=1, vae_batched=True,
         levels=_up_levels(vae.config.block_out_channels, image_tokens * config.patch_size**2), note="; ".join(notes),
+        blocks=config.num_layers, heads=config.num_attention_heads, image_tokens=image_tokens,
+        latent_elements=image_tokens * config.patch_size**2 * config.in_channels, text_width=config.text_embed_dim,
+        guidance_scale=float(args.get("guidance_scale", default_of(GlmImageDecoder, "guidance_scale"))),
+        adapted=adapted_linears(transformer, DIT_LORA_TARGETS),
     )  # fmt: skip
+
+
+def adapted_linears(transformer, targets: str) -> tuple[tuple[int, int], ...]:
+    """(in, out) features of each Linear whose full name matches the LoRA regex `targets` as peft matches a string
+    (the whole name): decoder GRPO's adapters, counted exactly from the module shapes on the meta device."""
+    import re
+
+    from torch import nn
+
+    return tuple((m.in_features, m.out_features) for name, m in transformer.named_modules()
+                 if isinstance(m, nn.Linear) and re.fullmatch(targets, name))  # fmt: skip
 
 
 def glyph_tokens(prompts: list[str]) -> int:

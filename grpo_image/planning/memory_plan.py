@@ -24,6 +24,8 @@ each moment of a step, term by term (grpo_image.planning.model_sizes and decoder
 - the update, `train.micro_batch_size` rows per forward/backward: what each decoder layer keeps for backward (below),
   or with gradient checkpointing only each layer's input plus one layer recomputed, and the image head's chunk
   recomputed in backward.
+- decoder GRPO (train.target decoder or both): the decoder, its adapters and their optimizer, the decodes' window
+  latents, a decoder batch's decode and its forward and backward (grpo_image.planning.decoder_training).
 
 What a Qwen2 / LLaMA decoder layer keeps for backward, per token (H hidden, I intermediate, nh heads of width d,
 T tokens, b bytes of the compute dtype); each term was checked against the tensors autograd saves on the CPU:
@@ -48,6 +50,7 @@ from omegaconf import DictConfig
 
 from grpo_image.base.config import reward_specs
 from grpo_image.planning.decoder_sizes import DecoderShape, decoder_shape, reward_parts
+from grpo_image.planning.decoder_training import DecoderTraining, add_decoder_training, decode_bytes
 from grpo_image.planning.model_sizes import PolicyShape, policy_shape
 from grpo_image.planning.resident_memory import held_terms, resident_rows, startup_bytes
 
@@ -57,7 +60,6 @@ SAMPLER_TEMPORARIES = 8  # [rows, V] fp32 tensors alive in one sampling step (lo
 # bytes per logit of the image head per chunk, forward only / recomputed in backward: fp32 logits (the head runs in fp32
 # whatever the policy's dtype, `fp32_head`), the fp32 log-softmax, and in backward their gradients
 HEAD_NOGRAD, HEAD_GRAD = 8, 12
-FLUX_WIDTHS = 20  # hidden-width tensors per row and token alive at once in a FLUX-like DiT block (qkv, RoPE, 4x MLP)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Plan:
     worker_budget: float | None = None  # bytes per reward actor (None: actors on CPUs)
     largest_decode: int = 0
     unknown_rewards: list[str] = field(default_factory=list)
+    decoder_train: DecoderTraining | None = None  # decoder GRPO's terms (train.target decoder or both)
 
     @property
     def usable(self) -> float:
@@ -313,22 +316,6 @@ def update_bytes(p: PolicyShape, s: Setup, micro: int, checkpointing: bool) -> f
     return kept + max(every + head_bytes(p, s.mode, r, s.chunk, grad=False), working + head + one)
 
 
-def decode_bytes(d: DecoderShape, images: int) -> float:
-    """One decoder call of `images` images: a DiT's passes, then its VAE, or a conv decoder alone.
-
-    X-Omni's FLUX transformer runs 2 rows per image (true CFG in one batched call) and its VAE decodes one image at a
-    time (sliced); GLM-Image's DiT runs its conditional and unconditional passes one after the other (1 row per image
-    each) and its VAE decodes the whole call at once, as Janus's VQ does. A conv decoder's worst moment is the first
-    block at a resolution: about 3 x (in + out) channels of that size alive (the upsampled input, GroupNorm's output,
-    the conv and shortcut outputs; measured on diffusers' VAE).
-    """
-    conv = max((3 * (c_in + c_out) * pixels for c_in, c_out, pixels in d.levels), default=0) * d.dtype_bytes
-    if d.kind == "dit":
-        transformer = d.rows_per_image * images * d.tokens * d.inner * FLUX_WIDTHS * d.dtype_bytes
-        return max(transformer, conv * (images if d.vae_batched else 1))
-    return images * conv
-
-
 def plan_recipe(
     cfg: DictConfig, recipe: str = "", gpus: int | None = None, gpu_memory_gb: float | None = None
 ) -> Plan:
@@ -373,6 +360,8 @@ def plan_recipe(
     largest_micro = {c: _largest(lambda m, c=c: micro_fits(m, c), s.minibatch) for c in (False, True)}
     plan = Plan(recipe, s, p, rows, resident, held, phases, largest_sampler, largest_micro,
                 decoder_shape(cfg.decoder, p.grid, prompts))
+    if cfg.train.target != "policy":
+        add_decoder_training(plan, cfg)
     _workers(plan, cfg)
     return plan
 
@@ -387,21 +376,25 @@ def _largest(fits, limit: int) -> int:
 
 
 def _workers(plan: Plan, cfg: DictConfig) -> None:
-    """Each reward actor's GPU: the decoder, the reward models, one decoder call."""
+    """Each reward actor's GPU: the decoder (unless the trainer decodes: decoder GRPO), the reward models, one decoder
+    call."""
     d, s = plan.decoder, plan.setup
     parts, plan.unknown_rewards = reward_parts(reward_specs(cfg))
     chunks = cfg.workers.chunks or cfg.workers.num_workers if cfg.workers.backend == "ray" else 1
     chunk = max(1, math.ceil(s.rollouts / max(1, chunks)))
     images = min(d.max_batch_size or chunk, chunk)
-    held = [(part.name, float(part.bytes), "") for part in (*d.parts, *parts)]
+    decodes = plan.decoder_train is None  # decoder GRPO: the workers get images and build no decoder
+    held = [(part.name, float(part.bytes), "") for part in (*(d.parts if decodes else ()), *parts)]
     how = "max_batch_size" if d.max_batch_size else "max_batch_size unset: a whole chunk"
-    plan.worker_rows = held + [(f"{d.name}: one call of {images} images", decode_bytes(d, images), how)]
+    call = [(f"{d.name}: one call of {images} images", decode_bytes(d, images), how)] if decodes else []
+    plan.worker_rows = held + call
     weights = sum(b for _, b, _ in held)
     if cfg.workers.backend == "ray" and cfg.workers.num_gpus > 0:
         plan.worker_budget = s.gpu_gib * GIB * cfg.workers.num_gpus
     elif cfg.workers.backend == "inprocess":  # the trainer's own GPU: the decoder stays, decoding is one more phase
         plan.phases = {k: v + (weights if k != "start-up" else 0) for k, v in plan.phases.items()}
-        plan.phases["decode"] = plan.resident + weights + plan.worker_rows[-1][1]
+        if decodes:
+            plan.phases["decode"] = plan.resident + weights + plan.worker_rows[-1][1]
     budget = plan.worker_budget
-    if budget is not None:
+    if budget is not None and decodes:
         plan.largest_decode = _largest(lambda m: weights + decode_bytes(d, m) <= USABLE * budget, chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 
+from grpo_image.planning.decoder_training import largest_decoder_batch
 from grpo_image.planning.memory_plan import GIB, USABLE, Plan, rollout_bytes, update_bytes
 from grpo_image.planning.resident_memory import count, held_terms, resident_rows, startup_bytes
 from grpo_image.planning.resume_plan import resume_rows
@@ -89,8 +90,9 @@ def _worker_lines(plan: Plan, scale: float, unit: str) -> list[str]:
     if budget is not None:
         usable = USABLE * budget
         verdict = "fits" if plan.worker_peak <= usable else "DOES NOT FIT"
-        lines.append(f"  peak {plan.worker_peak / scale:.1f} -> {verdict} in {usable / scale:.1f}; largest "
-                     f"decoder.max_batch_size that fits: {plan.largest_decode}")  # fmt: skip
+        largest = ("the decoder is the trainer's (decoder GRPO)" if plan.decoder_train is not None
+                   else f"largest decoder.max_batch_size that fits: {plan.largest_decode}")
+        lines.append(f"  peak {plan.worker_peak / scale:.1f} -> {verdict} in {usable / scale:.1f}; {largest}")
     return lines
 
 
@@ -119,7 +121,7 @@ def plan_advice(plan: Plan) -> list[str]:
         rows = plan.largest_sampler_rows
         advice.append(f"rollouts: set sampling.batch_size <= {rows} (rows per sampler call)" if rows
                       else "rollouts: even one sample per sampler call does not fit")  # fmt: skip
-    if max(plan.phases["update"], plan.phases.get("reference", 0)) > usable:
+    if max(plan.phases.get("update", 0), plan.phases.get("reference", 0)) > usable:
         off, on = plan.largest_micro[False], plan.largest_micro[True]
         if s.checkpointing or not off:
             advice.append(f"update: set train.gradient_checkpointing=true and train.micro_batch_size <= {on}" if on
@@ -131,8 +133,32 @@ def plan_advice(plan: Plan) -> list[str]:
         advice.append(f"reward actors: set decoder.max_batch_size <= {plan.largest_decode}" if plan.largest_decode else
                       "reward actors: their models alone do not fit: give each more of a GPU (workers.num_gpus), or "
                       "precompute the prompt embeddings (decoder.text_encoder: a .safetensors file)")  # fmt: skip
+    if plan.decoder_train is not None:
+        advice += decoder_advice(plan)
     if "decode" in plan.phases and plan.phases["decode"] > usable:
         advice.append("decoding in the trainer's process: use workers.backend=ray with actors on their own GPUs")
+    return advice
+
+
+def decoder_advice(plan: Plan) -> list[str]:
+    """The keys that shrink decoder GRPO's phases: decodes per decoder batch (the decoder's max_batch_size), one
+    pass instead of two (decoder_train.guidance_scale 1), fewer window steps, a smaller adapter rank."""
+    dt, advice = plan.decoder_train, []
+    if plan.phases["decoder rollout"] > plan.usable:
+        advice.append(f"decoder rollouts: {size(plan.phases['decoder rollout'])} with the window latents of "
+                      f"this process's decodes: lower decoder.max_batch_size, or use more processes (hardware.gpus)")
+    if plan.phases["decoder update"] > plan.usable:
+        largest = largest_decoder_batch(plan)
+        keys = [f"set decoder.max_batch_size <= {largest}" if largest else "even one decode per decoder batch "
+                "does not fit"]  # fmt: skip
+        if dt.guided:
+            keys.append("decoder_train.guidance_scale=1 (one transformer pass a step instead of two: half)")
+        if dt.window > 1:
+            keys.append(f"decoder_train.window={dt.window - 1} (fewer steps kept for the backward)")
+        keys.append(f"a smaller decoder_train.lora.r (now {dt.lora_r}: adapters, their gradients and AdamW, and "
+                    "their fp32 activations)")
+        advice.append(f"decoder update: one decoder batch's forward and backward of {dt.batch} decodes needs "
+                      f"{size(dt.update)}: {'; or '.join(keys)}")
     return advice
 
 
