@@ -74,8 +74,8 @@ def sde_step(
         std = sigma_next * math.sin(noise_level * math.pi / 2)
         clean, noise = sample - sigma * velocity, sample + (1 - sigma) * velocity
         mean = (1 - sigma_next) * clean + torch.sqrt(sigma_next**2 - std**2) * noise
-    if prev_sample is None:
-        prev_sample = mean + std * standard_noise(sample, generator)
+    if prev_sample is None:  # at noise level 0 the Euler step: no draw (it would move a generator for nothing)
+        prev_sample = mean + std * standard_noise(sample, generator) if noise_level > 0 else mean
     prev_sample = prev_sample.float().detach()
     if kind == "sde":
         density = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)

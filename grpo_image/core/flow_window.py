@@ -3,8 +3,9 @@
 Flow-GRPO-Fast's schedule: the loop runs the scheduler's deterministic Euler steps, except for `window` consecutive
 steps that start at a random step in the high-noise half (where the image's layout is still being decided), which
 take the stochastic step of grpo_image/core/flow.py and keep the latents they start from and their log-probs. The
-last step is never in the window (at sigma' = 0 a stochastic step has no noise left to score). Training recomputes
-the window's log-probs from the stored latents, so only `window` of the N velocity evaluations need a backward.
+last step is never in the window (it ends at sigma' = 0, where cps has no noise left to score and low-precision
+log-probs are least accurate). Training recomputes the window's log-probs from the stored latents, so only `window`
+of the N velocity evaluations need a backward.
 
 Everything random derives from seeds: the window's start from (seed, step), each rollout's noise from its own
 generator, so a resumed run draws the same windows and the same images.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -148,7 +149,10 @@ def _check_decoder_training(cfg: DictConfig) -> None:
     if train.guidance_scale is not None and not train.guidance_scale > 0:
         raise RecipeError(f"'decoder_train.guidance_scale' must be null (the decoder's own) or > 0, got "
                           f"{train.guidance_scale}")
-    if not hasattr(import_dotted(cfg.decoder[COMPONENT_KEY]), "flow"):
+    built = import_dotted(cfg.decoder[COMPONENT_KEY])
+    if not isinstance(built, type):  # a factory: the class its return annotation names (unknown: checked on build)
+        built = typing.get_type_hints(built).get("return", type("unknown", (), {"flow": None}))
+    if not hasattr(built, "flow"):
         raise RecipeError(f"train.target {cfg.train.target}: the decoder {cfg.decoder[COMPONENT_KEY]} has no "
                           "flow-matching form to train (GlmImageDecoder and XOmniFluxDecoder have)")
 
