@@ -70,18 +70,23 @@ def denoise_with_window(
                          latents=torch.stack(stored, dim=1), logprobs=torch.stack(logprobs, dim=1))
 
 
+def window_step_logprob(
+    scheduler, velocity: Velocity, rollout: WindowRollout, k: int, *, noise_level: float, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Window step k of the training pass: its log-prob [B] of the stored next latents under `velocity` (with grad),
+    its mean [B, ...] and std [B or 1, ...] (for a KL to a reference velocity). Steps are independent terms of the
+    loss, so a trainer may run one step's backward before the next step's forward (one step's graph at a time)."""
+    x = rollout.latents[:, k]  # [B, ...]
+    at = rollout.timesteps[k].expand(x.shape[0])  # [B]
+    _, logprob, mean, std = sde_step(scheduler, velocity(x, at), x, at, noise_level=noise_level, kind=kind,
+                                     prev_sample=rollout.latents[:, k + 1])
+    return logprob, mean, std
+
+
 def window_logprobs(
     scheduler, velocity: Velocity, rollout: WindowRollout, *, noise_level: float, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training pass: each window step's log-prob of the stored next latents under `velocity` (with grad), and
-    the steps' means and stds (for a KL to a reference velocity): [B, w], [B, w, ...], [B or 1, w, ...]."""
-    logprobs, means, stds = [], [], []
-    for k, timestep in enumerate(rollout.timesteps):
-        x = rollout.latents[:, k]  # [B, ...]
-        at = timestep.expand(x.shape[0])  # [B]
-        _, logprob, mean, std = sde_step(scheduler, velocity(x, at), x, at, noise_level=noise_level, kind=kind,
-                                         prev_sample=rollout.latents[:, k + 1])
-        logprobs.append(logprob)
-        means.append(mean)
-        stds.append(std)
-    return torch.stack(logprobs, dim=1), torch.stack(means, dim=1), torch.stack(stds, dim=1)
+    """Every window step's `window_step_logprob`, stacked: [B, w], [B, w, ...], [B or 1, w, ...]."""
+    steps = [window_step_logprob(scheduler, velocity, rollout, k, noise_level=noise_level, kind=kind)
+             for k in range(len(rollout.timesteps))]  # fmt: skip
+    return tuple(torch.stack(parts, dim=1) for parts in zip(*steps))

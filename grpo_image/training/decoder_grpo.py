@@ -6,7 +6,8 @@ over the processes as the policy's are. It decodes this process's code samples `
 (G images of fixed codes: the decoder's group), keeping each decode's window (grpo_image/core/flow_window.py); the
 images go to the reward workers, which score them without decoding; the decoder's advantages come back from the
 nested groups (grpo_image/core/nested_advantages.py) and Flow-GRPO's loss (grpo_image/core/flow_loss.py) updates the
-adapters, one decoder batch (the decoder's `max_batch_size` decodes of one prompt) per forward and backward.
+adapters, one decoder batch (the decoder's `max_batch_size` decodes of one prompt) and one window step per forward
+and backward (the steps are independent terms of the loss: one step's graph is held at a time).
 
 Everything random derives from seeds: each decode's noise from a CPU generator seeded by its decode seed, the
 window's start from (seed, step); a resumed run decodes the same images.
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_image.base.config import import_dotted, instantiate
 from grpo_image.core.flow import step_kl
 from grpo_image.core.flow_loss import flow_grpo_loss
-from grpo_image.core.flow_window import WindowRollout, denoise_with_window, window_logprobs, window_start
+from grpo_image.core.flow_window import WindowRollout, denoise_with_window, window_start, window_step_logprob
 from grpo_image.decoders.flow_lora import adapter_state, adapters_disabled, add_decoder_lora, load_adapter_state
 from grpo_image.decoders.glm_image import prompt_runs
 from grpo_image.training.distributed import World, all_ranks_agree, average_replicated_gradients, clip_gradients
@@ -70,6 +71,8 @@ class DecoderTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
                                            weight_decay=self.cfg.weight_decay)  # fmt: skip
         self.flow.transformer.eval()  # no dropout: the training pass recomputes the rollout's log-probs exactly
+        if self.cfg.gradient_checkpointing:  # keep each block's input only; recompute the rest in the backward
+            self.flow.transformer.enable_gradient_checkpointing()
 
     @torch.no_grad()
     def rollout(self, step: int, codes: torch.Tensor, prompts: list[str], grid: tuple[int, int],
@@ -107,12 +110,15 @@ class DecoderTrainer:
             finite = True
             for i in part:
                 chunk = chunks[i]
-                share = (chunk.rows.stop - chunk.rows.start) / rows  # the loss is a mean over the minibatch's decodes
-                loss, chunk_stats = self._loss(chunk, advantages[chunk.rows])
-                finite = finite and bool(torch.isfinite(loss))
-                (loss * share).backward()
-                for key, value in chunk_stats.items():
-                    stats[key] = stats.get(key, 0.0) + share * value
+                steps = len(chunk.window.timesteps)
+                # the loss is a mean over the minibatch's decodes and their window steps; one step's graph at a time
+                share = (chunk.rows.stop - chunk.rows.start) / rows / steps
+                for k in range(steps):
+                    loss, step_stats = self._step_loss(chunk, k, advantages[chunk.rows])
+                    finite = finite and bool(torch.isfinite(loss))
+                    (loss * share).backward()
+                    for key, value in step_stats.items():
+                        stats[key] = stats.get(key, 0.0) + share * value
             average_replicated_gradients(world, self.params)
             grad_norm = clip_gradients(world, self.params, cfg.max_grad_norm)
             stats["grad_norm"] = float(grad_norm)
@@ -130,19 +136,18 @@ class DecoderTrainer:
         metrics["decoder/adv_abs_mean"] = float(advantages.abs().mean())
         return metrics
 
-    def _loss(self, chunk: DecoderChunk, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The chunk's loss with grad: its window's log-probs recomputed, guidance included, and the KL if asked."""
+    def _step_loss(self, chunk: DecoderChunk, k: int, advantages: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Window step k's loss with grad: its log-prob recomputed, guidance included, and the KL if asked."""
         cfg, scheduler = self.cfg, self.flow.scheduler
-        logprobs, means, stds = window_logprobs(scheduler, chunk.velocity, chunk.window, noise_level=cfg.noise_level,
-                                                kind=cfg.kind)  # [m, w], [m, w, ...], [m or 1, w, ...]
+        logprob, mean, std = window_step_logprob(scheduler, chunk.velocity, chunk.window, k,
+                                                 noise_level=cfg.noise_level, kind=cfg.kind)  # [m], [m, ...]
         kl = None
         if cfg.beta > 0:
             with torch.no_grad(), adapters_disabled(self.flow.transformer):
-                _, reference, _ = window_logprobs(scheduler, chunk.velocity, chunk.window,
-                                                  noise_level=cfg.noise_level, kind=cfg.kind)  # fmt: skip
-            kl = torch.stack([step_kl(means[:, k], reference[:, k], stds[:, k]) for k in range(means.shape[1])],
-                             dim=1)  # [m, w]
-        return flow_grpo_loss(logprobs, chunk.window.logprobs, advantages.to(logprobs.device),
+                _, reference, _ = window_step_logprob(scheduler, chunk.velocity, chunk.window, k,
+                                                      noise_level=cfg.noise_level, kind=cfg.kind)  # fmt: skip
+            kl = step_kl(mean, reference, std).unsqueeze(1)  # [m, 1]
+        return flow_grpo_loss(logprob.unsqueeze(1), chunk.window.logprobs[:, k : k + 1], advantages.to(logprob.device),
                               clip_range=cfg.clip_range, adv_clip=cfg.adv_clip, kl=kl, beta=cfg.beta)  # fmt: skip
 
     def save(self, folder) -> None:
