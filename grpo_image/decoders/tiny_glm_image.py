@@ -13,8 +13,14 @@ import torch
 from grpo_image.decoders.glm_image import GlmImageDecoder
 
 
-def tiny_dit_parts(num_codes: int, seed: int = 0) -> dict:
-    """The DiT, VAE, ByT5 encoder and tokenizer, and scheduler of a tiny GlmImagePipeline (no AR model)."""
+def tiny_dit_parts(num_codes: int, seed: int = 0, vae_width: int = 8, vae_groups: int = 4) -> dict:
+    """The DiT, VAE, ByT5 encoder and tokenizer, and scheduler of a tiny GlmImagePipeline (no AR model).
+
+    `vae_width` channels in each of the VAE's blocks, normalised in `vae_groups` groups. A random VAE's GroupNorm
+    removes each group's mean, so with narrow groups a change the DiT makes to a latent channel everywhere barely
+    reaches the pixels' colour; one group over 32 channels passes it on (about 10 levels of 255 per unit of a
+    latent channel): what the decoder demo needs for a colour to be learnable at all.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -25,8 +31,8 @@ def tiny_dit_parts(num_codes: int, seed: int = 0) -> dict:
             text_embed_dim=16, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=num_codes,
         )  # fmt: skip
         vae = AutoencoderKL(
-            latent_channels=4, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
+            latent_channels=4, block_out_channels=(vae_width,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=vae_groups,
             latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.0, 0.9, 1.1, 1.2],
         )  # fmt: skip
         text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
@@ -43,11 +49,17 @@ def tiny_glm_image_decoder(
     guidance_scale: float = 1.5,
     max_batch_size: int | None = None,
     seed: int = 0,
+    vae_width: int = 8,
+    vae_groups: int = 4,
+    dtype: str = "float32",
     device: str | None = None,
 ) -> GlmImageDecoder:
-    """A `GlmImageDecoder` around a tiny pipeline in fp32 (its prior codebook: `num_codes`, the tiny policy's)."""
+    """A `GlmImageDecoder` around a tiny pipeline (its prior codebook: `num_codes`, the tiny policy's) in `dtype`."""
     from diffusers import GlmImagePipeline
 
-    pipe = GlmImagePipeline(processor=None, vision_language_encoder=None, **tiny_dit_parts(num_codes, seed))
+    parts = tiny_dit_parts(num_codes, seed, vae_width, vae_groups)
+    for name in ("transformer", "vae", "text_encoder"):  # nn.Module's own cast: diffusers' would warn of fp32
+        torch.nn.Module.to(parts[name], getattr(torch, dtype))  # modules this VAE does not have
+    pipe = GlmImagePipeline(processor=None, vision_language_encoder=None, **parts)
     return GlmImageDecoder.from_pipeline(pipe, num_inference_steps, guidance_scale, max_batch_size,
                                          device or "cpu")  # fmt: skip

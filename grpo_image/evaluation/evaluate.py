@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from grpo_image.base.config import RecipeError, instantiate, reward_specs, validate_components
-from grpo_image.evaluation.generate import generate_images, load_policy, load_prompt_set
+from grpo_image.evaluation.generate import generate_images, load_decoder, load_policy, load_prompt_set
 from grpo_image.core.advantages import weighted_total
 from grpo_image.base.image_files import folder_batches
 from grpo_image.evaluation.longtext import TextBenchError, build_reader, read_text_prompts, score_folder, summarize
@@ -217,11 +217,11 @@ def _models(checkpoint: str | None, compare_to: str | None, images: list[str] | 
 
 
 def _generate(cfg, sets, models, seeds, n, batch_size, out: Path) -> None:
-    decoder = instantiate(cfg.decoder)
     from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling
 
     for label, checkpoint in models:
         policy = load_policy(cfg, checkpoint)
+        decoder = load_decoder(cfg, checkpoint)  # a run that trained the decoder decodes with its adapters
         resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the first model's checkpoint's, kept for all
         settings = SamplingSettings.from_config(cfg.sampling)
         for seed in seeds:
@@ -230,7 +230,7 @@ def _generate(cfg, sets, models, seeds, n, batch_size, out: Path) -> None:
                 generate_images(policy, decoder, settings, s.items, folder, n=n, seed=seed, batch_size=batch_size,
                                 label=f"sampling {label} seed {seed} {s.name}", extra={"checkpoint": checkpoint})
                 s.images[(label, seed)] = folder
-        del policy
+        del policy, decoder
 
 
 def _number(value) -> float | None:

@@ -23,6 +23,8 @@ from grpo_image.training.distributed import training_device
 from grpo_image.base.image_files import image_name, save_images
 from grpo_image.base.progress import progress
 from grpo_image.evaluation.longtext import is_longtext_file, read_longtext
+from grpo_image.training.checkpoint import DECODER
+from grpo_image.training.decoder_grpo import attach_trained_adapters
 from grpo_image.training.saved_weights import load_stages, policy_folder
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes
 from grpo_image.core.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
@@ -57,6 +59,19 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
         _warn_if_trained_from_elsewhere(cfg, folder)
     policy.model.eval()
     return policy
+
+
+def load_decoder(cfg: DictConfig, checkpoint: str | Path | None = None):
+    """The recipe's decoder; with a checkpoint whose run trained the decoder too (a `decoder/` beside its `policy/`),
+    that run's decoder adapters on it, so images are decoded as the run's last step decoded them."""
+    decoder = instantiate(cfg.decoder)
+    if checkpoint is None:
+        return decoder
+    step = policy_folder(checkpoint).parent
+    if (step / DECODER).is_dir():
+        trained = OmegaConf.load(step / "config.yaml")
+        attach_trained_adapters(decoder, step / DECODER, trained.decoder_train.lora)
+    return decoder
 
 
 def _warn_if_trained_from_elsewhere(cfg: DictConfig, folder: Path) -> None:
@@ -125,7 +140,7 @@ def sample(cfg: DictConfig, prompts: str | Path, out: str | Path, *, checkpoint:
     """`grpo-image sample`: the recipe's policy (or a checkpoint's) draws n images per prompt into `out`."""
     items = load_prompt_set(prompts)
     policy = load_policy(cfg, checkpoint)
-    decoder = instantiate(cfg.decoder)
+    decoder = load_decoder(cfg, checkpoint)
     resolve_checkpoint_sampling(cfg.sampling, policy)  # null keys: the checkpoint's own
     settings = SamplingSettings.from_config(cfg.sampling)
     seed = cfg.seed if seed is None else seed

@@ -170,3 +170,14 @@ def _without_final(window: WindowRollout) -> WindowRollout:
     """What training keeps of a rollout: its window (the final latents are already pixels)."""
     return WindowRollout(final=window.final[:0], start=window.start, timesteps=window.timesteps,
                          latents=window.latents, logprobs=window.logprobs)  # fmt: skip
+
+
+def attach_trained_adapters(decoder, folder, run_config) -> None:
+    """A checkpoint's decoder adapters (`folder`: its decoder/) on a recipe's decoder, in place, with the LoRA shape
+    its run trained (`run_config`: the run's decoder_train.lora): `sample` and `eval` then decode as training did."""
+    from safetensors.torch import load_file
+
+    flow = decoder.flow()
+    add_decoder_lora(flow.transformer, r=run_config.r, alpha=run_config.alpha, targets=flow.lora_targets)
+    load_adapter_state(flow.transformer, load_file(folder / ADAPTER_FILE), str(folder))
+    flow.transformer.requires_grad_(False)
