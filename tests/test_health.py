@@ -105,6 +105,8 @@ def test_all_nan_reward_warns_as_nan_not_as_zero_spread():
     ("train/grad_norm", 0.0, "zero_grad"),  # exactly 0 <= grad_norm_min 0.0
     ("train/kl", 5.5, "kl_runaway"),  # > kl_max 5.0
     ("train/clip_frac", 0.31, "clip_runaway"),  # > clip_frac_max 0.3
+    ("decoder/grad_norm", 0.0, "decoder_zero_grad"),  # decoder GRPO's adapters, the same floor
+    ("decoder/clip_frac", 0.31, "decoder_clip_runaway"),  # and the same ceiling
 ])
 def test_training_metrics_past_their_threshold_warn(key, value, check):
     monitor = HealthMonitor({}, ["r"], 4)  # the defaults: patience 5

@@ -133,6 +133,7 @@ class HealthMonitor:
         self._remember_trends(scores, metrics)
         trends = self._reward_trends()
         return [*self._score_checks(step, scores), *self._training_checks(step, metrics),
+                *self._decoder_checks(step, metrics),
                 *self._tradeoff_check(step, trends), *self._collapse_check(step, trends),
                 *self._update_size_check(step, metrics)]
 
@@ -211,6 +212,22 @@ class HealthMonitor:
                 f"{clip:.0%} of the codes had their ratio clipped (> health.clip_frac_max {s.clip_frac_max:g}) in "
                 f"{self._since(step)}: the updates are too large for the trust region; lower train.lr or use fewer "
                 f"train.minibatches / train.inner_epochs")))
+        return found
+
+    def _decoder_checks(self, step: int, metrics: Mapping[str, float]) -> list[HealthWarning]:
+        """Decoder GRPO (train.target decoder or both): its adapters' gradient at its floor, its ratios clipped."""
+        s = self.settings
+        grad, clip = _number(metrics, "decoder/grad_norm"), _number(metrics, "decoder/clip_frac")
+        found = []
+        if self._held("decoder_zero_grad", grad is not None and grad <= s.grad_norm_min):
+            found.append(HealthWarning(step, "decoder_zero_grad", "decoder/grad_norm", (
+                f"the decoder's gradient norm was {grad:g} (<= health.grad_norm_min {s.grad_norm_min:g}) in "
+                f"{self._since(step)}: its adapters are not changing (no decoder reward varies between the decodes "
+                f"of one code sample: check each reward's `feeds`, or raise decoder_train.noise_level)")))
+        if self._held("decoder_clip_runaway", clip is not None and clip > s.clip_frac_max):
+            found.append(HealthWarning(step, "decoder_clip_runaway", "decoder/clip_frac", (
+                f"{clip:.0%} of the decoder's window steps had their ratio clipped (> health.clip_frac_max "
+                f"{s.clip_frac_max:g}) in {self._since(step)}: lower decoder_train.lr or decoder_train.minibatches")))
         return found
 
     def _update_size_check(self, step: int, metrics: Mapping[str, float]) -> list[HealthWarning]:
