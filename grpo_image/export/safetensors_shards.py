@@ -13,8 +13,6 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from grpo_image.export.source_folders import INDEX
-
 Tensor = Callable[[], torch.Tensor]  # a tensor, produced when its shard is written
 
 
@@ -25,14 +23,16 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def write_shards(
     tensors: dict[str, tuple[Tensor, tuple[int, ...], torch.dtype]], folder: Path, max_shard_size: str | int = "5GB",
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str], None] = lambda line: None, stem: str = "model",
 ) -> list[Path]:
     """`tensors` (name -> (producer, shape, final dtype)) into `folder`/model.safetensors, or model-0000i-of-0000n
-    shards and model.safetensors.index.json when they are larger than one shard; returns the files written."""
+    shards and model.safetensors.index.json when they are larger than one shard; returns the files written.
+    `stem` names the files as the loading library expects them ("diffusion_pytorch_model" for diffusers' models)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     sizes = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (_, shape, dtype) in tensors.items()}
-    split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(sizes, filename_pattern=stem + "{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
     written = []
     for i, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         progress(f"writing {filename} ({i}/{len(split.filename_to_tensors)})")
@@ -42,6 +42,6 @@ def write_shards(
     if split.is_sharded:
         total = sum(t.numel() * t.element_size() for t in sizes.values())
         index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
-        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        written.append(folder / INDEX)
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(folder / f"{stem}.safetensors.index.json")
     return written

@@ -21,8 +21,6 @@ from grpo_image.policies.glm_image import AR_FOLDER, GlmImagePolicy
 from grpo_image.policies.janus import JanusPolicy
 from grpo_image.policies.xomni import XOmniPolicy
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 CONFIG = "config.json"
 
 
@@ -62,14 +60,16 @@ def check_source(source: Path, family: Family) -> None:
                           "the repository the pipeline loads")
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files (and their index) holding a model folder's weights."""
-    if (folder / INDEX).is_file():
-        shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-        return [folder / INDEX, *(folder / name for name in shards)]
-    if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
-    raise ExportError(f"{folder}: no {SINGLE} nor {INDEX}: the source's weights are in another format")
+def weight_files(folder: Path, stem: str = "model") -> list[Path]:
+    """The safetensors files (and their index) holding a model folder's weights: `stem`.safetensors or its shards
+    (transformers' stem is "model", diffusers' "diffusion_pytorch_model")."""
+    index, single = f"{stem}.safetensors.index.json", f"{stem}.safetensors"
+    if (folder / index).is_file():
+        shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        return [folder / index, *(folder / name for name in shards)]
+    if (folder / single).is_file():
+        return [folder / single]
+    raise ExportError(f"{folder}: no {single} nor {index}: the source's weights are in another format")
 
 
 def carry_files(source: Path, out: Path, replaced: set[Path], link: bool) -> list[Path]:
