@@ -10,6 +10,10 @@ loses only the final rounding in bfloat16. A causal LM built in memory (no sourc
 peft: the adapter alone, its `base_model_name_or_path` the source folder; a run that continued earlier stages, or
 trained full weights, has no adapter that stands alone and is refused.
 
+A run that trained the decoder too (decoder GRPO: the checkpoint holds `decoder/`) exports it as well: in auto, the
+decoder's transformer with its adapters merged, in the family's place for it; in peft, its adapter in `decoder/`
+(decoder_weights.py). Without `decoder/`, the decoder's files are carried as they are.
+
 Bad input is refused in one line before anything is written: a missing checkpoint or source folder, a source of
 another model, an output folder that is not empty, an unknown family. The export is written into a temporary folder
 beside `--out` and renamed at the end, so a failure never leaves a half-written model behind.
@@ -29,7 +33,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from grpo_image.base.config import import_dotted, instantiate
-from grpo_image.export.model_card import REWARD_CURVE, trainer_step, write_model_card
+from grpo_image.export.decoder_weights import (
+    DIFFUSERS_STEM, TrainedDecoder, check_decoder_source, decoder_folder, merged_tensors, peft_decoder_base,
+    trained_decoder, write_decoder_adapter,
+)
+from grpo_image.export.model_card import REWARD_CURVE, trained_row, trainer_step, write_model_card
 from grpo_image.export.safetensors_shards import cast, write_shards
 from grpo_image.export.source_folders import (
     CONFIG, FAMILIES, ExportError, Family, carry_files, check_source, rewrite_config, weight_files,
@@ -67,14 +75,18 @@ def export(
         cfg.policy.path = str(source)
     source = _source(cfg)
     stages = stage_folders(weights)
+    decoder = trained_decoder(checkpoint, cfg)
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        family, written_dtype = _write(cfg, weights, stages, source, partial, dtype, fmt, link, max_shard_size, say)
+        family, written_dtype, decoder_place = _write(cfg, weights, stages, source, partial, dtype, fmt, link,
+                                                      max_shard_size, say, decoder)
+        trained = trained_row(OmegaConf.select(cfg, "train.target", default="policy") if decoder else "policy",
+                              _mode(cfg), decoder.describe() if decoder else None, peft=fmt == "peft")
         write_model_card(
             partial, out, family=family, source=source, checkpoint=checkpoint, config_text=config_text,
-            steps=trainer_step(checkpoint), mode=_mode(cfg), stages=stages, dtype=written_dtype, name=out.name,
-            decoder=_decoder(cfg),
+            steps=trainer_step(checkpoint), mode=trained, stages=stages, dtype=written_dtype, name=out.name,
+            decoder=_decoder(cfg), decoder_export=decoder_place,
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a failed export leaves nothing behind
@@ -88,31 +100,47 @@ def export(
 
 def _write(
     cfg, weights: Path, stages: list[Path], source: Path | None, partial: Path, dtype: str, fmt: str, link: bool,
-    max_shard_size: str | int, say: Callable[[str], None],
-) -> tuple[Family | None, str | None]:
-    """The export's weights (and the files carried with them) into `partial`: (its family, its dtype), or
-    (None, None) for an adapter alone."""
+    max_shard_size: str | int, say: Callable[[str], None], decoder: TrainedDecoder | None = None,
+) -> tuple[Family | None, str | None, str | None]:
+    """The export's weights (and the files carried with them) into `partial`: (its family, its dtype, where the
+    trained decoder went), (None, None, ...) for an adapter alone."""
     if fmt == "peft":
         _refuse_unless_one_adapter(weights, stages)
+        base = peft_decoder_base(cfg, source, lambda: _family(cfg)) if decoder else None
         partial.mkdir(parents=True)
         _write_adapter(weights, partial, source)
-        return None, None
+        if decoder is not None:
+            write_decoder_adapter(decoder, partial / "decoder", base)
+        return None, None, f"`decoder/`: its peft adapter on `{base}`" if decoder else None
     family = _family(cfg)
     if source is not None:
         check_source(source, family)
         _warn_if_decoded_elsewhere(cfg, source, say)
-    elif family.name != "causal LM":
+    elif family.name != "causal LM" or decoder is not None:
         raise ExportError(f"the run's {family.name} policy was built in memory (no policy.path): there is no "
                           "source folder to export into")
+    merged = None
+    if decoder is not None:  # checked before anything is written
+        model_dir = decoder_folder(source, family)
+        check_decoder_source(cfg, model_dir)
+        merged = (model_dir, *merged_tensors(model_dir, decoder, getattr(torch, dtype)))
     say(f"rebuilding the trained model in float32 from {len(stages)} saved stage(s)")
     policy = _trained_policy(cfg, weights)
     partial.mkdir(parents=True)
     if source is None:
         state = {name: cast(value, getattr(torch, dtype)) for name, value in policy.model.state_dict().items()}
         policy.save_pretrained(partial, state_dict=state)
-    else:
-        _write_into_source(source, family, policy, partial, dtype, link, max_shard_size, say)
-    return family, dtype
+        return family, dtype, None
+    _write_into_source(source, family, policy, partial, dtype, link, max_shard_size, say,
+                       also_replaced=set(merged[1]) if merged else set())
+    if merged is None:
+        return family, dtype, None
+    model_dir, _, tensors = merged
+    folder = partial / model_dir.relative_to(source)
+    say(f"writing the trained decoder into {model_dir.relative_to(source)}/ (its adapters merged in float32)")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shards(tensors, folder, max_shard_size, say, stem=DIFFUSERS_STEM)
+    return family, dtype, f"`{model_dir.relative_to(source)}/`: the transformer with the run's adapters merged"
 
 
 def _source(cfg) -> Path | None:
@@ -150,9 +178,10 @@ def _trained_policy(cfg, weights: Path):
 
 def _write_into_source(
     source: Path, family: Family, policy, partial: Path, dtype: str, link: bool, max_shard_size: str | int,
-    say: Callable[[str], None],
+    say: Callable[[str], None], also_replaced: set[Path] = frozenset(),
 ) -> None:
-    """The source folder with the language model's weights and config replaced, the rest carried over.
+    """The source folder with the language model's weights and config replaced (and `also_replaced`, files another
+    part of the export writes), the rest carried over.
 
     Every tensor of the source's weights is written: the trained model's where it has one (same shape, or the
     source is another model), the source's own where it has none (a part the policy does not load). A trained tensor
@@ -179,7 +208,7 @@ def _write_into_source(
         raise ExportError(f"{model_dir}: has no tensor '{lacking[0]}' of the trained model ({len(lacking)} missing): "
                           "policy.path names another model than the run trained")
     say(f"carrying {source}'s other files ({'linked' if link else 'copied'})")
-    replaced = {*files, model_dir / CONFIG, source / "README.md", source / REWARD_CURVE}
+    replaced = {*files, model_dir / CONFIG, source / "README.md", source / REWARD_CURVE, *also_replaced}
     carry_files(source, partial, replaced, link)
     (partial / family.weights_folder).mkdir(parents=True, exist_ok=True)
     rewrite_config(model_dir / CONFIG, partial / family.weights_folder / CONFIG, dtype)

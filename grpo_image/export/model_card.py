@@ -46,6 +46,13 @@ tokenizer = AutoTokenizer.from_pretrained("{out}")
 from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, "{out}")  # base_model: loaded from base_model_name_or_path
 ```""",
+    "decoder adapter": """```python
+# the decoder's adapter, on its transformer (loaded from decoder/adapter_config.json's base_model_name_or_path)
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+inject_adapter_in_model(LoraConfig.from_pretrained("{out}/decoder"), transformer)
+set_peft_model_state_dict(transformer, load_file("{out}/decoder/adapter_model.safetensors"))
+```""",
 }
 
 
@@ -77,11 +84,25 @@ def reward_table(rows: list[dict]) -> list[tuple[str, float | None, float | None
     return table
 
 
+def trained_row(target: str, policy_mode: str, decoder_mode: str | None, *, peft: bool) -> str:
+    """What the run trained, from its `train.target`: a reader of the card must know whether the decoder beside the
+    language model is the source's or a trained one, and whether a policy adapter carries any training at all."""
+    if target == "decoder" and decoder_mode:
+        policy = ("its policy adapter, written as usual, is untrained (B zero)" if peft
+                  else "the policy is the source's, unchanged")
+        return f"the decoder only (train.target decoder): {decoder_mode}; {policy}"
+    if target == "both" and decoder_mode:
+        return f"the policy ({policy_mode}) and the decoder ({decoder_mode}) (train.target both)"
+    return f"the policy: {policy_mode}"
+
+
 def write_model_card(
     folder: Path, out: Path, *, family: Family | None, source: Path | None, checkpoint: Path, config_text: str, steps: int,
-    mode: str, stages: list[Path], dtype: str | None, name: str, decoder: str,
+    mode: str, stages: list[Path], dtype: str | None, name: str, decoder: str, decoder_export: str | None = None,
 ) -> Path:
-    """README.md (and the reward curve beside it) into `folder`, which becomes `out`; `family` None: an adapter."""
+    """README.md (and the reward curve beside it) into `folder`, which becomes `out`; `family` None: an adapter.
+    `mode`: what the run trained (`trained_row`); `decoder_export`: where the trained decoder is, if the run trained
+    one."""
     run_dir = checkpoint.parent.parent
     rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("step", 0) <= steps] \
         if (run_dir / "metrics.jsonl").is_file() else []
@@ -104,6 +125,7 @@ def write_model_card(
              f"| decoder the rewards saw | {decoder} |",
              f"| stages | {' → '.join(f'`{stage}`' for stage in stages)} |",
              f"| weights | {dtype} (adapters merged in float32, cast once) |" if dtype else "| weights | peft adapter |",
+             *([f"| trained decoder | {decoder_export} |"] if decoder_export else []),
              ""]
     table = reward_table(rows)
     if table:
@@ -112,6 +134,8 @@ def write_model_card(
         lines += [f"| {reward} | {_fmt(first)} | {_fmt(last)} |" for reward, first, last in table]
         lines.append("")
     lines += ["## Loading", "", LOADING[family.name if family else "adapter"].format(out="path/to/this/folder"), ""]
+    if decoder_export and not family:
+        lines += [LOADING["decoder adapter"].format(out="path/to/this/folder"), ""]
     lines += ["## Licences", "",
               f"- The weights derive from `{source.name if source else 'the base model'}`: "
               + (f"its model card states `license: {licence}`." if licence else
