@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # toy models: see conftest.p
 REPO = Path(__file__).resolve().parents[1]
 R, ALPHA = 4, 8  # the decoder's LoRA: scaling alpha / r = 2, so a merge that forgot it would be off by half
 STEP = "step_000002"
+LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.down_proj)"  # as test_export's
 
 
 def glm_recipe(root: Path, source: Path, target: str) -> Path:
@@ -55,7 +56,7 @@ def glm_recipe(root: Path, source: Path, target: str) -> Path:
                  "max_passes": 1000.0},
         "sampling": {"min_p": 0.03},
         "train": {"target": target, "mode": "lora", "lr": 1e-2, "minibatches": 2,
-                  "lora": {"target_regex": r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.down_proj)"}},
+                  "lora": {"target_regex": LM_TARGETS}},
         "decoder_train": {"group_size": 3, "num_inference_steps": 4, "window": 2, "lr": 1e-2,
                           "lora": {"r": R, "alpha": ALPHA}},
         "logging": {"tensorboard": False, "num_samples": 2},
@@ -95,7 +96,8 @@ def attached_transformer(source: Path, run: Path):
 
     decoder = GlmImageDecoder(str(source), num_inference_steps=1, dtype="float32", device="cpu")
     checkpoint = run / "checkpoints" / STEP
-    attach_trained_adapters(decoder, checkpoint / "decoder", OmegaConf.load(checkpoint / "config.yaml").decoder_train.lora)
+    lora = OmegaConf.load(checkpoint / "config.yaml").decoder_train.lora
+    attach_trained_adapters(decoder, checkpoint / "decoder", lora)
     return decoder.pipe.transformer.eval()
 
 
@@ -283,7 +285,9 @@ def test_the_xomni_merge_writes_the_decoder_subfolder_its_config_names(tmp_path)
     (tmp_path / "out").mkdir()
     write_shards(tensors, tmp_path / "out", max_shard_size="100KB", stem=DIFFUSERS_STEM)  # the 0.5 MB source in shards
     index = json.loads((tmp_path / "out" / f"{DIFFUSERS_STEM}.safetensors.index.json").read_text())
-    merged = {k: v for shard in sorted(set(index["weight_map"].values())) for k, v in load_file(tmp_path / "out" / shard).items()}
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    merged = {k: v for shard in shards for k, v in load_file(tmp_path / "out" / shard).items()}
     with safe_open(reference / f"{DIFFUSERS_STEM}.safetensors", "pt") as handle:
         original = {name: handle.get_tensor(name) for name in handle.keys()}
     assert merged.keys() == original.keys()
