@@ -17,6 +17,7 @@ from grpo_image.base.config import load_recipe
 from grpo_image.planning.decoder_sizes import decoder_shape
 from grpo_image.planning.decoder_training import lora_params, train_activation_bytes
 from grpo_image.planning.memory_plan import plan_recipe
+from grpo_image.planning.resume_plan import resume_rows
 from tests.test_memory_plan import REPO, peak_bytes
 
 PROMPT = 'a sign that says "OPEN"'  # 4 quoted bytes and an end id: 5 glyph tokens
@@ -184,6 +185,13 @@ def test_the_plan_moves_the_decoder_from_the_reward_workers_to_the_trainer(toy_d
                 "decoder_train.guidance_scale=1", "decoder_train.lora.r"):
         assert key in out, key
     assert "decoder_train.window=" not in out  # not a key that shrinks the update
+    # a checkpoint's decoder/ holds the adapters and AdamW's two moments, fp32 each, written once, read by all
+    resume = {label.strip(): value for label, value, _ in resume_rows(both.policy, both.setup, dt.adapters)}
+    alone = {label.strip(): value for label, value, _ in resume_rows(both.policy, both.setup)}
+    assert resume["of which the decoder's adapters and AdamW state (fp32 x 3)"] == 12 * lora_params(d, 64)
+    for label in ("checkpoint on disk: weights and AdamW state, all processes", "read by each process on resume"):
+        assert resume[label] == alone[label] + 12 * lora_params(d, 64)
+    assert "decoder/: adapter_model.safetensors, optimizer.pt" in out
 
 
 XOMNI = "grpo_image.decoders.xomni_flux.XOmniFluxDecoder"

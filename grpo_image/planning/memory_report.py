@@ -98,7 +98,7 @@ def _worker_lines(plan: Plan, scale: float, unit: str) -> list[str]:
 
 def _resume_lines(plan: Plan) -> list[str]:
     """The checkpoint's size and the host memory (not the GPU's) a resume needs, per process and per node."""
-    rows = resume_rows(plan.policy, plan.setup)
+    rows = resume_rows(plan.policy, plan.setup, plan.decoder_train.adapters if plan.decoder_train else 0)
     scale, unit = (GIB, "GiB") if max(b for _, b, _ in rows) >= GIB else (2**20, "MiB")
     return [""] + _table("checkpoints and resume (disk and host memory)", rows, scale, unit)
 
