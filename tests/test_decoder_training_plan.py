@@ -101,9 +101,8 @@ def toy_glm_decoder(guidance_scale: float, max_batch_size: int, layers: int, dev
     return GlmImageDecoder.from_pipeline(toy_pipeline(layers), 10, guidance_scale, max_batch_size, device)
 
 
-def update_peak(decoder: dict, rows: int, guidance: float, checkpointing: bool, grid, codes_max: int) -> int:
-    """The peak of DecoderTrainer.update over one decoder batch of `rows` decodes of one code sample, window 2:
-    the trainer's own per-step loop (each window step's forward and backward in turn), adapters (r 8) and AdamW."""
+def toy_trainer(decoder: dict, rows: int, guidance: float, checkpointing: bool):
+    """A DecoderTrainer as a run builds it (adapters r 8, AdamW) for decoder batches of `rows` decodes, window 2."""
     from omegaconf import OmegaConf
 
     from grpo_image.base.config import DEFAULTS_PATH
@@ -113,11 +112,16 @@ def update_peak(decoder: dict, rows: int, guidance: float, checkpointing: bool, 
     train = OmegaConf.load(DEFAULTS_PATH).decoder_train
     train.merge_with({"group_size": rows, "num_inference_steps": 10, "window": 2, "guidance_scale": guidance,
                       "gradient_checkpointing": checkpointing, "minibatches": 1, "lora": {"r": 8, "alpha": 16}})
-    cfg = OmegaConf.create({"seed": 0, "decoder": decoder, "decoder_train": train})
+    return DecoderTrainer(OmegaConf.create({"seed": 0, "decoder": decoder, "decoder_train": train}), World())
+
+
+def update_peak(decoder: dict, rows: int, guidance: float, checkpointing: bool, grid, codes_max: int) -> int:
+    """The peak of DecoderTrainer.update over one decoder batch of `rows` decodes of one code sample, window 2:
+    the trainer's own per-step loop (each window step's forward and backward in turn), adapters (r 8) and AdamW."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small calls: extra threads only wait on each other
     try:
-        trainer = DecoderTrainer(cfg, World())
+        trainer = toy_trainer(decoder, rows, guidance, checkpointing)
         codes = torch.randint(0, codes_max, (1, grid[0] * grid[1]), generator=torch.Generator().manual_seed(0))
         _, chunks = trainer.rollout(0, codes, [PROMPT], grid, torch.arange(rows))  # one chunk: the batch
         advantages = torch.linspace(-1.0, 1.0, rows)  # [rows]
@@ -147,6 +151,30 @@ def test_one_window_step_is_within_15_percent_of_the_measured_peak(toy_dits, row
     planned = train_activation_bytes(shape, rows, 8, guidance > 1, checkpointing)
     assert measured > 8 * 2**20  # large enough that allocator noise is small
     assert planned == pytest.approx(measured, rel=0.15), (planned, measured)
+
+
+def test_a_checkpoints_decoder_folder_is_what_the_resume_rows_count(toy_dit, tmp_path):
+    """decoder/ after an update: the adapters and AdamW's two moments, fp32 each (12 bytes a parameter), besides the
+    files' headers and the optimizer's step counts and hyperparameters (22 KiB here; allowed 64 KiB)."""
+    node = {"_component_": "tests.test_decoder_training_plan.toy_glm_decoder", "guidance_scale": 1.0,
+            "max_batch_size": 1, "layers": 2}  # fmt: skip
+    trainer = toy_trainer(node, 1, 1.0, False)
+    _, chunks = trainer.rollout(0, torch.zeros(1, GRID[0] * GRID[1], dtype=torch.long), [PROMPT], GRID,
+                                torch.arange(1))  # fmt: skip
+    trainer.update(chunks, torch.ones(1))
+    trainer.save(tmp_path / "decoder")
+    written = sum(f.stat().st_size for f in (tmp_path / "decoder").iterdir())
+    shape = decoder_shape({"_component_": NODE, "path": str(toy_dit)}, GRID, [PROMPT])
+    rows = {label.strip(): value for label, value, _ in resume_rows(*plan_parts(), lora_params(shape, 8))}
+    counted = rows["of which the decoder's adapters and AdamW state (fp32 x 3)"]
+    assert counted == 12 * sum(p.numel() for p in trainer.params)
+    assert 0 <= written - counted <= 64 * 2**10, (written, counted)
+
+
+def plan_parts():
+    """A policy shape and setup to hand resume_rows (the tiny recipe's: the decoder's rows do not depend on them)."""
+    plan = plan_recipe(load_recipe(str(REPO / "recipes" / "tiny_cpu.yaml")), "tiny")
+    return plan.policy, plan.setup
 
 
 def test_the_plan_moves_the_decoder_from_the_reward_workers_to_the_trainer(toy_dit, monkeypatch, capsys):

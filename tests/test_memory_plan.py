@@ -228,8 +228,8 @@ def real_recipe(name: str, root: Path) -> list[str]:
             f"decoder.flux_path={root / 'FLUX.1-dev'}"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "xomni_en_decoder", "janus_pro_7b",
-                                  "glm_image_lora", "glm_image_full", "glm_image_decoupled"])  # fmt: skip
+@pytest.mark.parametrize("name", ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "xomni_en_decoder",
+                                  "janus_pro_7b", "glm_image_lora", "glm_image_full", "glm_image_decoupled"])  # fmt: skip
 def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name their prompt sets relative to the repository
     plan = plan_recipe(load_recipe(f"recipes/{name}.yaml", real_recipe(name, published)), name)
