@@ -228,8 +228,8 @@ def real_recipe(name: str, root: Path) -> list[str]:
             f"decoder.flux_path={root / 'FLUX.1-dev'}"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "janus_pro_7b", "glm_image_lora",
-                                  "glm_image_full", "glm_image_decoupled"])  # fmt: skip
+@pytest.mark.parametrize("name", ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "xomni_en_decoder",
+                                  "janus_pro_7b", "glm_image_lora", "glm_image_full", "glm_image_decoupled"])  # fmt: skip
 def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name their prompt sets relative to the repository
     plan = plan_recipe(load_recipe(f"recipes/{name}.yaml", real_recipe(name, published)), name)
@@ -242,6 +242,15 @@ def test_each_real_recipe_fits_the_gpus_it_names(name, published, monkeypatch):
         assert kv_bytes_per_token(p, plan.setup.mode) == 36 * 4 * 128 * (2 + (4 if plan.setup.mode == "full" else 2))
         if name == "xomni_zh_stage":  # the English stage's adapter, not written yet: assumed of this recipe's shape
             assert plan.held["weights"] == 2 * p.params + 4 * 2 * p.lora_params
+        if name == "xomni_en_decoder":  # FLUX.1-dev's transformer trains on the one training process
+            d = plan.decoder
+            # r 64 (in + out) on 19 double blocks (both streams' q, k, v, out: 3072 -> 3072; their MLPs: 3072 ->
+            # 12288 -> 3072) and 38 single blocks (q, k, v; proj_mlp 3072 -> 12288; proj_out 15360 -> 3072)
+            double, single = 8 * 6144 + 4 * 15360, 3 * 6144 + 15360 + 18432
+            assert plan.decoder_train.adapters == 64 * (19 * double + 38 * single) == 261_488_640
+            assert plan.decoder_train.resident - sum(part.bytes for part in d.parts) == 16 * 261_488_640
+            assert d.tokens == 4096 + 512 and plan.decoder_train.guided  # X-Omni-En's true CFG: counted
+            assert plan.decoder_train.checkpointing and not any("transformer" in row[0] for row in plan.worker_rows)
     elif name.startswith("glm_image"):
         # 40 GLM-4 layers of 203,969,024 (q and k, v with biases, o, gate_up of 2 x 13,696, down, 4 norms), the
         # 168,064-row embedding and the final norm; the 16,512-row head; the vision encoder and the VQ tokenizer

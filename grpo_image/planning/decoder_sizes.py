@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_image.base.config import COMPONENT_KEY, import_dotted
+from grpo_image.planning.decoder_blocks import BlockKind, adapted_linears, flux_blocks, glm_image_blocks
 from grpo_image.planning.model_sizes import (
     DTYPE_BYTES, component_args, config_json, default_of, meta_build, param_count, plain_node,
 )
@@ -72,16 +73,21 @@ class DecoderShape:
     levels: tuple[tuple[int, int, int], ...] = ()
     note: str = ""
     # what decoder GRPO trains (a DiT a training process holds, grpo_image.planning.decoder_training): the transformer's
-    # blocks and heads, its image tokens per image (without the text's), the elements of one image's latents (what a
-    # window stores per step), the width of the conditioning embeddings it keeps per decoder batch, the decoder's own
-    # guidance scale, and the (in, out) features of each Linear the family's LoRA regex adapts (None: no regex known)
-    blocks: int = 0
+    # kinds of blocks and heads, its image tokens per image (without the text's), the elements of one image's latents
+    # (what a window stores per step), the width of the conditioning embeddings it keeps per decoder batch, the
+    # decoder's own guidance scale (inf: above 1, value unknown), and the (in, out) features of each Linear the
+    # family's LoRA regex adapts (None: no regex known)
+    block_kinds: tuple[BlockKind, ...] = ()
     heads: int = 0
     image_tokens: int = 0
     latent_elements: int = 0
     text_width: int = 0
     guidance_scale: float = 1.0
     adapted: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def blocks(self) -> int:
+        return sum(kind.count for kind in self.block_kinds)
 
 
 def decoder_shape(decoder_node, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
@@ -147,19 +153,26 @@ def _xomni_flux(args: dict, positions: int) -> DecoderShape:
         encoder = args.get("text_encoder") or flux
         if encoder and Path(str(encoder)).is_file():
             parts.append(Part("prompt embeddings: precomputed, on the CPU", 0, 1))
+            text_tokens = _embeds_length(encoder)
         else:
             parts.extend(_flux_text_encoders(encoder, DTYPE_BYTES[dtype], notes))
     latents = 4 * positions  # 2 x 2 latent pixels per code
+    cfg_scale = args.get("cfg_scale") or vision.get("decoder", {}).get("cfg_scale")
+    if cfg_scale is None and variant == "en":  # X-Omni-En's pipeline asserts true CFG (> 1): 2 rows a call
+        notes.append("cfg_scale: none in the folder's config; X-Omni-En's pipeline requires one above 1, so "
+                     "guidance is counted")
+    from grpo_image.decoders.xomni_flux_flow import FLUX_LORA_TARGETS
+
     return DecoderShape(
         name=f"X-Omni FLUX decoder ({variant})", parts=tuple(parts), dtype_bytes=DTYPE_BYTES[dtype], kind="dit",
         max_batch_size=args.get("max_batch_size", default_of(XOmniFluxDecoder, "max_batch_size")),
         inner=transformer.inner_dim, tokens=positions + text_tokens, rows_per_image=2,
         levels=_up_levels(vae.config.block_out_channels, latents), note="; ".join(notes),
-        blocks=transformer.config.num_layers + transformer.config.num_single_layers,
+        block_kinds=flux_blocks(transformer, FLUX_LORA_TARGETS, variant),
         heads=transformer.config.num_attention_heads, image_tokens=positions, latent_elements=16 * latents,
         text_width=transformer.config.joint_attention_dim if text_tokens else 0,
-        guidance_scale=float(args.get("cfg_scale") or vision.get("decoder", {}).get("cfg_scale") or 1.0),
-        adapted=None,  # no LoRA regex for X-Omni's transformer here: decoder GRPO's adapters are not counted
+        guidance_scale=float(cfg_scale or (math.inf if variant == "en" else 1.0)),
+        adapted=adapted_linears(transformer, FLUX_LORA_TARGETS),
     )  # fmt: skip
 
 
@@ -206,22 +219,12 @@ def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> Decoder
         inner=config.num_attention_heads * config.attention_head_dim, tokens=image_tokens + glyph_tokens(prompts),
         rows_per_image=1, vae_batched=True,
         levels=_up_levels(vae.config.block_out_channels, image_tokens * config.patch_size**2), note="; ".join(notes),
-        blocks=config.num_layers, heads=config.num_attention_heads, image_tokens=image_tokens,
+        block_kinds=glm_image_blocks(transformer, DIT_LORA_TARGETS),
+        heads=config.num_attention_heads, image_tokens=image_tokens,
         latent_elements=image_tokens * config.patch_size**2 * config.in_channels, text_width=config.text_embed_dim,
         guidance_scale=float(args.get("guidance_scale", default_of(GlmImageDecoder, "guidance_scale"))),
         adapted=adapted_linears(transformer, DIT_LORA_TARGETS),
     )  # fmt: skip
-
-
-def adapted_linears(transformer, targets: str) -> tuple[tuple[int, int], ...]:
-    """(in, out) features of each Linear whose full name matches the LoRA regex `targets` as peft matches a string
-    (the whole name): decoder GRPO's adapters, counted exactly from the module shapes on the meta device."""
-    import re
-
-    from torch import nn
-
-    return tuple((m.in_features, m.out_features) for name, m in transformer.named_modules()
-                 if isinstance(m, nn.Linear) and re.fullmatch(targets, name))  # fmt: skip
 
 
 def glyph_tokens(prompts: list[str]) -> int:
@@ -260,6 +263,14 @@ def _flux_text_encoders(folder, dtype_bytes: int, notes: list[str]) -> list[Part
             notes.append(f"{label}: published configuration")
         parts.append(Part(label, param_count(meta_build(lambda: model_cls(config))), dtype_bytes))
     return parts
+
+
+def _embeds_length(path) -> int:
+    """The text tokens of a precomputed prompt-embeddings file (`save_prompt_embeds`: prompt_embeds [P, S, J])."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as embeds:
+        return int(embeds.get_slice("prompt_embeds").get_shape()[1])
 
 
 def _projector_params(path) -> tuple[int, int]:

@@ -11,7 +11,8 @@ What that process holds, term by term (the decoder's shape from grpo_image.plann
   B*K*G/W decodes' window latents, fp32 [window + 1, latent], their log-probs, and per decoder batch the conditioning
   its velocity keeps (the glyph embeddings of the prompt, and of the empty text under guidance; the prior codes);
 - the decodes: one call of a decoder batch without grad (`decode_bytes`);
-- the update: one decoder batch's forward and backward (`train_activation_bytes`).
+- the update: one window step's forward and backward of a decoder batch (`train_activation_bytes`), with or without
+  the DiT's gradient checkpointing (decoder_train.gradient_checkpointing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from grpo_image.planning.decoder_blocks import BlockKind
 from grpo_image.planning.decoder_sizes import DecoderShape
 
 if TYPE_CHECKING:
@@ -60,33 +62,51 @@ def pass_tokens(d: DecoderShape, guided: bool) -> int:
     return 2 * d.tokens if d.rows_per_image == 2 else d.tokens + d.image_tokens + 1
 
 
-def train_activation_bytes(d: DecoderShape, rows: int, r: int, window: int, guided: bool) -> float:
-    """One decoder batch's forward and backward: `rows` decodes, `window` steps, each velocity's passes with grad.
-
-    The training pass computes every window step's log-prob (each running the transformer once, or twice under
-    guidance) before one backward, so autograd keeps all of them at once. Per token and block of a DiT whose frozen
-    base computes in a low-precision dtype (b bytes) under fp32 adapters, as GLM-Image's block keeps them:
-    - the inputs of its LayerNorms: the block's AdaLN norm and the MLP's (2 b H), the q and k norms (2 b H), and their
-      fp32 mean and rstd (8 per row: 2 norms, and 2 x heads for q and k);
-    - SDPA's query, key, value and output (4 b H) and its fp32 log-sum-exp (4 x heads);
-    - the MLP's GELU input, 4H wide (4 b H); the frozen Linears keep nothing (their weights need no gradient);
-    - each adapter's fp32 copy of its input (peft casts it: q, k, v and out read H, the MLP's in H and out 4H: 36 H
-      bytes in GLM-Image's block), read from the regex's Linears, and its fp32 rank-r output (4 r).
-    That is 60 H + 24 r + 20 heads + 16 bytes per token and block for GLM-Image. On top, the backward's working set
-    of one call: the MLP's 4H-wide gradients at once (the adapter's fp32, the base's, GELU's and their sum: 40 H bytes
-    a token in bf16). Not counted: the embedders and the output head (one block's worth or less; the first block's
-    input needs no gradient either), the scheduler step's latent-sized tensors (a few MiB), and a fp32 base (each
-    adapter is counted with its own copy of its input, an overcount of up to 12 H a token).
-    The estimate lay within 7% of the peak measured on the CPU for a toy DiT (tests/test_decoder_training_plan.py
-    allows 15%).
-    """
+def block_bytes(d: DecoderShape, kind: BlockKind, r: int) -> int:
+    """What one block of `kind` keeps for its backward, per token (grpo_image.planning.decoder_sizes.BlockKind):
+    its own tensors, and each adapter's fp32 copy of its input (peft casts it when the base computes in a lower
+    precision) and fp32 rank-r output."""
     b, h = d.dtype_bytes, d.inner
     cast = 4 if b < 4 else 0
-    adapters = sum(cast * fan_in + 4 * r for fan_in, _ in d.adapted or ())  # all blocks' adapters, per token
-    per_token = d.blocks * (12 * b * h + 20 * d.heads + 16) + adapters
-    tokens = rows * pass_tokens(d, guided)  # one window step's, passes summed
-    working = rows * d.tokens * (16 * h + 3 * 4 * b * h)
-    return window * tokens * per_token + working
+    adapters = sum(cast * fan_in + 4 * r for fan_in, _ in kind.adapted)
+    return kind.low * b * h + kind.fp32 * 4 * h + 4 * kind.scalars + adapters
+
+
+def backward_bytes(d: DecoderShape, kind: BlockKind) -> int:
+    """The backward's working set in a block of `kind`, per token: its widest adapted Linear's input gradients at once
+    (the fp32 adapter's, the base's, that of the cast back to the compute dtype and their sum: 4 + 3 b bytes per
+    unit of width; GLM-Image's and FLUX's MLP are 4H wide, FLUX's single-block proj_out reads 5H)."""
+    return max((max(shape) for shape in kind.adapted), default=4 * d.inner) * (4 + 3 * d.dtype_bytes)
+
+
+def train_activation_bytes(d: DecoderShape, rows: int, r: int, guided: bool, checkpointing: bool = False) -> float:
+    """One window step's forward and backward for a decoder batch of `rows` decodes (DecoderTrainer.update runs the
+    window's steps one after the other, each its own term of the loss, so one step's graph is held at a time).
+
+    The step's velocity runs the transformer once, or twice under guidance (GLM-Image: two calls in turn, both
+    graphs kept for the one backward; X-Omni: one call on 2 rows a decode). Without gradient checkpointing every
+    block keeps what its backward needs (`block_bytes`: about 60 H + 24 r bytes a token in GLM-Image's and FLUX's
+    blocks at bf16), and the backward of one call adds the working set of its widest block (`backward_bytes`). With
+    decoder_train.gradient_checkpointing each block keeps only its input in the compute dtype (b H a token: a
+    two-stream block's two inputs, one per token), and the backward recomputes one block of one call at a time,
+    whole, beside its working set.
+    Not counted: the embedders and the output head (less than one block's worth; the first block's input needs no
+    gradient either), RoPE's cos/sin and the conditioning (shared by the blocks), the scheduler step's latent-sized
+    tensors (a few MiB), and a fp32 base's exact sharing of inputs between its Linears and their adapters. Counted
+    above what is: FLUX's single block releases each adapter's saved fp32 input as its backward makes that input's
+    gradient, so its working set is below `backward_bytes`. tests/test_decoder_training_plan.py measures a toy
+    GLM-Image DiT and a toy X-Omni FLUX transformer (bf16 base, fp32 adapters) through the per-step update, with and
+    without checkpointing: GLM-Image's within 4% of the peak, X-Omni's 4 to 10% above it.
+    """
+    b, h = d.dtype_bytes, d.inner
+    kept_tokens = rows * pass_tokens(d, guided)  # every transformer call of the step, passes summed
+    call_tokens = rows * (pass_tokens(d, guided) if d.rows_per_image == 2 else d.tokens)  # the largest one call
+    kinds = [kind for kind in d.block_kinds if kind.count]
+    if not checkpointing:
+        kept = kept_tokens * sum(kind.count * block_bytes(d, kind, r) for kind in kinds)
+        return kept + call_tokens * max((backward_bytes(d, kind) for kind in kinds), default=0)
+    recomputed = max((block_bytes(d, kind, r) + backward_bytes(d, kind) for kind in kinds), default=0)
+    return kept_tokens * d.blocks * b * h + call_tokens * recomputed
 
 
 @dataclass(frozen=True)
@@ -98,12 +118,13 @@ class DecoderTraining:
     startup: float  # what building it adds before the first step: weights and adapters
     kept: float  # window latents, log-probs and conditioning, from the decodes to the decoder's update
     decode: float  # one no-grad call of a decoder batch
-    update: float  # one decoder batch's forward and backward
+    update: float  # one window step's forward and backward of a decoder batch, as the recipe runs it
     batch: int  # decodes per decoder batch
-    per_decode: float  # the update's bytes per decode of a batch (it is linear in the batch)
+    per_decode: dict[bool, float]  # checkpointing off / on -> the update's bytes per decode (linear in the batch)
     guided: bool
-    window: int
+    checkpointing: bool  # decoder_train.gradient_checkpointing
     lora_r: int
+    adapters: int  # the adapters' parameters (what a checkpoint's decoder/ holds, with AdamW's two moments)
 
 
 def decoder_training(d: DecoderShape, cfg: DictConfig, rollouts: int) -> DecoderTraining:
@@ -121,8 +142,9 @@ def decoder_training(d: DecoderShape, cfg: DictConfig, rollouts: int) -> Decoder
     text_rows = (d.tokens - d.image_tokens) + (1 if guided and d.rows_per_image == 1 else 0)
     conditioning = decodes * (text_rows * d.text_width * d.dtype_bytes + 8 * d.image_tokens)  # embeddings, int64 ids
     decode = decode_bytes(d, batch)
-    update = train_activation_bytes(d, batch, r, window, guided)
-    what = f"{window} window steps x {'2 passes (guidance)' if guided else '1 pass'}"
+    checkpointing = bool(train.get("gradient_checkpointing", False))
+    updates = {c: train_activation_bytes(d, batch, r, guided, c) for c in (False, True)}
+    what = f"{batch} decode{'s' if batch > 1 else ''} x {'2 passes (CFG)' if guided else '1 pass'}"
     regex = "" if d.adapted is not None else "not counted: no LoRA regex known for this decoder"
     rows = [(f"decoder: {part.name}", float(part.bytes), "") for part in d.parts] + [
         (f"decoder adapters (fp32, r {r})", 4.0 * adapters, regex or f"{adapters / 1e6:.1f} M parameters"),
@@ -131,13 +153,16 @@ def decoder_training(d: DecoderShape, cfg: DictConfig, rollouts: int) -> Decoder
         (f"decoder window latents ({decodes} decodes x {window + 1} x {d.latent_elements:,}, fp32)", float(latents),
          "from the decodes to the decoder's update"),
         ("decoder conditioning kept per decoder batch", float(conditioning), "glyph/text embeddings, prior codes"),
-        (f"decoder rollout call of {batch} decodes (no grad)", decode, "decoder's max_batch_size"),
-        (f"decoder forward+backward of {batch} decodes ({what})", update, "one decoder batch at a time"),
-    ]  # fmt: skip
+        (f"decoder rollout call of {batch} decode{'s' if batch > 1 else ''} (no grad)", decode,
+         "decoder's max_batch_size"),
+    ] + [(f"decoder forward+backward, {what}{', checkpointed' if c else ''}", updates[c],
+          f"a window step, {'with' if c else 'no'} checkpointing{' <- the recipe' if c == checkpointing else ''}")
+         for c in (False, True)]  # fmt: skip
     return DecoderTraining(
         rows=rows, resident=weights + 16.0 * adapters, startup=weights + 4.0 * adapters,
-        kept=float(latents + conditioning), decode=decode, update=update, batch=batch,
-        per_decode=update / batch if batch else math.inf, guided=guided, window=window, lora_r=r,
+        kept=float(latents + conditioning), decode=decode, update=updates[checkpointing], batch=batch,
+        per_decode={c: updates[c] / batch if batch else math.inf for c in updates}, guided=guided,
+        checkpointing=checkpointing, lora_r=r, adapters=adapters,
     )  # fmt: skip
 
 
@@ -173,8 +198,9 @@ def add_decoder_training(plan: Plan, cfg: DictConfig) -> None:
     plan.resident = resident
 
 
-def largest_decoder_batch(plan: Plan) -> int:
-    """The most decodes per decoder batch whose forward and backward fit beside what the process holds then."""
+def largest_decoder_batch(plan: Plan, checkpointing: bool) -> int:
+    """The most decodes per decoder batch whose window step's forward and backward fit beside what the process holds
+    then, with decoder_train.gradient_checkpointing off or on."""
     dt = plan.decoder_train
-    room = plan.usable - (plan.phases["decoder update"] - dt.update)
-    return max(0, min(dt.batch, int(room // dt.per_decode))) if dt.per_decode > 0 else dt.batch
+    room, per_decode = plan.usable - (plan.phases["decoder update"] - dt.update), dt.per_decode[checkpointing]
+    return max(0, min(dt.batch, int(room // per_decode))) if per_decode > 0 else dt.batch

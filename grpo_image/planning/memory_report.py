@@ -98,7 +98,7 @@ def _worker_lines(plan: Plan, scale: float, unit: str) -> list[str]:
 
 def _resume_lines(plan: Plan) -> list[str]:
     """The checkpoint's size and the host memory (not the GPU's) a resume needs, per process and per node."""
-    rows = resume_rows(plan.policy, plan.setup)
+    rows = resume_rows(plan.policy, plan.setup, plan.decoder_train.adapters if plan.decoder_train else 0)
     scale, unit = (GIB, "GiB") if max(b for _, b, _ in rows) >= GIB else (2**20, "MiB")
     return [""] + _table("checkpoints and resume (disk and host memory)", rows, scale, unit)
 
@@ -141,23 +141,26 @@ def plan_advice(plan: Plan) -> list[str]:
 
 
 def decoder_advice(plan: Plan) -> list[str]:
-    """The keys that shrink decoder GRPO's phases: decodes per decoder batch (the decoder's max_batch_size), one
-    pass instead of two (decoder_train.guidance_scale 1), fewer window steps, a smaller adapter rank."""
+    """The keys that shrink decoder GRPO's phases: the DiT's gradient checkpointing, decodes per decoder batch (the
+    decoder's max_batch_size), one pass instead of two (decoder_train.guidance_scale 1), a smaller adapter rank. The
+    window is not among them: its steps run their forward and backward one at a time."""
     dt, advice = plan.decoder_train, []
     if plan.phases["decoder rollout"] > plan.usable:
         advice.append(f"decoder rollouts: {size(plan.phases['decoder rollout'])} with the window latents of "
                       f"this process's decodes: lower decoder.max_batch_size, or use more processes (hardware.gpus)")
     if plan.phases["decoder update"] > plan.usable:
-        largest = largest_decoder_batch(plan)
+        largest = largest_decoder_batch(plan, dt.checkpointing)
         keys = [f"set decoder.max_batch_size <= {largest}" if largest else "even one decode per decoder batch "
                 "does not fit"]  # fmt: skip
+        if not dt.checkpointing:
+            on = largest_decoder_batch(plan, True)
+            keys.append("decoder_train.gradient_checkpointing=true (each DiT block keeps only its input)"
+                        + (f" with decoder.max_batch_size <= {on}" if on else ""))
         if dt.guided:
-            keys.append("decoder_train.guidance_scale=1 (one transformer pass a step instead of two: half)")
-        if dt.window > 1:
-            keys.append(f"decoder_train.window={dt.window - 1} (fewer steps kept for the backward)")
+            keys.append("decoder_train.guidance_scale=1 (one transformer pass a step instead of two)")
         keys.append(f"a smaller decoder_train.lora.r (now {dt.lora_r}: adapters, their gradients and AdamW, and "
                     "their fp32 activations)")
-        advice.append(f"decoder update: one decoder batch's forward and backward of {dt.batch} decodes needs "
+        advice.append(f"decoder update: one window step's forward and backward of {dt.batch} decodes needs "
                       f"{size(dt.update)}: {'; or '.join(keys)}")
     return advice
 
