@@ -147,3 +147,23 @@ def test_recipes_that_cannot_train_the_decoder_are_refused(tmp_path, capsys, cha
     recipe = write_recipe(tmp_path, **change)
     assert main(["validate", str(recipe)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_stage_continues_the_decoder_its_run_trained_and_policy_only_stages_are_refused(tmp_path, capsys):
+    """train.init_from of a run that trained the decoder: the next stage's decoder adapters start from it (a run with
+    train.target policy would have its workers decode with the untrained decoder, so it is refused)."""
+    from grpo_image.training.decoder_grpo import DecoderTrainer
+    from grpo_image.training.distributed import World
+
+    first = tmp_path / "first"
+    recipe = write_recipe(tmp_path, train={"target": "decoder"})
+    assert main(["train", str(recipe), f"output_dir={first}", "steps=1"]) == 0
+    saved = load_file(first / "checkpoints" / "step_000001" / "decoder" / "adapter_model.safetensors")
+    cfg = load_recipe(recipe, [f"train.init_from={first}", f"output_dir={tmp_path / 'second'}"])
+    from grpo_image.decoders.flow_lora import adapter_state
+
+    continued = adapter_state(DecoderTrainer(cfg, World()).flow.transformer)
+    assert continued.keys() == saved.keys() and all(torch.equal(continued[k], saved[k]) for k in saved)
+    refused = write_recipe(tmp_path, train={"target": "policy", "init_from": str(first)})
+    assert main(["validate", str(refused)]) == 2
+    assert "trained the decoder too" in capsys.readouterr().err

@@ -23,8 +23,7 @@ from grpo_image.training.distributed import training_device
 from grpo_image.base.image_files import image_name, save_images
 from grpo_image.base.progress import progress
 from grpo_image.evaluation.longtext import is_longtext_file, read_longtext
-from grpo_image.training.checkpoint import DECODER
-from grpo_image.training.decoder_grpo import attach_trained_adapters
+from grpo_image.training.decoder_grpo import attach_trained_adapters, trained_decoder_folder
 from grpo_image.training.saved_weights import load_stages, policy_folder
 from grpo_image.core.sampling import SamplingSettings, resolve_checkpoint_sampling, sample_codes
 from grpo_image.core.seeding import STREAM_EVAL_DECODE, STREAM_EVAL_SAMPLE, derive_seeds
@@ -62,15 +61,15 @@ def load_policy(cfg: DictConfig, checkpoint: str | Path | None = None):
 
 
 def load_decoder(cfg: DictConfig, checkpoint: str | Path | None = None):
-    """The recipe's decoder; with a checkpoint whose run trained the decoder too (a `decoder/` beside its `policy/`),
-    that run's decoder adapters on it, so images are decoded as the run's last step decoded them."""
+    """The recipe's decoder; from a checkpoint whose run trained the decoder too (a `decoder/` beside its `policy/`;
+    without a checkpoint, the recipe's `train.init_from`), that run's decoder adapters on it, so that images are
+    decoded as the run's last step decoded them."""
     decoder = instantiate(cfg.decoder)
-    if checkpoint is None:
-        return decoder
-    step = policy_folder(checkpoint).parent
-    if (step / DECODER).is_dir():
-        trained = OmegaConf.load(step / "config.yaml")
-        attach_trained_adapters(decoder, step / DECODER, trained.decoder_train.lora)
+    source = checkpoint if checkpoint is not None else OmegaConf.select(cfg, "train.init_from", default=None)
+    folder = trained_decoder_folder(source)
+    if folder is not None:
+        trained = OmegaConf.load(folder.parent / "config.yaml")
+        attach_trained_adapters(decoder, folder, trained.decoder_train.lora)
     return decoder
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from grpo_image.core.flow_loss import flow_grpo_loss
 from grpo_image.core.flow_window import WindowRollout, denoise_with_window, window_start, window_step_logprob
 from grpo_image.decoders.flow_lora import adapter_state, adapters_disabled, add_decoder_lora, load_adapter_state
 from grpo_image.decoders.glm_image import prompt_runs
+from grpo_image.training.checkpoint import DECODER, WEIGHTS
 from grpo_image.training.distributed import World, all_ranks_agree, average_replicated_gradients, clip_gradients
+from grpo_image.training.saved_weights import policy_folder
 
 ADAPTER_FILE, OPTIMIZER_FILE = "adapter_model.safetensors", "optimizer.pt"
 
@@ -68,6 +71,9 @@ class DecoderTrainer:
             torch.manual_seed(cfg.seed + 1)  # the adapters' A matrices: the same on every process, on its device
             self.params = add_decoder_lora(self.flow.transformer, r=lora.r, alpha=lora.alpha,
                                            targets=self.flow.lora_targets)  # fmt: skip
+        earlier = trained_decoder_folder(cfg.train.init_from)
+        if earlier is not None:  # a stage continues the decoder its run started from (the optimizer starts anew)
+            self.load(earlier, with_optimizer=False)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
                                            weight_decay=self.cfg.weight_decay)  # fmt: skip
         self.flow.transformer.eval()  # no dropout: the training pass recomputes the rollout's log-probs exactly
@@ -170,6 +176,15 @@ def _without_final(window: WindowRollout) -> WindowRollout:
     """What training keeps of a rollout: its window (the final latents are already pixels)."""
     return WindowRollout(final=window.final[:0], start=window.start, timesteps=window.timesteps,
                          latents=window.latents, logprobs=window.logprobs)  # fmt: skip
+
+
+def trained_decoder_folder(checkpoint, hashed: str | None = WEIGHTS) -> Path | None:
+    """The `decoder/` of a checkpoint (a run folder's newest, a checkpoint, or its `policy/`) whose run trained the
+    decoder; None for no checkpoint, or one whose run trained the policy only. `hashed`: as `policy_folder`."""
+    if not checkpoint:
+        return None
+    folder = policy_folder(checkpoint, hashed).parent / DECODER
+    return folder if folder.is_dir() else None
 
 
 def attach_trained_adapters(decoder, folder, run_config) -> None:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.core.advantages import AGGREGATIONS, SCALES
 from grpo_image.training.checkpoint import SIZES_ONLY, find_checkpoint
+from grpo_image.training.decoder_grpo import trained_decoder_folder
 from grpo_image.base.config import COMPONENT_KEY, RecipeError, import_dotted, reward_specs, validate_components
 from grpo_image.training.data import load_recipe_prompts
 from grpo_image.core.sampling import CHECKPOINT_KEYS, SamplingSettings
@@ -134,6 +135,12 @@ def _check_decoder_training(cfg: DictConfig) -> None:
             raise RecipeError(f"train.target {cfg.train.target}: no reward with a weight feeds the {learner} "
                               f"(rewards.N.feeds: {learner} or both)")
     if cfg.train.target == "policy":
+        if cfg.train.init_from and Path(cfg.train.init_from).exists() \
+                and trained_decoder_folder(cfg.train.init_from, SIZES_ONLY) is not None:
+            raise RecipeError(
+                f"'train.init_from': {cfg.train.init_from} trained the decoder too, and with train.target policy the "
+                "reward workers would decode with the recipe's untrained decoder: export the run (grpo-image export) "
+                "and point decoder.path at the export, or keep training the decoder (train.target both)")
         return
     train = cfg.decoder_train
     last_start = min(train.num_inference_steps // 2, train.num_inference_steps - 1 - train.window)
