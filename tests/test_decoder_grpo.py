@@ -167,3 +167,27 @@ def test_a_stage_continues_the_decoder_its_run_trained_and_policy_only_stages_ar
     refused = write_recipe(tmp_path, train={"target": "policy", "init_from": str(first)})
     assert main(["validate", str(refused)]) == 2
     assert "trained the decoder too" in capsys.readouterr().err
+
+
+def test_a_recipes_own_lora_targets_are_trained_saved_and_attached_again(tmp_path):
+    """decoder_train.lora.target_regex replaces the family's list; the checkpoint says which modules it adapted, so
+    `sample`, `eval` and `export` attach the adapters where the run trained them."""
+    from grpo_image.decoders.flow_lora import adapter_state
+    from grpo_image.decoders.tiny_glm_image import tiny_glm_image_decoder
+    from grpo_image.training.decoder_grpo import DecoderTrainer, attach_trained_adapters, saved_lora
+    from grpo_image.training.distributed import World
+
+    regex = r"transformer_blocks\.\d+\.attn1\.to_q|proj_out"  # one projection and the output head
+    cfg = load_recipe(write_recipe(tmp_path, decoder_train={"lora": {"target_regex": regex}}), [])
+    trainer = DecoderTrainer(cfg, World())
+    adapted = {name.split(".lora_")[0] for name in adapter_state(trainer.flow.transformer)}
+    assert adapted == {"transformer_blocks.0.attn1.to_q", "proj_out"}
+    with torch.no_grad():
+        for param in trainer.params:
+            param.add_(0.01)  # a trained-looking adapter
+    trainer.save(tmp_path / "decoder")
+    assert saved_lora(tmp_path / "decoder") == {"r": 64, "lora_alpha": 128.0, "target_modules": regex}
+    fresh = tiny_glm_image_decoder(num_codes=64, vae_width=32, vae_groups=1)
+    attach_trained_adapters(fresh, tmp_path / "decoder")
+    ours, theirs = adapter_state(trainer.flow.transformer), adapter_state(fresh.pipe.transformer)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -95,9 +95,7 @@ def attached_transformer(source: Path, run: Path):
     from grpo_image.training.decoder_grpo import attach_trained_adapters
 
     decoder = GlmImageDecoder(str(source), num_inference_steps=1, dtype="float32", device="cpu")
-    checkpoint = run / "checkpoints" / STEP
-    lora = OmegaConf.load(checkpoint / "config.yaml").decoder_train.lora
-    attach_trained_adapters(decoder, checkpoint / "decoder", lora)
+    attach_trained_adapters(decoder, run / "checkpoints" / STEP / "decoder")
     return decoder.pipe.transformer.eval()
 
 

@@ -68,8 +68,7 @@ def load_decoder(cfg: DictConfig, checkpoint: str | Path | None = None):
     source = checkpoint if checkpoint is not None else OmegaConf.select(cfg, "train.init_from", default=None)
     folder = trained_decoder_folder(source)
     if folder is not None:
-        trained = OmegaConf.load(folder.parent / "config.yaml")
-        attach_trained_adapters(decoder, folder, trained.decoder_train.lora)
+        attach_trained_adapters(decoder, folder)
     return decoder
 
 

@@ -2,7 +2,7 @@
 or those adapters as a peft adapter of their own.
 
 Decoder GRPO (`train.target` decoder or both) trains LoRA adapters on the decoder's transformer; a checkpoint keeps
-them in `decoder/` (peft's names, float32) and its `config.yaml` their shape (`decoder_train.lora`: r, alpha). The
+them in `decoder/` (peft's names, float32) with what they are (`adapter_config.json`: r, alpha, the targets' regex). The
 trained decoder is the source's transformer plus those adapters, so an export that carried the source's
 transformer alone would serve the untrained decoder. Here each adapted Linear's weight becomes W + (alpha / r) B A,
 computed in float32 from the source's own W (as the policy's adapters are merged) and cast once to the export's
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,11 +25,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from grpo_image.base.config import import_dotted
 from grpo_image.export.safetensors_shards import Tensor
 from grpo_image.export.source_folders import CONFIG, ExportError, Family, weight_files
 from grpo_image.training.checkpoint import DECODER
 from grpo_image.training.checkpoint_fit import ADAPTER_FILE
+from grpo_image.training.decoder_grpo import saved_lora
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"  # diffusers' weight files: diffusion_pytorch_model*.safetensors
 GLM_IMAGE_TRANSFORMER = "transformer"
@@ -53,32 +52,13 @@ class TrainedDecoder:
         return f"LoRA r {self.r}, alpha {self.alpha:g} on its transformer"
 
 
-def trained_decoder(checkpoint: Path, cfg) -> TrainedDecoder | None:
+def trained_decoder(checkpoint: Path) -> TrainedDecoder | None:
     """The checkpoint's trained decoder, or None for a run that trained the policy alone (no decoder/)."""
     folder = checkpoint / DECODER
     if not (folder / ADAPTER_FILE).is_file():
         return None
-    lora = OmegaConf.select(cfg, "decoder_train.lora", default=None)
-    if lora is None:
-        raise ExportError(f"{folder}: decoder adapters, but the run's config.yaml has no decoder_train.lora (r, alpha)")
-    return TrainedDecoder(folder, int(lora.r), lora.alpha, lora_targets(cfg))
-
-
-def lora_targets(cfg) -> str:
-    """The regex decoder GRPO injected the adapters on: the recipe's decoder's flow form's `lora_targets`."""
-    from grpo_image.decoders.glm_image import GlmImageDecoder
-    from grpo_image.decoders.glm_image_flow import GlmImageFlow
-    from grpo_image.decoders.xomni_flux import XOmniFluxDecoder
-    from grpo_image.decoders.xomni_flux_flow import XOmniFluxFlow
-
-    built = import_dotted(cfg.decoder._component_)
-    if not isinstance(built, type):  # a factory: the class its return annotation names
-        built = typing.get_type_hints(built).get("return")
-    for decoder, flow in ((GlmImageDecoder, GlmImageFlow), (XOmniFluxDecoder, XOmniFluxFlow)):
-        if isinstance(built, type) and issubclass(built, decoder):
-            return flow.lora_targets
-    raise ExportError(f"{cfg.decoder._component_}: not a decoder decoder GRPO trains (GlmImageDecoder, "
-                      "XOmniFluxDecoder): its adapters' targets are unknown")
+    lora = saved_lora(folder)  # r, alpha and the targets' regex, as the run injected them
+    return TrainedDecoder(folder, int(lora["r"]), float(lora["lora_alpha"]), lora["target_modules"])
 
 
 def decoder_folder(source: Path, family: Family) -> Path:

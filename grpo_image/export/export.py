@@ -75,7 +75,7 @@ def export(
         cfg.policy.path = str(source)
     source = _source(cfg)
     stages = stage_folders(weights)
-    decoder = trained_decoder(checkpoint, cfg)
+    decoder = trained_decoder(checkpoint)
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:

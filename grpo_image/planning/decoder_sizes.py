@@ -90,21 +90,24 @@ class DecoderShape:
         return sum(kind.count for kind in self.block_kinds)
 
 
-def decoder_shape(decoder_node, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
-    """The recipe's decoder (`decoder` node) for images of an h x w `grid` of codes and the prompt set's `prompts`."""
+def decoder_shape(
+    decoder_node, grid: tuple[int, int], prompts: list[str], lora_targets: str | None = None
+) -> DecoderShape:
+    """The recipe's decoder (`decoder` node) for images of an h x w `grid` of codes and the prompt set's `prompts`;
+    `lora_targets`: decoder GRPO's adapted modules when the recipe overrides the family's (`decoder_train.lora`)."""
     node = plain_node(decoder_node)
     target, args = str(node[COMPONENT_KEY]), component_args(node)
     if target == "grpo_image.decoders.xomni_flux.XOmniFluxDecoder":
-        return _xomni_flux(args, grid[0] * grid[1])
+        return _xomni_flux(args, grid[0] * grid[1], lora_targets)
     if target == "grpo_image.decoders.glm_image.GlmImageDecoder":
-        return _glm_image(args, grid, prompts)
+        return _glm_image(args, grid, prompts, lora_targets)
     if target == "grpo_image.decoders.vq.JanusVQDecoder":
         return _janus_vq(args)
     return DecoderShape(name=target, parts=(), dtype_bytes=4, kind="none", max_batch_size=args.get("max_batch_size"),
                         note="not modelled: its memory is not counted")  # fmt: skip
 
 
-def _xomni_flux(args: dict, positions: int) -> DecoderShape:
+def _xomni_flux(args: dict, positions: int, lora_targets: str | None) -> DecoderShape:
     from diffusers import AutoencoderKL
 
     from grpo_image.decoders.xomni_flux import XOmniFluxDecoder
@@ -168,15 +171,15 @@ def _xomni_flux(args: dict, positions: int) -> DecoderShape:
         max_batch_size=args.get("max_batch_size", default_of(XOmniFluxDecoder, "max_batch_size")),
         inner=transformer.inner_dim, tokens=positions + text_tokens, rows_per_image=2,
         levels=_up_levels(vae.config.block_out_channels, latents), note="; ".join(notes),
-        block_kinds=flux_blocks(transformer, FLUX_LORA_TARGETS, variant),
+        block_kinds=flux_blocks(transformer, lora_targets or FLUX_LORA_TARGETS, variant),
         heads=transformer.config.num_attention_heads, image_tokens=positions, latent_elements=16 * latents,
         text_width=transformer.config.joint_attention_dim if text_tokens else 0,
         guidance_scale=float(cfg_scale or (math.inf if variant == "en" else 1.0)),
-        adapted=adapted_linears(transformer, FLUX_LORA_TARGETS),
+        adapted=adapted_linears(transformer, lora_targets or FLUX_LORA_TARGETS),
     )  # fmt: skip
 
 
-def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> DecoderShape:
+def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str], lora_targets: str | None) -> DecoderShape:
     """GLM-Image's decoder as GlmImageDecoder loads it: the DiT, the VAE and the ByT5 glyph encoder from `path`.
 
     The DiT sees one token per prior code after the 2 x 2 upsampling (4hw) and the glyph tokens of the prompt;
@@ -219,11 +222,11 @@ def _glm_image(args: dict, grid: tuple[int, int], prompts: list[str]) -> Decoder
         inner=config.num_attention_heads * config.attention_head_dim, tokens=image_tokens + glyph_tokens(prompts),
         rows_per_image=1, vae_batched=True,
         levels=_up_levels(vae.config.block_out_channels, image_tokens * config.patch_size**2), note="; ".join(notes),
-        block_kinds=glm_image_blocks(transformer, DIT_LORA_TARGETS),
+        block_kinds=glm_image_blocks(transformer, lora_targets or DIT_LORA_TARGETS),
         heads=config.num_attention_heads, image_tokens=image_tokens,
         latent_elements=image_tokens * config.patch_size**2 * config.in_channels, text_width=config.text_embed_dim,
         guidance_scale=float(args.get("guidance_scale", default_of(GlmImageDecoder, "guidance_scale"))),
-        adapted=adapted_linears(transformer, DIT_LORA_TARGETS),
+        adapted=adapted_linears(transformer, lora_targets or DIT_LORA_TARGETS),
     )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from grpo_image.base.config import reward_specs
 from grpo_image.planning.decoder_sizes import DecoderShape, decoder_shape, reward_parts
@@ -359,7 +359,8 @@ def plan_recipe(
 
     largest_micro = {c: _largest(lambda m, c=c: micro_fits(m, c), s.minibatch) for c in (False, True)}
     plan = Plan(recipe, s, p, rows, resident, held, phases, largest_sampler, largest_micro,
-                decoder_shape(cfg.decoder, p.grid, prompts))
+                decoder_shape(cfg.decoder, p.grid, prompts,
+                              OmegaConf.select(cfg, "decoder_train.lora.target_regex", default=None)))
     if cfg.train.target != "policy":
         add_decoder_training(plan, cfg)
     _workers(plan, cfg)

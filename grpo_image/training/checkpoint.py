@@ -185,8 +185,8 @@ def load_checkpoint(
     weights.load_optimizer_state(optimizer, folder / OPTIMIZER, group)
     if decoder is not None:
         if not (folder / DECODER).is_dir():
-            raise CheckpointError(f"{folder}: holds no decoder/ (its run did not train the decoder): it cannot resume a "
-                                  "run whose train.target is decoder or both")
+            raise CheckpointError(f"{folder}: holds no decoder/ (its run did not train the decoder): it cannot "
+                                  "resume a run whose train.target is decoder or both")
         decoder.load(folder / DECODER)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])

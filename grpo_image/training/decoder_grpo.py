@@ -16,6 +16,7 @@ window's start from (seed, step); a resumed run decodes the same images.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from grpo_image.training.checkpoint import DECODER, WEIGHTS
 from grpo_image.training.distributed import World, all_ranks_agree, average_replicated_gradients, clip_gradients
 from grpo_image.training.saved_weights import policy_folder
 
-ADAPTER_FILE, OPTIMIZER_FILE = "adapter_model.safetensors", "optimizer.pt"
+ADAPTER_FILE, ADAPTER_CONFIG, OPTIMIZER_FILE = "adapter_model.safetensors", "adapter_config.json", "optimizer.pt"
 
 
 @dataclass
@@ -69,9 +70,9 @@ class DecoderTrainer:
         lora = self.cfg.lora
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1)  # the adapters' A matrices: the same on every process, on its device
-            self.params = add_decoder_lora(self.flow.transformer, r=lora.r, alpha=lora.alpha,
-                                           targets=self.flow.lora_targets)  # fmt: skip
-        earlier = trained_decoder_folder(cfg.train.init_from)
+            self.targets = lora.target_regex or self.flow.lora_targets
+            self.params = add_decoder_lora(self.flow.transformer, r=lora.r, alpha=lora.alpha, targets=self.targets)
+        earlier = trained_decoder_folder(OmegaConf.select(cfg, "train.init_from", default=None))
         if earlier is not None:  # a stage continues the decoder its run started from (the optimizer starts anew)
             self.load(earlier, with_optimizer=False)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas),
@@ -157,11 +158,15 @@ class DecoderTrainer:
                               clip_range=cfg.clip_range, adv_clip=cfg.adv_clip, kl=kl, beta=cfg.beta)  # fmt: skip
 
     def save(self, folder) -> None:
-        """The adapters (peft's names) and AdamW's state; the adapters are whole on every process: rank 0 writes."""
+        """The adapters (peft's names), what they are (r, alpha, the targets' regex: `adapter_config.json`, so that
+        `sample`, `eval` and `export` attach them as trained) and AdamW's state; the adapters are whole on every
+        process: rank 0 writes."""
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(self.flow.transformer), str(folder / ADAPTER_FILE))
+        lora = {"r": int(self.cfg.lora.r), "lora_alpha": float(self.cfg.lora.alpha), "target_modules": self.targets}
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(lora, indent=1))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load(self, folder, with_optimizer: bool = True) -> None:
@@ -187,12 +192,17 @@ def trained_decoder_folder(checkpoint, hashed: str | None = WEIGHTS) -> Path | N
     return folder if folder.is_dir() else None
 
 
-def attach_trained_adapters(decoder, folder, run_config) -> None:
-    """A checkpoint's decoder adapters (`folder`: its decoder/) on a recipe's decoder, in place, with the LoRA shape
-    its run trained (`run_config`: the run's decoder_train.lora): `sample` and `eval` then decode as training did."""
+def saved_lora(folder: Path) -> dict:
+    """What a checkpoint's decoder adapters are: {"r", "lora_alpha", "target_modules" (a regex)}."""
+    return json.loads((folder / ADAPTER_CONFIG).read_text())
+
+
+def attach_trained_adapters(decoder, folder: Path) -> None:
+    """A checkpoint's decoder adapters (`folder`: its decoder/) on a recipe's decoder, in place, as its run trained
+    them: `sample` and `eval` then decode as training did."""
     from safetensors.torch import load_file
 
-    flow = decoder.flow()
-    add_decoder_lora(flow.transformer, r=run_config.r, alpha=run_config.alpha, targets=flow.lora_targets)
+    flow, lora = decoder.flow(), saved_lora(folder)
+    add_decoder_lora(flow.transformer, r=lora["r"], alpha=lora["lora_alpha"], targets=lora["target_modules"])
     load_adapter_state(flow.transformer, load_file(folder / ADAPTER_FILE), str(folder))
     flow.transformer.requires_grad_(False)

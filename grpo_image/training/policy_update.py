@@ -39,7 +39,9 @@ def trainer_old_logprobs(trainer, prompts: list[str], codes: torch.Tensor) -> to
         return no_grad_logprobs(trainer.policy, prompts, codes, trainer.settings, size, trainer.cfg.train.logprob_chunk)
 
 
-def update_policy(trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, trainer_old=None) -> dict[str, float]:
+def update_policy(
+    trainer, step, prompts, codes, behaviour, ref_logprobs, advantages, trainer_old=None
+) -> dict[str, float]:
     """Steps 7-8: for each inner epoch and minibatch, accumulate gradients over micro-batches, then one update.
 
     The ratio is taken against the behaviour log-probs, or with truncated importance sampling against the trainer's
