@@ -1,4 +1,4 @@
-# The quick-start commands: `make demo`, `make demo-text`, `make test`; each creates .venv and installs what it needs.
+# The quick-start commands: `make demo`, `make demo-text`, `make demo-decoder`, `make test`; each creates .venv and installs what it needs.
 # Every install goes through constraints.txt, which pins torch so that a CPU machine never downloads CUDA packages.
 
 VENV ?= .venv
@@ -12,7 +12,7 @@ TEXT_STAMP := $(VENV)/.install-text-stamp
 # (When both the fonts and Chromium are missing, apt-get update runs twice; each install is skipped once present.)
 FONTS := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: install install-test fonts chromium demo demo-text test clean
+.PHONY: install install-test fonts chromium demo demo-text demo-decoder test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ demo: install
 # `grpo-image train recipes/tiny_text_zh.yaml` (it starts from this run's step-100 checkpoint).
 demo-text: $(TEXT_STAMP) fonts
 	$(VENV)/bin/grpo-image train recipes/tiny_text_en.yaml
+
+# Decoder GRPO: a tiny GLM-Image DiT learns a colour through LoRA while the AR model only samples (docs/decoder_demo.md).
+demo-decoder: install
+	$(VENV)/bin/grpo-image train recipes/tiny_decoder_cpu.yaml
 
 test: install-test
 	$(PY) -m pytest -q
