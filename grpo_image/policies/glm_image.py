@@ -56,7 +56,8 @@ def glm_image_grids(processor, height: int, width: int) -> tuple[tuple[int, int]
             f"GLM-Image image size {height}x{width} (height x width) must be positive multiples of {GRID_FACTOR} px "
             f"(the processor floors other sizes and the decoder would not return the size asked for)"
         )
-    grids = pipeline_processor_call(processor, [""], height, width)["image_grid_thw"].tolist()  # [[1, h, w], [1, ph, pw]]
+    with torch.device("cpu"):  # a few ints, also when the model is built on the meta device (grpo-image plan)
+        grids = pipeline_processor_call(processor, [""], height, width)["image_grid_thw"].tolist()  # [[1,h,w],[1,ph,pw]]
     if len(grids) != 2 or grids[0][0] != 1 or grids[1][0] != 1:
         raise ValueError(f"GLM-Image processor: expected a large and a preview grid for text-to-image, got {grids}")
     return (grids[0][1], grids[0][2]), (grids[1][1], grids[1][2])
