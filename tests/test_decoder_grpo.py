@@ -139,7 +139,7 @@ def test_a_run_that_trains_both_resumes_exactly_and_samples_with_its_decoder(tmp
     ({"workers": {"prefetch": True}}, "workers.prefetch"),
     ({"decoder_seeds": "group"}, "decoder_seeds: group"),
     ({"rewards": [{"name": "color", "feeds": "policy", "scorer": {"_component_": "rewards.color.ColorAdherence"}}]},
-     "no reward with a weight feeds the decoder"),
+     "no reward feeds the decoder"),
     ({"decoder_train": {"window": 4}}, "does not fit"),  # 4 steps: the last is never in the window
     ({"decoder_train": {"kind": "ode"}}, "decoder_train.kind"),
 ])

@@ -98,8 +98,8 @@ def overrides(recipe: str, root: Path, hps_model: str, url: str) -> list[str]:
 
 
 FAMILY_RECIPES = ["xomni_en_lora", "xomni_en_full", "xomni_zh_stage", "janus_pro_7b"]
-VALIDATED_ELSEWHERE = {"glm_image_lora", "glm_image_full", "tiny_text_en", "tiny_text_zh",
-                       "xomni_en_decoder"}  # by their own tests
+VALIDATED_ELSEWHERE = {"glm_image_lora", "glm_image_full", "glm_image_decoupled", "tiny_text_en", "tiny_text_zh",
+                       "xomni_en_decoder", "tiny_decoder_cpu"}  # by their own tests (test_glm_image, test_decoder_demo)
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-import grpo_image.training.train as train_module
+import grpo_image.training.policy_update as policy_update
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
 from tests.helpers_checkpoint import saved_weights
@@ -99,7 +99,7 @@ def test_every_documented_key_of_a_reward_entry_can_be_set_by_override():
 
 
 def test_a_non_finite_loss_skips_the_update_and_the_run_goes_on(tmp_path, monkeypatch):
-    real_loss = train_module.grpo_loss
+    real_loss = policy_update.grpo_loss
     calls = {"n": 0}
 
     def loss_nan_on_third_minibatch(*args, **kwargs):
@@ -107,7 +107,7 @@ def test_a_non_finite_loss_skips_the_update_and_the_run_goes_on(tmp_path, monkey
         loss, stats = real_loss(*args, **kwargs)
         return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
 
-    monkeypatch.setattr(train_module, "grpo_loss", loss_nan_on_third_minibatch)
+    monkeypatch.setattr(policy_update, "grpo_loss", loss_nan_on_third_minibatch)
     assert main(["train", RECIPE, *SMALL, "steps=3", f"output_dir={tmp_path}"]) == 0
     rows = read_metrics(tmp_path / "metrics.jsonl")
     # two minibatches a step: call 3 is step 2's first minibatch
@@ -117,8 +117,8 @@ def test_a_non_finite_loss_skips_the_update_and_the_run_goes_on(tmp_path, monkey
 
 
 def test_repeated_non_finite_updates_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
-    real_loss = train_module.grpo_loss
-    monkeypatch.setattr(train_module, "grpo_loss", lambda *a, **k: (lambda l, s: (l * float("inf"), s))(*real_loss(*a, **k)))
+    real_loss = policy_update.grpo_loss
+    monkeypatch.setattr(policy_update, "grpo_loss", lambda *a, **k: (lambda l, s: (l * float("inf"), s))(*real_loss(*a, **k)))
     code = main(["train", RECIPE, *SMALL, "steps=6", "train.max_bad_steps=2", f"output_dir={tmp_path}"])
     assert code == 1
     assert "2 steps in a row had a non-finite loss or gradient (train.max_bad_steps)" in capsys.readouterr().err

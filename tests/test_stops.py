@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import grpo_image.training.policy_update as policy_update
 import grpo_image.training.train as train_module
 from grpo_image.app.cli import main
 from grpo_image.base.logging import read_metrics
@@ -38,7 +39,7 @@ def straight(request, tmp_path_factory):
 
 def test_out_of_memory_inside_an_update_saves_nothing_and_resume_is_exact(straight, tmp_path, monkeypatch, capsys):
     reference, prefetch = straight
-    real_loss, calls = train_module.grpo_loss, {"n": 0}
+    real_loss, calls = policy_update.grpo_loss, {"n": 0}
 
     def out_of_memory_in_step_3_after_its_first_minibatch(*args, **kwargs):
         calls["n"] += 1
@@ -46,7 +47,7 @@ def test_out_of_memory_inside_an_update_saves_nothing_and_resume_is_exact(straig
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "grpo_loss", out_of_memory_in_step_3_after_its_first_minibatch)
+    monkeypatch.setattr(policy_update, "grpo_loss", out_of_memory_in_step_3_after_its_first_minibatch)
     out = tmp_path / "run"
     assert train(out, "steps=4", f"workers.prefetch={prefetch}") == 1
     err = capsys.readouterr().err
@@ -55,7 +56,7 @@ def test_out_of_memory_inside_an_update_saves_nothing_and_resume_is_exact(straig
     assert "the update of step 3 had begun, so nothing was saved" in err
     assert f"continues from {out / 'checkpoints' / 'step_000002'}" in err
     assert checkpoints(out) == ["step_000002"]  # nothing claims step 3, whose update half ran
-    monkeypatch.setattr(train_module, "grpo_loss", real_loss)
+    monkeypatch.setattr(policy_update, "grpo_loss", real_loss)
     assert train(out, "steps=4", f"workers.prefetch={prefetch}", f"resume={out}") == 0
     same_run(reference, out)
 

@@ -131,8 +131,8 @@ def _check_decoder_training(cfg: DictConfig) -> None:
     learners = {"policy": ("policy",), "decoder": ("decoder",), "both": ("policy", "decoder")}[cfg.train.target]
     specs = reward_specs(cfg)
     for learner in learners:
-        if not any(spec["feeds"] in (learner, "both") and spec["weight"] != 0 for spec in specs):
-            raise RecipeError(f"train.target {cfg.train.target}: no reward with a weight feeds the {learner} "
+        if not any(spec["feeds"] in (learner, "both") for spec in specs):  # (weights may be 0: an ablation's)
+            raise RecipeError(f"train.target {cfg.train.target}: no reward feeds the {learner} "
                               f"(rewards.N.feeds: {learner} or both)")
     if cfg.train.target == "policy":
         if cfg.train.init_from and Path(cfg.train.init_from).exists() \
