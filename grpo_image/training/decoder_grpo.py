@@ -31,7 +31,7 @@ from grpo_image.core.flow_window import WindowRollout, denoise_with_window, wind
 from grpo_image.decoders.flow_lora import adapter_state, adapters_disabled, add_decoder_lora, load_adapter_state
 from grpo_image.decoders.glm_image import prompt_runs
 from grpo_image.training.checkpoint import DECODER, WEIGHTS
-from grpo_image.training.distributed import World, all_ranks_agree, average_replicated_gradients, clip_gradients
+from grpo_image.training.distributed import World, apply_update
 from grpo_image.training.saved_weights import policy_folder
 
 ADAPTER_FILE, ADAPTER_CONFIG, OPTIMIZER_FILE = "adapter_model.safetensors", "adapter_config.json", "optimizer.pt"
@@ -126,15 +126,8 @@ class DecoderTrainer:
                     (loss * share).backward()
                     for key, value in step_stats.items():
                         stats[key] = stats.get(key, 0.0) + share * value
-            average_replicated_gradients(world, self.params)
-            grad_norm = clip_gradients(world, self.params, cfg.max_grad_norm)
-            stats["grad_norm"] = float(grad_norm)
-            finite = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
-            if finite:
-                self.optimizer.step()
-            else:  # a non-finite loss or gradient would poison the adapters and Adam's moments: drop this update
-                self.optimizer.zero_grad(set_to_none=True)
-            stats["skipped_updates"] = 0.0 if finite else 1.0
+            stats["grad_norm"], applied = apply_update(world, self.params, self.optimizer, cfg.max_grad_norm, finite)
+            stats["skipped_updates"] = 0.0 if applied else 1.0
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
         metrics = {f"decoder/{key}": float(np.mean(values)) for key, values in totals.items()}

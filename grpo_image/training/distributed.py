@@ -199,6 +199,23 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         offset += tensor.numel()
 
 
+def apply_update(world: World, params: list[torch.nn.Parameter], optimizer, max_norm: float, finite: bool,
+                 before_step=None) -> tuple[float, bool]:
+    """Finish a minibatch's update: average the replicated gradients, clip the global norm, and step the optimizer
+    only if every rank's loss and gradient were finite (else drop the gradients: a non-finite update would poison the
+    weights and Adam's moments). `before_step` runs just before the step. Returns (gradient norm, applied)."""
+    average_replicated_gradients(world, params)
+    grad_norm = clip_gradients(world, params, max_norm)
+    applied = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
+    if applied:
+        if before_step is not None:
+            before_step()
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), applied
+
+
 def clip_gradients(world: World, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` and return it (the same value on every rank).
 

@@ -11,7 +11,7 @@ import torch
 from grpo_image.core.logprobs import logprob_mismatch, no_grad_logprobs, teacher_forced_logprobs
 from grpo_image.core.loss import grpo_loss, truncated_is_stats, truncated_is_weights
 from grpo_image.core.seeding import minibatch_order
-from grpo_image.training.distributed import all_ranks_agree, average_replicated_gradients, clip_gradients
+from grpo_image.training.distributed import apply_update
 from grpo_image.training.update_ratio import UpdateRatio
 
 
@@ -84,16 +84,11 @@ def update_policy(
                 (loss * share).backward()
                 for key, value in micro_stats.items():
                     stats[key] = stats.get(key, 0.0) + share * value
-            average_replicated_gradients(world, params)
-            grad_norm = clip_gradients(world, params, cfg.max_grad_norm)
-            stats["grad_norm"] = float(grad_norm)
-            finite = all_ranks_agree(world, finite and bool(torch.isfinite(grad_norm)))
-            if finite:
-                trainer.moved_in_step = step  # from here on a failure leaves this step half-applied
-                trainer.optimizer.step()
-            else:  # a non-finite loss or gradient would poison the weights and Adam's moments: drop this update
-                trainer.optimizer.zero_grad(set_to_none=True)
-            stats["skipped_updates"] = 0.0 if finite else 1.0
+            stats["grad_norm"], applied = apply_update(  # once it steps, a failure leaves this step half-applied
+                world, params, trainer.optimizer, cfg.max_grad_norm, finite,
+                before_step=lambda: setattr(trainer, "moved_in_step", step),
+            )
+            stats["skipped_updates"] = 0.0 if applied else 1.0
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
     with warnings.catch_warnings():  # every update of the step may have been skipped: the schedule still moves on
