@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,6 +49,26 @@ def retrying_session(max_retries: int, backoff: float, backoff_max: float, conne
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def post_answered(session: Any, url: str, *, where: str, error: type, timeout: float, max_retries: int,
+                  reason: Callable[[Any], str], **request: Any) -> Any:
+    """POST through a `retrying_session` and return the 200 answer; a transport failure or any other status (after
+    the retries) raises `error`, its message starting with `where` and ending with `reason(response)`."""
+    import requests
+
+    try:
+        response = session.post(url, timeout=timeout, **request)
+    except requests.RequestException as err:
+        raise error(
+            f"{where} failed after {max_retries} retries (timeout {timeout}s per attempt): {type(err).__name__}: {err}"
+        ) from None  # the chained urllib3 errors carry nothing more, and no header is ever part of them
+    if response.status_code != 200:
+        retried = f" after {max_retries} retries" if response.status_code in RETRY_STATUSES else ""
+        raise error(f"{where} answered HTTP {response.status_code}{retried}: {reason(response)}")
+    return response
+
+
 INSTRUCTIONS = Path(__file__).with_name("instructions")
 
 
@@ -167,20 +187,9 @@ class ChatClient:
                 return list(pool.map(one, range(len(texts))))
 
     def _post(self, session: Any, headers: dict, body: dict, index: int) -> dict[str, Any]:
-        import requests
-
-        try:
-            response = session.post(self.url, json=body, headers=headers, timeout=self.timeout)
-        except requests.RequestException as err:
-            raise ChatError(
-                f"sample {index}: {self.url} failed after {self.max_retries} retries "
-                f"(timeout {self.timeout}s per attempt): {type(err).__name__}: {err}"
-            ) from None  # the chained urllib3 errors carry nothing more, and no header is ever part of them
-        if response.status_code != 200:
-            retried = f" after {self.max_retries} retries" if response.status_code in RETRY_STATUSES else ""
-            raise ChatError(
-                f"sample {index}: {self.url} answered HTTP {response.status_code}{retried}: {response.text[:300]!r}"
-            )
+        response = post_answered(session, self.url, where=f"sample {index}: {self.url}", error=ChatError,
+                                 timeout=self.timeout, max_retries=self.max_retries,
+                                 reason=lambda answer: repr(answer.text[:300]), json=body, headers=headers)
         try:
             reply = response.json()
             reply["choices"][0]["message"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from grpo_image.core.types import RewardOutput
-from rewards._chat import RETRY_STATUSES, retrying_session
+from rewards._chat import post_answered, retrying_session
 from rewards._image import to_data_url, validate_batch
 from rewards._rebuild import RebuildOnUnpickle
 
@@ -109,23 +109,13 @@ class RemoteReward(RebuildOnUnpickle):
         return RewardOutput(np.concatenate([scores for scores, _ in parts]), info)  # float32 [n]
 
     def _post(self, session: Any, headers: dict, body: dict, start: int, stop: int) -> tuple[np.ndarray, dict]:
-        import requests
-
         where = f"samples {start}..{stop - 1}: {self.url}"
         try:
             data = json.dumps(body, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise RemoteRewardError(f"{where}: the metadata does not encode as JSON: {err}") from None
-        try:
-            response = session.post(self.url, data=data, headers=headers, timeout=self.timeout)
-        except requests.RequestException as err:
-            raise RemoteRewardError(
-                f"{where} failed after {self.max_retries} retries (timeout {self.timeout}s per attempt): "
-                f"{type(err).__name__}: {err}"
-            ) from None  # the chained urllib3 errors say nothing more, and no header is ever part of them
-        if response.status_code != 200:
-            retried = f" after {self.max_retries} retries" if response.status_code in RETRY_STATUSES else ""
-            raise RemoteRewardError(f"{where} answered HTTP {response.status_code}{retried}: {_reason(response)}")
+        response = post_answered(session, self.url, where=where, error=RemoteRewardError, timeout=self.timeout,
+                                 max_retries=self.max_retries, reason=_reason, data=data, headers=headers)
         try:
             reply = response.json()
             scores = [np.nan if score is None else float(score) for score in reply["scores"]]

@@ -273,10 +273,11 @@ def decoupled_step(trainer: Trainer, step: int) -> tuple[dict[str, float], tuple
         rollout = sample_rollout(trainer, step)  # codes [n, L], n = B*K/W
     prompts, codes = rollout.prompts, rollout.codes
     # 3. decodes with their windows' log-probs [n*G], then the rewards on the images
+    seeds = rollout.decode_seeds  # [n*G]: one per image (sample_rollout derives them for this target)
     with timer("decode"):
-        images, chunks = decoder.rollout(step, codes, prompts, rollout.grid, _decode_seeds(trainer, step))
+        images, chunks = decoder.rollout(step, codes, prompts, rollout.grid, seeds)
     decoded = Rollout(codes.repeat_interleave(decodes, 0), rollout.old_logprobs.repeat_interleave(decodes, 0),
-                      _decode_seeds(trainer, step), [r for r in rollout.records for _ in range(decodes)], rollout.grid)
+                      seeds, [r for r in rollout.records for _ in range(decodes)], rollout.grid)
     group = cfg.data.group_size * decodes  # a prompt's images
     pending = trainer.pool.submit(decoded, thumbnail_rows(cfg, step, len(images), group), images)
     # 4. the policy's reference (and own) log-probs while the rewards are computed
